@@ -1,0 +1,1 @@
+"""Pure-PyTorch model core: configs, encoder, LM, projectors, weights, images, tokenizer, generation."""

@@ -1,0 +1,1 @@
+"""Serving layer: engine, HTTP API, settings and the command line."""

@@ -1,0 +1,226 @@
+"""Tiny random LLaVA-format checkpoints, built with transformers' own classes and a tokenizer trained on the spot.
+
+Nothing is downloaded. Each builder writes a complete checkpoint directory (config.json, model.safetensors,
+tokenizer files, chat template, processor/preprocessor configs) that both transformers and vlmserve load.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import (
+    CLIPImageProcessor,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    SiglipImageProcessor,
+    SiglipVisionConfig,
+)
+
+IMAGE_TOKEN = "<image>"
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", IMAGE_TOKEN]
+
+# llava-1.5's prompt shape, written as a template over OpenAI-style content parts:
+# "USER: <image>\n{text} ASSISTANT:" (images first in the user turn, one placeholder each).
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] if message['content'] is string "
+    "else message['content'][0]['text'] }}\n"
+    "{% elif message['role'] == 'user' %}USER: "
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>\n{% endif %}{% endfor %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}"
+    "{% endif %} "
+    "{% elif message['role'] == 'assistant' %}ASSISTANT: "
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}</s>"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+_WORDS = (
+    "what color is the circle square triangle red green blue yellow purple orange shape object how many shapes "
+    "are there one two three is a yes no describe image and left right top bottom big small the of picture this "
+    "café naïve 東京 привет émoji 🙂 über straße"
+).split()
+
+
+def train_tokenizer(vocab_size: int = 320, seed: int = 0) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE on a small synthetic corpus and wrap it for transformers."""
+    rng = random.Random(seed)
+    corpus = [" ".join(rng.choice(_WORDS) for _ in range(rng.randint(3, 12))) + "?" for _ in range(2000)]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus, trainer=trainer)
+    bos = tok.token_to_id("<s>")
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": IMAGE_TOKEN},
+    )
+    fast.chat_template = LLAVA_CHAT_TEMPLATE
+    return fast
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    """What distinguishes one tiny checkpoint from another."""
+
+    name: str
+    vision: str = "clip"  # "clip" | "siglip"
+    text: str = "llama"  # "llama" | "qwen2"
+    feature_layer: int | list[int] = -2
+    strategy: str = "default"
+    image_size: int = 32
+    patch_size: int = 8
+    rope: dict = field(default_factory=lambda: {"rope_type": "default", "rope_theta": 10000.0})
+    tie_word_embeddings: bool = False
+    init_scale: float = 0.25
+    seed: int = 0
+    processor_extra: dict = field(default_factory=dict)
+
+
+SPECS = {
+    "clip-llama": TinySpec(
+        name="clip-llama",
+        rope={
+            "rope_type": "llama3",
+            "rope_theta": 10000.0,
+            "factor": 4.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+    ),
+    "siglip-qwen2": TinySpec(
+        name="siglip-qwen2",
+        vision="siglip",
+        text="qwen2",
+        feature_layer=-1,
+        strategy="full",
+        rope={"rope_type": "linear", "rope_theta": 1000.0, "factor": 2.0},
+        tie_word_embeddings=True,
+        seed=1,
+    ),
+    "clip-llama-multilayer": TinySpec(
+        name="clip-llama-multilayer", feature_layer=[-3, -1], image_size=48, patch_size=12, seed=2
+    ),
+}
+
+
+def build_checkpoint(spec: TinySpec, out_dir: Path) -> Path:
+    """Write a tiny random LLaVA checkpoint for `spec` into `out_dir` and return it."""
+    torch.manual_seed(spec.seed)
+    tokenizer = train_tokenizer(seed=spec.seed)
+    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    if spec.vision == "clip":
+        vision = CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            image_size=spec.image_size,
+            patch_size=spec.patch_size,
+            projection_dim=32,
+            initializer_range=spec.init_scale,
+            initializer_factor=spec.init_scale * 20,
+        )
+    else:
+        vision = SiglipVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            image_size=spec.image_size,
+            patch_size=spec.patch_size,
+            vision_use_head=False,
+        )
+    text_kwargs = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rope_parameters=spec.rope,
+        initializer_range=spec.init_scale,
+        tie_word_embeddings=spec.tie_word_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    text = LlamaConfig(**text_kwargs) if spec.text == "llama" else Qwen2Config(**text_kwargs)
+    num_patches = (spec.image_size // spec.patch_size) ** 2
+    image_seq_length = num_patches + (1 if spec.vision == "clip" and spec.strategy == "full" else 0)
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=image_token_id,
+        image_seq_length=image_seq_length,
+        vision_feature_layer=spec.feature_layer,
+        vision_feature_select_strategy=spec.strategy,
+        projector_hidden_act="gelu",
+        tie_word_embeddings=spec.tie_word_embeddings,
+    )
+    model = LlavaForConditionalGeneration(config).eval()
+    _scale_random_weights(model, spec.init_scale, spec.seed)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+
+    size = {"shortest_edge": spec.image_size}
+    crop = {"height": spec.image_size, "width": spec.image_size}
+    if spec.vision == "clip":
+        image_processor = CLIPImageProcessor(size=size, crop_size=crop, **spec.processor_extra)
+    else:
+        image_processor = SiglipImageProcessor(
+            size={"height": spec.image_size, "width": spec.image_size}, **spec.processor_extra
+        )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=spec.patch_size,
+        vision_feature_select_strategy=spec.strategy,
+        num_additional_image_tokens=1 if spec.vision == "clip" else 0,
+        chat_template=LLAVA_CHAT_TEMPLATE,
+    )
+    processor.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def _scale_random_weights(model: torch.nn.Module, scale: float, seed: int) -> None:
+    """Re-draw every weight with a larger scale so that greedy steps are far from ties."""
+    gen = torch.Generator().manual_seed(seed + 1234)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or "layrnorm" in name:
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+            elif p.ndim == 1:
+                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+            else:
+                fan_in = p.shape[1] if p.ndim == 2 else p[0].numel()
+                std = scale if "embed" in name or "position" in name else max(scale, 1.0 / fan_in**0.5) * 1.5
+                p.copy_(std * torch.randn(p.shape, generator=gen))

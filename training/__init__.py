@@ -1,0 +1,1 @@
+"""The SHAPES world, alignment training and evaluation."""
