@@ -47,11 +47,12 @@ LLAVA_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
 
-_WORDS = (
-    "what color is the circle square triangle red green blue yellow purple orange shape object how many shapes "
-    "are there one two three is a yes no describe image and left right top bottom big small the of picture this "
-    "café naïve 東京 привет émoji 🙂 über straße"
-).split()
+_WORDS = [
+    "what", "color", "is", "the", "circle", "square", "triangle", "red", "green", "blue", "yellow", "purple",
+    "orange", "shape", "object", "how", "many", "shapes", "are", "there", "one", "two", "three", "is", "a", "yes",
+    "no", "describe", "image", "and", "left", "right", "top", "bottom", "big", "small", "the", "of", "picture",
+    "this", "café", "naïve", "東京", "привет", "émoji", "🙂", "über", "straße",
+]
 
 
 def train_tokenizer(vocab_size: int = 320, seed: int = 0) -> PreTrainedTokenizerFast:
@@ -69,7 +70,9 @@ def train_tokenizer(vocab_size: int = 320, seed: int = 0) -> PreTrainedTokenizer
     )
     tok.train_from_iterator(corpus, trainer=trainer)
     bos = tok.token_to_id("<s>")
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)])
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
+    )
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<s>",

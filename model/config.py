@@ -1,0 +1,351 @@
+"""Typed configuration for the vision encoder, the language model, the projector and their composition.
+
+Each dataclass reads from and writes to Hugging Face's `config.json` layout (LLaVA: `model_type: llava` with a
+`vision_config` and a `text_config`), so the checkpoints we save load in transformers and real LLaVA checkpoints load
+here. Derived values are computed in `__post_init__`; a config is never mutated after it is built.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+VisionFlavour = Literal["clip", "siglip"]
+ProjectorKind = Literal["linear", "mlp", "resampler"]
+
+SUPPORTED_MODEL_TYPES = ("llava",)
+SUPPORTED_TEXT_TYPES = ("llama", "qwen2", "mistral")
+SUPPORTED_VISION_TYPES = ("clip_vision_model", "siglip_vision_model")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+class ConfigError(ValueError):
+    """A checkpoint configuration this project cannot serve; the message says what is supported."""
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """A ViT in the CLIP flavour (class token, pre-LayerNorm, quick-GELU) or the SigLIP flavour (no class token)."""
+
+    flavour: VisionFlavour = "clip"
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    num_channels: int = 3
+    image_size: int = 224
+    patch_size: int = 16
+    layer_norm_eps: float = 1e-5
+    hidden_act: str = "quick_gelu"
+    head_dim: int = field(init=False)
+    num_patches: int = field(init=False)
+    num_positions: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(
+                f"vision hidden_size {self.hidden_size} not divisible by {self.num_attention_heads} heads"
+            )
+        patches = (self.image_size // self.patch_size) ** 2
+        object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+        object.__setattr__(self, "num_patches", patches)
+        object.__setattr__(self, "num_positions", patches + (1 if self.flavour == "clip" else 0))
+
+    @property
+    def has_class_token(self) -> bool:
+        return self.flavour == "clip"
+
+    @classmethod
+    def from_hf(cls, d: dict[str, Any]) -> VisionConfig:
+        model_type = d.get("model_type", "clip_vision_model")
+        if model_type not in SUPPORTED_VISION_TYPES:
+            raise ConfigError(f"vision model_type {model_type!r} is not supported; supported: {SUPPORTED_VISION_TYPES}")
+        siglip = model_type == "siglip_vision_model"
+        return cls(
+            flavour="siglip" if siglip else "clip",
+            hidden_size=d.get("hidden_size", 768),
+            intermediate_size=d.get("intermediate_size", 3072),
+            num_hidden_layers=d.get("num_hidden_layers", 12),
+            num_attention_heads=d.get("num_attention_heads", 12),
+            num_channels=d.get("num_channels", 3),
+            image_size=d.get("image_size", 224),
+            patch_size=d.get("patch_size", 16 if siglip else 32),
+            layer_norm_eps=d.get("layer_norm_eps", 1e-6 if siglip else 1e-5),
+            hidden_act=d.get("hidden_act", "gelu_pytorch_tanh" if siglip else "quick_gelu"),
+        )
+
+    def to_hf(self) -> dict[str, Any]:
+        return {
+            "model_type": "siglip_vision_model" if self.flavour == "siglip" else "clip_vision_model",
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_channels": self.num_channels,
+            "image_size": self.image_size,
+            "patch_size": self.patch_size,
+            "layer_norm_eps": self.layer_norm_eps,
+            "hidden_act": self.hidden_act,
+            **({"vision_use_head": False} if self.flavour == "siglip" else {"projection_dim": self.hidden_size}),
+        }
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    """Rotary embedding parameters: `default`, `linear` (position interpolation) or `llama3` frequency scaling."""
+
+    rope_type: str = "default"
+    theta: float = 10000.0
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.rope_type not in SUPPORTED_ROPE_TYPES:
+            raise ConfigError(f"rope_type {self.rope_type!r} is not supported; supported: {SUPPORTED_ROPE_TYPES}")
+
+    @classmethod
+    def from_hf(cls, d: dict[str, Any]) -> RopeConfig:
+        """Read transformers 5's `rope_parameters` or the older `rope_theta` + `rope_scaling` pair."""
+        params = dict(d.get("rope_parameters") or {})
+        if not params:
+            params = dict(d.get("rope_scaling") or {})
+            params.setdefault("rope_theta", d.get("rope_theta", 10000.0))
+        rope_type = params.get("rope_type", params.get("type", "default"))
+        return cls(
+            rope_type=rope_type,
+            theta=float(params.get("rope_theta", d.get("rope_theta", 10000.0))),
+            factor=float(params.get("factor", 1.0)),
+            low_freq_factor=float(params.get("low_freq_factor", 1.0)),
+            high_freq_factor=float(params.get("high_freq_factor", 4.0)),
+            original_max_position_embeddings=params.get("original_max_position_embeddings"),
+        )
+
+    def to_hf(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"rope_type": self.rope_type, "rope_theta": self.theta}
+        if self.rope_type in ("linear", "llama3"):
+            out["factor"] = self.factor
+        if self.rope_type == "llama3":
+            out.update(
+                low_freq_factor=self.low_freq_factor,
+                high_freq_factor=self.high_freq_factor,
+                original_max_position_embeddings=self.original_max_position_embeddings,
+            )
+        return out
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """A decoder-only Transformer of the Llama family (Llama, Mistral; Qwen2 adds q/k/v bias)."""
+
+    model_type: str = "llama"
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 32
+    head_dim: int = 0  # 0: hidden_size // num_attention_heads
+    max_position_embeddings: int = 4096
+    rms_norm_eps: float = 1e-6
+    rope: RopeConfig = field(default_factory=RopeConfig)
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    hidden_act: str = "silu"
+    tie_word_embeddings: bool = False
+    sliding_window: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.head_dim == 0:
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError("num_attention_heads must be a multiple of num_key_value_heads")
+        if self.hidden_act != "silu":
+            raise ConfigError(f"text hidden_act {self.hidden_act!r} is not supported (SwiGLU with silu only)")
+
+    @classmethod
+    def from_hf(cls, d: dict[str, Any]) -> TextConfig:
+        model_type = d.get("model_type", "llama")
+        if model_type not in SUPPORTED_TEXT_TYPES:
+            raise ConfigError(f"text model_type {model_type!r} is not supported; supported: {SUPPORTED_TEXT_TYPES}")
+        qwen2 = model_type == "qwen2"
+        attention_bias = bool(d.get("attention_bias", False))
+        heads = d.get("num_attention_heads", 32)
+        window = d.get("sliding_window") if d.get("use_sliding_window", model_type == "mistral") else None
+        return cls(
+            model_type=model_type,
+            vocab_size=d.get("vocab_size", 32000),
+            hidden_size=d.get("hidden_size", 4096),
+            intermediate_size=d.get("intermediate_size", 11008),
+            num_hidden_layers=d.get("num_hidden_layers", 32),
+            num_attention_heads=heads,
+            num_key_value_heads=d.get("num_key_value_heads") or heads,
+            head_dim=d.get("head_dim") or 0,
+            max_position_embeddings=d.get("max_position_embeddings", 4096),
+            rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+            rope=RopeConfig.from_hf(d),
+            qkv_bias=qwen2 or attention_bias,
+            o_bias=attention_bias and not qwen2,
+            mlp_bias=bool(d.get("mlp_bias", False)),
+            hidden_act=d.get("hidden_act", "silu"),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            sliding_window=window,
+            bos_token_id=d.get("bos_token_id"),
+            eos_token_id=d.get("eos_token_id"),
+            pad_token_id=d.get("pad_token_id"),
+        )
+
+    def to_hf(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "model_type": self.model_type,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_parameters": self.rope.to_hf(),
+            "rope_theta": self.rope.theta,
+            "hidden_act": self.hidden_act,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "pad_token_id": self.pad_token_id,
+        }
+        if self.model_type == "qwen2":
+            out["use_sliding_window"] = False
+        else:
+            out["attention_bias"] = self.qkv_bias
+            out["mlp_bias"] = self.mlp_bias
+        if self.model_type == "mistral":
+            out["sliding_window"] = self.sliding_window
+        return out
+
+
+@dataclass(frozen=True)
+class ProjectorConfig:
+    """The bridge from vision features to the LM's width: linear, MLP (LLaVA's mlp2x_gelu) or Perceiver Resampler."""
+
+    kind: ProjectorKind = "mlp"
+    hidden_act: str = "gelu"
+    bias: bool = True
+    num_queries: int = 16  # resampler only
+    depth: int = 2  # resampler only
+    num_heads: int = 4  # resampler only
+    ff_mult: int = 4  # resampler only
+
+
+@dataclass(frozen=True)
+class VLMConfig:
+    """The composition: encoder + projector + LM, and how images enter the prompt."""
+
+    vision: VisionConfig
+    text: TextConfig
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    image_token_index: int = 32000
+    vision_feature_layer: int | tuple[int, ...] = -2
+    vision_feature_select_strategy: Literal["default", "full"] = "default"
+    tie_word_embeddings: bool = False
+    num_feature_layers: int = field(init=False)
+    num_visual_tokens: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.vision_feature_layer, list):
+            object.__setattr__(self, "vision_feature_layer", tuple(self.vision_feature_layer))
+        if self.vision_feature_select_strategy not in ("default", "full"):
+            raise ConfigError(f"vision_feature_select_strategy must be 'default' or 'full', "
+                              f"got {self.vision_feature_select_strategy!r}")
+        layers = self.feature_layers
+        n_states = self.vision.num_hidden_layers + 1
+        for layer in layers:
+            if not -n_states <= layer < n_states:
+                raise ConfigError(f"vision_feature_layer {layer} out of range for {n_states} hidden states")
+        object.__setattr__(self, "num_feature_layers", len(layers))
+        if self.projector.kind == "resampler":
+            tokens = self.projector.num_queries
+        else:
+            # LLaVA's `default` drops the first position (CLIP's class token) whatever the encoder; `full` keeps all.
+            tokens = self.vision.num_positions - (1 if self.vision_feature_select_strategy == "default" else 0)
+        object.__setattr__(self, "num_visual_tokens", tokens)
+
+    @property
+    def feature_layers(self) -> tuple[int, ...]:
+        layer = self.vision_feature_layer
+        return (layer,) if isinstance(layer, int) else tuple(layer)
+
+    @property
+    def vision_feature_dim(self) -> int:
+        """Channels of the selected features: the encoder width times the number of selected layers."""
+        return self.vision.hidden_size * self.num_feature_layers
+
+    @classmethod
+    def from_hf(cls, d: dict[str, Any]) -> VLMConfig:
+        model_type = d.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ConfigError(
+                f"model_type {model_type!r} is not supported; supported model_types: {SUPPORTED_MODEL_TYPES} "
+                f"(vision: {SUPPORTED_VISION_TYPES}; text: {SUPPORTED_TEXT_TYPES})"
+            )
+        text_d = dict(d.get("text_config") or {})
+        text_d.setdefault("model_type", "llama")
+        vision_d = dict(d.get("vision_config") or {})
+        vision_d.setdefault("model_type", "clip_vision_model")
+        if "tie_word_embeddings" in d and "tie_word_embeddings" not in text_d:
+            text_d["tie_word_embeddings"] = d["tie_word_embeddings"]
+        proj = dict(d.get("vlmserve_projector") or {})
+        proj_kind = proj.pop("kind", d.get("projector_type", "mlp"))
+        if proj_kind not in ("linear", "mlp", "resampler"):
+            raise ConfigError(f"projector_type {proj_kind!r} is not supported; supported: linear, mlp, resampler")
+        layer = d.get("vision_feature_layer", -2)
+        text = TextConfig.from_hf(text_d)
+        return cls(
+            vision=VisionConfig.from_hf(vision_d),
+            text=text,
+            projector=ProjectorConfig(
+                kind=proj_kind,
+                hidden_act=d.get("projector_hidden_act", "gelu"),
+                bias=bool(d.get("multimodal_projector_bias", True)),
+                **proj,
+            ),
+            image_token_index=d.get("image_token_index", d.get("image_token_id", 32000)),
+            vision_feature_layer=tuple(layer) if isinstance(layer, list) else layer,
+            vision_feature_select_strategy=d.get("vision_feature_select_strategy", "default"),
+            tie_word_embeddings=text.tie_word_embeddings,
+        )
+
+    def to_hf(self) -> dict[str, Any]:
+        layer = self.vision_feature_layer
+        out: dict[str, Any] = {
+            "model_type": "llava",
+            "architectures": ["LlavaForConditionalGeneration"],
+            "vision_config": self.vision.to_hf(),
+            "text_config": self.text.to_hf(),
+            "image_token_index": self.image_token_index,
+            "image_seq_length": self.num_visual_tokens,
+            "vision_feature_layer": list(layer) if isinstance(layer, tuple) else layer,
+            "vision_feature_select_strategy": self.vision_feature_select_strategy,
+            "projector_hidden_act": self.projector.hidden_act,
+            "multimodal_projector_bias": self.projector.bias,
+            "tie_word_embeddings": self.tie_word_embeddings,
+        }
+        if self.projector.kind != "mlp":
+            # LLaVA has no name for these projectors: our own fields, ignored by transformers.
+            out["projector_type"] = self.projector.kind
+            fields = asdict(self.projector)
+            out["vlmserve_projector"] = {k: v for k, v in fields.items() if k not in ("hidden_act", "bias")}
+        return out
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> VLMConfig:
+        with open(path, encoding="utf-8") as f:
+            return cls.from_hf(json.load(f))

@@ -1,0 +1,137 @@
+"""Projectors: the bridge from vision features (B, P, vision_dim) to visual tokens (B, N, llm_dim), side by side.
+
+| kind        | tokens out      | what it is                                                    |
+| ----------- | --------------- | ------------------------------------------------------------- |
+| `linear`    | P (one a patch) | one Linear: fast, simple, least capacity                      |
+| `mlp`       | P               | Linear -> GELU -> Linear (LLaVA-1.5's `mlp2x_gelu`)           |
+| `resampler` | num_queries     | Perceiver Resampler: learnable queries cross-attend to patches |
+
+The MLP's parameter names (`linear_1`, `linear_2`) are LLaVA's, so its checkpoints load in transformers.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .activations import activation
+from .config import ProjectorConfig
+
+
+class LinearProjector(nn.Module):
+    """A single Linear(vision_dim -> llm_dim) applied to every patch."""
+
+    def __init__(self, *, vision_dim: int, llm_dim: int, bias: bool = True) -> None:
+        super().__init__()
+        self.linear = nn.Linear(vision_dim, llm_dim, bias=bias)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:  # (B, P, Dv)
+        return self.linear(features)  # (B, P, D)
+
+
+class VisionProjector(nn.Module):
+    """The seed's MLP projector: Linear(vision_dim -> llm_dim), GELU, Linear(llm_dim -> llm_dim)."""
+
+    def __init__(self, *, vision_dim: int, llm_dim: int, hidden_act: str = "gelu", bias: bool = True) -> None:
+        super().__init__()
+        self.linear_1 = nn.Linear(vision_dim, llm_dim, bias=bias)
+        self.act = activation(hidden_act)
+        self.linear_2 = nn.Linear(llm_dim, llm_dim, bias=bias)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:  # (B, P, Dv)
+        return self.linear_2(self.act(self.linear_1(features)))  # (B, P, D)
+
+
+class PerceiverAttention(nn.Module):
+    """Latents attend to [media; latents] (Flamingo): queries from the latents, keys/values from both."""
+
+    def __init__(self, *, dim: int, num_heads: int) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"resampler dim {dim} not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.norm_media = nn.LayerNorm(dim)
+        self.norm_latents = nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_kv = nn.Linear(dim, 2 * dim, bias=False)
+        self.to_out = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, media: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:  # (B, P, D), (B, Q, D)
+        b, q_len, d = latents.shape
+        h, dh = self.num_heads, d // self.num_heads
+        media, latents = self.norm_media(media), self.norm_latents(latents)
+        q = self.to_q(latents).view(b, q_len, h, dh).transpose(1, 2)  # (B, H, Q, Dh)
+        kv_in = torch.cat([media, latents], dim=1)  # (B, P + Q, D)
+        k, v = self.to_kv(kv_in).view(b, kv_in.shape[1], 2, h, dh).permute(2, 0, 3, 1, 4)  # (B, H, P + Q, Dh) each
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, H, Q, Dh)
+        return self.to_out(out.transpose(1, 2).reshape(b, q_len, d))  # (B, Q, D)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, *, dim: int, mult: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, dim * mult, bias=False)
+        self.fc2 = nn.Linear(dim * mult, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(self.norm(x))))
+
+
+class ResamplerLayer(nn.Module):
+    def __init__(self, *, dim: int, num_heads: int, ff_mult: int) -> None:
+        super().__init__()
+        self.attn = PerceiverAttention(dim=dim, num_heads=num_heads)
+        self.ff = FeedForward(dim=dim, mult=ff_mult)
+
+    def forward(self, media: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        latents = latents + self.attn(media, latents)
+        return latents + self.ff(latents)
+
+
+class PerceiverResampler(nn.Module):
+    """A fixed number of learnable queries compress any number of patches into `num_queries` visual tokens."""
+
+    def __init__(
+        self,
+        *,
+        vision_dim: int,
+        llm_dim: int,
+        num_queries: int = 16,
+        depth: int = 2,
+        num_heads: int = 4,
+        ff_mult: int = 4,
+    ) -> None:
+        super().__init__()
+        self.input_proj = nn.Linear(vision_dim, llm_dim)
+        self.latents = nn.Parameter(torch.randn(num_queries, llm_dim) * llm_dim**-0.5)
+        self.layers = nn.ModuleList(
+            ResamplerLayer(dim=llm_dim, num_heads=num_heads, ff_mult=ff_mult) for _ in range(depth)
+        )
+        self.norm = nn.LayerNorm(llm_dim)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:  # (B, P, Dv)
+        media = self.input_proj(features)  # (B, P, D)
+        latents = self.latents.to(media.dtype).expand(media.shape[0], -1, -1)  # (B, Q, D)
+        for layer in self.layers:
+            latents = layer(media, latents)
+        return self.norm(latents)  # (B, Q, D)
+
+
+def build_projector(config: ProjectorConfig, *, vision_dim: int, llm_dim: int) -> nn.Module:
+    """The projector a config names."""
+    if config.kind == "linear":
+        return LinearProjector(vision_dim=vision_dim, llm_dim=llm_dim, bias=config.bias)
+    if config.kind == "mlp":
+        return VisionProjector(vision_dim=vision_dim, llm_dim=llm_dim, hidden_act=config.hidden_act, bias=config.bias)
+    if config.kind == "resampler":
+        return PerceiverResampler(
+            vision_dim=vision_dim,
+            llm_dim=llm_dim,
+            num_queries=config.num_queries,
+            depth=config.depth,
+            num_heads=config.num_heads,
+            ff_mult=config.ff_mult,
+        )
+    raise ValueError(f"unknown projector kind {config.kind!r}; supported: linear, mlp, resampler")

@@ -1,0 +1,603 @@
+"""Tokenizer + chat template wrapper and the incremental detokenizer.
+
+`ChatTokenizer.encode_chat` turns OpenAI-style messages into token ids with one span of visual-token slots per image
+part. Image positions come from image *parts* only: every special-token string a client writes in text (`<image>`,
+`</s>`, ...) is swapped for a private sentinel before the template is rendered and tokenized as ordinary text
+afterwards, so typed text can never become an image slot or a control token (the trap of vLLM #57740).
+
+`IncrementalDetokenizer` streams text deltas from token ids with the prefix/read offset algorithm (TGI
+`decode_token`, vLLM `detokenize_incrementally`): it decodes a small window of recent tokens per step and holds back
+output while the window ends in an incomplete UTF-8 character.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from tokenizers import Tokenizer
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_IMAGE_TOKEN = "<image>"
+
+# llava-1.5's prompt, "USER: <image>\n{text} ASSISTANT:", over OpenAI-style content parts: a system turn first, one
+# `<image>\n` per image part at the start of its user turn, assistant turns closed by the EOS token.
+LLAVA_15_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% set content = message['content'] %}"
+    "{% if content is string %}{% set text = content %}"
+    "{% else %}{% set text = content | selectattr('type', 'equalto', 'text') | map(attribute='text') | join(' ') %}"
+    "{% endif %}"
+    "{% if message['role'] == 'system' %}{{ text }}\n"
+    "{% elif message['role'] == 'user' %}USER: "
+    "{% if content is not string %}{% for part in content %}{% if part['type'] == 'image' %}<image>\n"
+    "{% endif %}{% endfor %}{% endif %}{{ text }} "
+    "{% elif message['role'] == 'assistant' %}ASSISTANT: {{ text }}{{ eos_token }}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+_ROLES = frozenset({"system", "user", "assistant"})
+_IMAGE_PART_TYPES = frozenset({"image", "image_url", "input_image"})
+_PRIVATE_USE = range(0xE000, 0xF900)  # Unicode private use area: sentinel characters come from here
+
+
+# ----------------------------------------------------------------------------------------------------------- messages
+
+
+@dataclass(frozen=True)
+class TextPart:
+    """A text content part."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class ImagePart:
+    """Marks where an image sits in a message; the pixels are handled elsewhere (model/images.py)."""
+
+    url: str | None = None
+
+
+Part = TextPart | ImagePart
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    """One chat turn; `content` is a plain string or a sequence of parts."""
+
+    role: str
+    content: str | tuple[Part, ...]
+
+    def __post_init__(self) -> None:
+        if self.role not in _ROLES:
+            raise ValueError(f"unsupported message role {self.role!r}; expected one of {sorted(_ROLES)}")
+        if not isinstance(self.content, str):
+            object.__setattr__(self, "content", tuple(self.content))
+
+    @property
+    def num_images(self) -> int:
+        """Image parts in this message."""
+        return 0 if isinstance(self.content, str) else sum(isinstance(p, ImagePart) for p in self.content)
+
+
+def parse_part(part: Part | Mapping[str, Any]) -> Part:
+    """One OpenAI content part (`{"type": "text", "text": ...}`, `{"type": "image_url", ...}`) as a typed part."""
+    if isinstance(part, TextPart | ImagePart):
+        return part
+    if not isinstance(part, Mapping):
+        raise ValueError(f"content part must be an object, got {type(part).__name__}")
+    kind = part.get("type")
+    if kind == "text":
+        text = part.get("text")
+        if not isinstance(text, str):
+            raise ValueError("text content part needs a string 'text'")
+        return TextPart(text)
+    if kind in _IMAGE_PART_TYPES:
+        ref = part.get("image_url", part.get("url"))
+        if isinstance(ref, Mapping):
+            ref = ref.get("url")
+        return ImagePart(url=ref if isinstance(ref, str) else None)
+    raise ValueError(f"unsupported content part type {kind!r}")
+
+
+def parse_message(message: ChatMessage | Mapping[str, Any]) -> ChatMessage:
+    """An OpenAI-style message dict (or a `ChatMessage`) as a `ChatMessage`."""
+    if isinstance(message, ChatMessage):
+        return message
+    if not isinstance(message, Mapping):
+        raise ValueError(f"message must be an object, got {type(message).__name__}")
+    content = message.get("content")
+    if content is None:
+        content = ""
+    if not isinstance(content, str):
+        if isinstance(content, Mapping) or not isinstance(content, Sequence):
+            raise ValueError("message content must be a string or a list of parts")
+        content = tuple(parse_part(p) for p in content)
+    return ChatMessage(role=str(message.get("role")), content=content)
+
+
+def parse_messages(messages: Sequence[ChatMessage | Mapping[str, Any]]) -> list[ChatMessage]:
+    """Parse a whole conversation; it must not be empty."""
+    if not messages:
+        raise ValueError("a conversation needs at least one message")
+    return [parse_message(m) for m in messages]
+
+
+def count_images(messages: Sequence[ChatMessage | Mapping[str, Any]]) -> int:
+    """Number of image parts in a conversation, in the order `encode_chat` places them."""
+    return sum(m.num_images for m in parse_messages(messages))
+
+
+# ----------------------------------------------------------------------------------------------------------- encoding
+
+
+@dataclass(frozen=True)
+class ImageSpan:
+    """`length` consecutive visual-token slots starting at `start` in `EncodedPrompt.input_ids`."""
+
+    start: int
+    length: int
+
+    @property
+    def end(self) -> int:
+        return self.start + self.length
+
+
+@dataclass(frozen=True)
+class EncodedPrompt:
+    """Token ids of a rendered chat with the visual-token slots (id = image_token_id) already in place.
+
+    `image_spans[i]` belongs to the i-th image part of the conversation. `prepend_images` says the template had no
+    image placeholder: the slots of all images then sit at the very front, before every text token (BOS included),
+    and the model puts the visual tokens in front of the text embeddings.
+    """
+
+    input_ids: list[int]
+    image_spans: tuple[ImageSpan, ...] = ()
+    prepend_images: bool = False
+    prompt: str = field(default="", repr=False)  # the rendered template (user text as written), for logs and debug
+
+    @property
+    def num_images(self) -> int:
+        return len(self.image_spans)
+
+    @property
+    def num_image_tokens(self) -> int:
+        return sum(s.length for s in self.image_spans)
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+class ChatTokenizer:
+    """A checkpoint's tokenizer and chat template, with image-span aware chat encoding."""
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        chat_template: str | None = None,
+        image_token: str | None = None,
+        image_token_id: int | None = None,
+        eos_token_ids: Sequence[int] = (),
+    ) -> None:
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if not isinstance(backend, Tokenizer):
+            raise TypeError(f"{type(tokenizer).__name__} has no `tokenizers` backend; a fast tokenizer is required")
+        self.tokenizer = tokenizer
+        # Private copies of the Rust tokenizer: HF toggles `encode_special_tokens` on its shared backend per call,
+        # which would race between threads. One copy parses added tokens, the other never does.
+        self._backend = Tokenizer.from_str(backend.to_str())
+        self._backend.encode_special_tokens = False
+        self._backend_plain = Tokenizer.from_str(backend.to_str())
+        self._backend_plain.encode_special_tokens = True
+
+        if chat_template is None:
+            chat_template = _template_from_tokenizer(tokenizer)
+        if chat_template is None:
+            logger.info("no chat template in the checkpoint; using the llava-1.5 default")
+            chat_template = LLAVA_15_CHAT_TEMPLATE
+        self.chat_template = chat_template
+
+        added = {int(i): tok for i, tok in tokenizer.added_tokens_decoder.items()}
+        self._added_ids = frozenset(added)
+        vocab = tokenizer.get_vocab()
+        if image_token is None:
+            image_token = getattr(tokenizer, "image_token", None)
+        if image_token is None and image_token_id is not None:
+            image_token = tokenizer.convert_ids_to_tokens(image_token_id)
+        if image_token is None and DEFAULT_IMAGE_TOKEN in vocab:
+            image_token = DEFAULT_IMAGE_TOKEN
+        self.image_token: str | None = image_token
+        # The id the template's placeholder tokenizes to, and the id the slots get (the model's image_token_index).
+        self._placeholder_id: int | None = vocab.get(image_token) if image_token is not None else None
+        if image_token_id is None:
+            image_token_id = self._placeholder_id
+        elif self._placeholder_id is not None and image_token_id != self._placeholder_id:
+            logger.warning(
+                "image_token_index %d differs from the tokenizer's id %d for %r; slots use %d",
+                image_token_id,
+                self._placeholder_id,
+                image_token,
+                image_token_id,
+            )
+        self._image_token_id = image_token_id
+
+        # Every control-token string a client could type: escaped in message text before rendering.
+        control = {str(tok) for tok in added.values() if tok.special}
+        control.update(t for t in tokenizer.all_special_tokens if t)
+        if image_token:
+            control.add(image_token)
+        self._control_tokens = tuple(sorted(control, key=lambda s: (-len(s), s)))
+        self._control_re = re.compile("|".join(re.escape(t) for t in self._control_tokens)) if control else None
+
+        eos: list[int] = []
+        for i in [tokenizer.eos_token_id, *eos_token_ids]:
+            if i is not None and int(i) not in eos:
+                eos.append(int(i))
+        self._eos_token_ids = tuple(eos)
+
+    # ------------------------------------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike[str]) -> ChatTokenizer:
+        """Load the tokenizer, chat template, EOS ids and image token of a checkpoint directory (or hub id)."""
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        generation = _read_json(path, "generation_config.json") or {}
+        config = _read_json(path, "config.json") or {}
+        processor = _read_json(path, "processor_config.json") or {}
+        eos = generation.get("eos_token_id")
+        eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        image_token_id = config.get("image_token_index", config.get("image_token_id"))
+        return cls(
+            tokenizer,
+            chat_template=_template_from_checkpoint(path, tokenizer),
+            image_token=processor.get("image_token"),
+            image_token_id=int(image_token_id) if image_token_id is not None else None,
+            eos_token_ids=eos_ids,
+        )
+
+    # -------------------------------------------------------------------------------------------------- properties
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        """Ids that end generation: the tokenizer's EOS and generation_config.json's `eos_token_id`(s)."""
+        return self._eos_token_ids
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self.tokenizer.bos_token_id
+
+    @property
+    def pad_token_id(self) -> int | None:
+        return self.tokenizer.pad_token_id
+
+    @property
+    def image_token_id(self) -> int | None:
+        """The id of visual-token slots (the model's `image_token_index`)."""
+        return self._image_token_id
+
+    @property
+    def vocab_size(self) -> int:
+        """Size of the full vocabulary, added tokens included (what the embedding table must cover)."""
+        return len(self.tokenizer)
+
+    # ------------------------------------------------------------------------------------------------------- text
+
+    def encode_text(
+        self, text: str, *, add_special_tokens: bool = False, parse_special_tokens: bool = False
+    ) -> list[int]:
+        """Token ids of `text`; special-token strings in it stay ordinary text unless `parse_special_tokens`."""
+        backend = self._backend if parse_special_tokens else self._backend_plain
+        return backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
+        """Text of `ids` (the same as the HF tokenizer's `decode`)."""
+        return self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def detokenizer(self, *, context_ids: Sequence[int] = ()) -> IncrementalDetokenizer:
+        """A fresh incremental detokenizer for one generated sequence."""
+        return IncrementalDetokenizer(self, context_ids=context_ids)
+
+    # ------------------------------------------------------------------------------------------------------- chat
+
+    def apply_chat_template(
+        self, messages: Sequence[ChatMessage | Mapping[str, Any]], *, add_generation_prompt: bool = True
+    ) -> str:
+        """The rendered prompt text, exactly as the template writes it (for display; do not tokenize it)."""
+        return self._render(parse_messages(messages), add_generation_prompt, lambda text: text)
+
+    def encode_chat(
+        self,
+        messages: Sequence[ChatMessage | Mapping[str, Any]],
+        *,
+        num_image_tokens: int | Sequence[int],
+        add_generation_prompt: bool = True,
+    ) -> EncodedPrompt:
+        """Render `messages` with the chat template and tokenize it, each image expanded to its visual-token slots.
+
+        `num_image_tokens` is the slot count of every image, or one count per image part in message order. Raises
+        ValueError when the template writes a different (non-zero) number of image placeholders than there are image
+        parts. A template that writes none gets the slots prepended (`EncodedPrompt.prepend_images`).
+        """
+        parsed = parse_messages(messages)
+        n_images = sum(m.num_images for m in parsed)
+        counts = _image_token_counts(num_image_tokens, n_images)
+
+        sentinel = _Sentinel.choose(self.chat_template, self._control_tokens, _texts(parsed))
+        prompt = self._render(parsed, add_generation_prompt, lambda text: self._escape(text, sentinel))
+        add_special = not (self.tokenizer.bos_token and prompt.startswith(self.tokenizer.bos_token))
+        ids = self._encode_escaped(prompt, sentinel, add_special_tokens=add_special)
+        display = sentinel.restore(prompt, self._control_tokens)
+
+        if n_images and self._image_token_id is None:
+            raise ValueError("the tokenizer has no image token, so images cannot be placed in the prompt")
+        placeholder = self._placeholder_id
+        n_placeholders = 0 if placeholder is None else ids.count(placeholder)
+        if n_placeholders not in (0, n_images):
+            raise ValueError(
+                f"the chat template wrote {n_placeholders} image placeholder(s) {self.image_token!r} for {n_images} "
+                "image part(s); image parts and placeholders must match one to one"
+            )
+        prepend = n_images > 0 and n_placeholders == 0
+        out: list[int] = []
+        spans: list[ImageSpan] = []
+        images = iter(counts)
+        if prepend:  # the template ignores images: every image's slots go in front of the text
+            for n in counts:
+                spans.append(ImageSpan(len(out), n))
+                out.extend([self._image_token_id] * n)
+            out.extend(ids)
+        else:
+            for tok in ids:
+                if tok == placeholder:
+                    n = next(images)
+                    spans.append(ImageSpan(len(out), n))
+                    out.extend([self._image_token_id] * n)
+                else:
+                    out.append(tok)
+        # The slots are exactly the expanded image parts: any other image-token id means something slipped through.
+        if self._image_token_id is not None and out.count(self._image_token_id) != sum(counts):
+            raise ValueError("the prompt holds image token ids that do not come from image parts")
+        return EncodedPrompt(out, tuple(spans), prepend_images=prepend, prompt=display)
+
+    # ---------------------------------------------------------------------------------------------------- helpers
+
+    def _escape(self, text: str, sentinel: _Sentinel) -> str:
+        if self._control_re is None:
+            return text
+        return self._control_re.sub(lambda m: sentinel.wrap(self._control_tokens.index(m.group())), text)
+
+    def _render(self, messages: list[ChatMessage], add_generation_prompt: bool, transform: Callable[[str], str]) -> str:
+        conversation = [_to_hf(m, transform) for m in messages]
+        return self.tokenizer.apply_chat_template(
+            conversation,
+            chat_template=self.chat_template,
+            add_generation_prompt=add_generation_prompt,
+            tokenize=False,
+        )
+
+    def _encode_escaped(self, prompt: str, sentinel: _Sentinel, *, add_special_tokens: bool) -> list[int]:
+        """Tokenize a rendered prompt whose user text has sentinels in place of control-token strings.
+
+        Every added token in `prompt` comes from the template. The whole prompt is encoded in one call (so text
+        without typed control tokens tokenizes exactly as transformers does); each run of ordinary tokens between
+        two added tokens that holds a sentinel is then re-encoded from its restored text with added-token parsing off.
+        """
+        encoding = self._backend.encode(prompt, add_special_tokens=add_special_tokens)
+        if not sentinel.occurs_in(prompt):
+            return encoding.ids
+        out: list[int] = []
+        run_start = 0  # char offset where the current run of ordinary tokens begins
+        run: list[int] = []
+
+        def close_run(end: int) -> None:
+            text = prompt[run_start:end]
+            if sentinel.occurs_in(text):
+                out.extend(self.encode_text(sentinel.restore(text, self._control_tokens)))
+            else:
+                out.extend(run)
+            run.clear()
+
+        for tok, (start, end) in zip(encoding.ids, encoding.offsets, strict=True):
+            if tok in self._added_ids:
+                close_run(start if start >= run_start else run_start)
+                out.append(tok)
+                run_start = max(run_start, end)
+            else:
+                run.append(tok)
+        close_run(len(prompt))
+        return out
+
+
+# ------------------------------------------------------------------------------------------------------- detokenizer
+
+
+class _Decoder(Protocol):
+    def decode(self, ids: list[int], *, skip_special_tokens: bool = ...) -> str: ...
+
+
+class IncrementalDetokenizer:
+    """Token ids in, text deltas out; never emits half a character; special tokens are skipped.
+
+    Invariant: the joined deltas of `push` for every id, plus `flush()`, equal
+    `decode(ids, skip_special_tokens=True)` of all ids. Each step decodes only the tokens since the previous
+    emission (`prefix_offset`) twice: without and with the unread ones (`read_offset`).
+    """
+
+    def __init__(self, tokenizer: _Decoder, *, context_ids: Sequence[int] = ()) -> None:
+        self._tok = tokenizer
+        # Up to a few prompt tokens give the first generated token its left context (a SentencePiece "▁word"
+        # keeps its space); they are never emitted.
+        context = list(context_ids)[-5:]
+        self._ids: list[int] = context  # only the window from prefix_offset on is kept
+        self._prefix_offset = 0
+        self._read_offset = len(context)
+        self._num_generated = 0
+
+    @property
+    def num_tokens(self) -> int:
+        """Ids pushed so far."""
+        return self._num_generated
+
+    def push(self, token_id: int) -> str:
+        """Add one generated id; return the text it completes ("" while a character is incomplete)."""
+        self._ids.append(int(token_id))
+        self._num_generated += 1
+        return self._advance(final=False)
+
+    def push_many(self, token_ids: Sequence[int]) -> str:
+        """Add several ids at once; return their joined delta."""
+        return "".join(self.push(t) for t in token_ids)
+
+    def flush(self) -> str:
+        """Whatever is still held back at the end of the sequence (an incomplete character decodes as U+FFFD)."""
+        return self._advance(final=True)
+
+    def _advance(self, *, final: bool) -> str:
+        if self._read_offset >= len(self._ids):
+            return ""
+        window = self._ids[self._prefix_offset :]
+        read = self._read_offset - self._prefix_offset
+        prefix_text = self._tok.decode(window[:read], skip_special_tokens=True)
+        new_text = self._tok.decode(window, skip_special_tokens=True)
+        if len(new_text) <= len(prefix_text) or (new_text.endswith("\ufffd") and not final):
+            if final:
+                self._prefix_offset = self._read_offset = len(self._ids)
+            return ""
+        delta = new_text[len(prefix_text) :]
+        # The emitted tokens become the next window's left context; older ids are dropped.
+        del self._ids[: self._read_offset]
+        self._prefix_offset, self._read_offset = 0, len(self._ids)
+        return delta
+
+
+# ----------------------------------------------------------------------------------------------------- internals
+
+
+@dataclass(frozen=True)
+class _Sentinel:
+    """`open + index + close` stands for control token `index` inside message text while the template renders."""
+
+    open: str
+    close: str
+
+    @classmethod
+    def choose(cls, *sources: Any) -> _Sentinel:
+        used: set[str] = set()
+        for source in sources:
+            for s in [source] if isinstance(source, str) else source:
+                used.update(s)
+        free = (chr(c) for c in _PRIVATE_USE if chr(c) not in used)
+        try:
+            return cls(next(free), next(free))
+        except StopIteration:  # every private-use character already appears in the input
+            raise ValueError("message text uses every private-use character; cannot encode it safely") from None
+
+    def wrap(self, index: int) -> str:
+        return f"{self.open}{index}{self.close}"
+
+    def occurs_in(self, text: str) -> bool:
+        return self.open in text or self.close in text
+
+    def restore(self, text: str, tokens: Sequence[str]) -> str:
+        pattern = f"{re.escape(self.open)}([0-9]+){re.escape(self.close)}"
+        text = re.sub(pattern, lambda m: tokens[int(m.group(1))], text)
+        # A template that cut a sentinel in half leaves stray halves: they are ours, drop them.
+        return text.replace(self.open, "").replace(self.close, "")
+
+
+def _texts(messages: list[ChatMessage]) -> list[str]:
+    out = []
+    for m in messages:
+        if isinstance(m.content, str):
+            out.append(m.content)
+        else:
+            out.extend(p.text for p in m.content if isinstance(p, TextPart))
+    return out
+
+
+def _to_hf(message: ChatMessage, transform: Callable[[str], str]) -> dict[str, Any]:
+    """A message as HF templates expect it: string content stays a string, parts become text/image dicts."""
+    if isinstance(message.content, str):
+        return {"role": message.role, "content": transform(message.content)}
+    parts = [
+        {"type": "text", "text": transform(p.text)} if isinstance(p, TextPart) else {"type": "image"}
+        for p in message.content
+    ]
+    return {"role": message.role, "content": parts}
+
+
+def _image_token_counts(num_image_tokens: int | Sequence[int], n_images: int) -> list[int]:
+    if isinstance(num_image_tokens, int):
+        counts = [num_image_tokens] * n_images
+    else:
+        counts = [int(n) for n in num_image_tokens]
+        if len(counts) != n_images:
+            raise ValueError(f"got {len(counts)} image token counts for {n_images} image part(s)")
+    if any(n <= 0 for n in counts):
+        raise ValueError("every image needs a positive number of visual tokens")
+    return counts
+
+
+def _local_file(path: str | os.PathLike[str], name: str) -> Path | None:
+    if Path(path).is_dir():
+        candidate = Path(path) / name
+        return candidate if candidate.is_file() else None
+    try:  # a hub id: the files are cached (or fetched) next to the tokenizer's
+        from transformers.utils import cached_file
+
+        resolved = cached_file(
+            str(path),
+            name,
+            _raise_exceptions_for_missing_entries=False,
+            _raise_exceptions_for_connection_errors=False,
+        )
+    except OSError:
+        return None
+    return Path(resolved) if resolved else None
+
+
+def _read_json(path: str | os.PathLike[str], name: str) -> dict[str, Any] | None:
+    file = _local_file(path, name)
+    if file is None:
+        return None
+    with file.open(encoding="utf-8") as f:
+        data = json.load(f)
+    return data if isinstance(data, dict) else None
+
+
+def _pick_template(template: Any) -> str | None:
+    """A template string, or the default one of a dict / list of named templates."""
+    if isinstance(template, str):
+        return template or None
+    if isinstance(template, list):  # tokenizer_config's [{"name": ..., "template": ...}] form
+        template = {t.get("name"): t.get("template") for t in template if isinstance(t, Mapping)}
+    if isinstance(template, Mapping):
+        return _pick_template(template.get("default") or next(iter(template.values()), None))
+    return None
+
+
+def _template_from_tokenizer(tokenizer: PreTrainedTokenizerBase) -> str | None:
+    return _pick_template(getattr(tokenizer, "chat_template", None))
+
+
+def _template_from_checkpoint(path: str | os.PathLike[str], tokenizer: PreTrainedTokenizerBase) -> str | None:
+    """The multimodal (processor) template first, as transformers' processor uses it, then the tokenizer's."""
+    for name in ("chat_template.json", "processor_config.json"):
+        template = _pick_template((_read_json(path, name) or {}).get("chat_template"))
+        if template:
+            return template
+    jinja = _local_file(path, "chat_template.jinja")
+    if jinja is not None:
+        return jinja.read_text(encoding="utf-8")
+    return _template_from_tokenizer(tokenizer)

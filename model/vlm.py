@@ -1,0 +1,123 @@
+"""The composition: vision encoder -> projector -> language model. This file only wires the three together.
+
+Images enter the prompt in one of two ways:
+- at the placeholder: the prompt carries `image_token_index` once per visual token (LLaVA); those positions take
+  the visual tokens, in order;
+- prepended: a prompt with no placeholder gets its visual tokens in front of the text,
+  `torch.cat([vision_embeddings, text_embeddings], dim=1)`, with positions and the attention mask extended to match.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .cache import KVCache
+from .config import VLMConfig
+from .projector import build_projector
+from .text import TextModel
+from .vision import VisionTransformer
+
+
+class VisionLanguageModel(nn.Module):
+    def __init__(self, config: VLMConfig, *, max_positions: int | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.vision_tower = VisionTransformer(config.vision)
+        self.multi_modal_projector = build_projector(
+            config.projector, vision_dim=config.vision_feature_dim, llm_dim=config.text.hidden_size
+        )
+        self.language_model = TextModel(config.text, max_positions=max_positions)
+
+    # -- vision ---------------------------------------------------------------------------------------------------
+    def select_features(self, pixel_values: torch.Tensor) -> torch.Tensor:  # (N, C, H, W)
+        """LLaVA's feature selection: the configured layer(s), CLS dropped by `default`, layers concatenated."""
+        states = self.vision_tower(pixel_values, self.config.feature_layers)  # [(N, T, Dv)] per layer
+        if self.config.vision_feature_select_strategy == "default":
+            states = [s[:, 1:] for s in states]
+        return states[0] if len(states) == 1 else torch.cat(states, dim=-1)  # (N, P, Dv * layers)
+
+    def project(self, vision_features: torch.Tensor) -> torch.Tensor:  # (N, P, Dv)
+        """Visual tokens in the LM's embedding space."""
+        return self.multi_modal_projector(vision_features)  # (N, N_vis, D)
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:  # (N, C, H, W)
+        return self.project(self.select_features(pixel_values))  # (N, N_vis, D)
+
+    # -- text + images ----------------------------------------------------------------------------------------------
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:  # (B, T)
+        """Token embeddings; placeholder ids (which may lie outside the vocabulary) embed as id 0."""
+        ids = input_ids.masked_fill(input_ids == self.config.image_token_index, 0)
+        return self.language_model.embed_tokens(ids)  # (B, T, D)
+
+    def merge_at_placeholders(
+        self,
+        input_ids: torch.Tensor,  # (B, T)
+        text_embeds: torch.Tensor,  # (B, T, D)
+        visual_tokens: torch.Tensor,  # (N_img, N_vis, D) in prompt order
+    ) -> torch.Tensor:
+        """Put the visual tokens where the prompt's placeholders stand, image after image."""
+        mask = input_ids == self.config.image_token_index  # (B, T)
+        n_slots, n_tokens = int(mask.sum()), visual_tokens.shape[0] * visual_tokens.shape[1]
+        if n_slots != n_tokens:
+            raise ValueError(f"the prompt has {n_slots} image placeholder tokens but the images give {n_tokens}")
+        flat = visual_tokens.reshape(-1, visual_tokens.shape[-1]).to(text_embeds.dtype)  # (N_img * N_vis, D)
+        return text_embeds.masked_scatter(mask[..., None], flat)  # (B, T, D)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # (B, T)
+        vision_features: torch.Tensor | None = None,  # (B_img, P, Dv)
+        *,
+        pixel_values: torch.Tensor | None = None,  # (B_img, C, H, W)
+        attention_mask: torch.Tensor | None = None,  # (B, T)
+        positions: torch.Tensor | None = None,  # (B, T)
+        cache: KVCache | None = None,
+        slots: torch.Tensor | None = None,
+        kv_len: int | None = None,
+    ) -> torch.Tensor:
+        """Logits (B, T_total, V), where T_total = N_vis + T when the visual tokens are prepended, else T.
+
+        Give `vision_features` (already encoded patches) or `pixel_values` (encoded here), or neither for text only.
+        Without placeholders in `input_ids`, each sequence gets one image's visual tokens in front of its text.
+        """
+        if vision_features is not None and pixel_values is not None:
+            raise ValueError("pass vision_features or pixel_values, not both")
+        embeds = self.embed_tokens(input_ids)  # (B, T, D)
+        if vision_features is None and pixel_values is None:
+            return self.language_model(
+                inputs_embeds=embeds, positions=positions, attention_mask=attention_mask, cache=cache, slots=slots,
+                kv_len=kv_len,
+            )
+        if pixel_values is not None:
+            vision_features = self.select_features(pixel_values)  # (B_img, P, Dv)
+        visual = self.project(vision_features)  # (B_img, N_vis, D)
+        if bool((input_ids == self.config.image_token_index).any()):
+            embeds = self.merge_at_placeholders(input_ids, embeds, visual)
+        else:
+            embeds, attention_mask, positions = self._prepend(embeds, visual, attention_mask, positions)
+        return self.language_model(
+            inputs_embeds=embeds, positions=positions, attention_mask=attention_mask, cache=cache, slots=slots,
+            kv_len=kv_len,
+        )
+
+    @staticmethod
+    def _prepend(
+        embeds: torch.Tensor,  # (B, T, D)
+        visual: torch.Tensor,  # (B, N_vis, D)
+        attention_mask: torch.Tensor | None,  # (B, T)
+        positions: torch.Tensor | None,  # (B, T)
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Concatenate visual tokens in front of the text; shift positions and extend the mask to match."""
+        b, n_vis = embeds.shape[0], visual.shape[1]
+        if visual.shape[0] != b:
+            raise ValueError(f"prepending needs one image per sequence: {visual.shape[0]} images for {b} sequences")
+        combined = torch.cat([visual.to(embeds.dtype), embeds], dim=1)  # (B, N_vis + T, D)
+        if attention_mask is not None:
+            ones = attention_mask.new_ones(b, n_vis)
+            attention_mask = torch.cat([ones, attention_mask], dim=1)  # (B, N_vis + T)
+        if positions is not None:
+            start = positions[:, :1]  # (B, 1)
+            head = start + torch.arange(n_vis, device=positions.device)[None, :]  # (B, N_vis)
+            positions = torch.cat([head, positions + n_vis], dim=1)  # (B, N_vis + T)
+        return combined, attention_mask, positions

@@ -1,0 +1,39 @@
+"""Shared fixtures: tiny random LLaVA checkpoints, built once per test session, nothing downloaded."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+sys.path.insert(0, str(Path(__file__).parent))
+
+from checkpoints import SPECS, build_checkpoint
+
+
+@pytest.fixture(scope="session")
+def checkpoint_factory(tmp_path_factory: pytest.TempPathFactory):
+    """Build (once) and return the directory of the tiny checkpoint named in tests/checkpoints.py's SPECS."""
+    built: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in built:
+            built[name] = build_checkpoint(SPECS[name], tmp_path_factory.mktemp(name))
+        return built[name]
+
+    return get
+
+
+@pytest.fixture(scope="session", params=sorted(SPECS))
+def tiny_checkpoint(request: pytest.FixtureRequest, checkpoint_factory) -> Path:
+    """Each tiny checkpoint in turn: CLIP + Llama (llama3 rope), SigLIP + Qwen2 (full, tied), CLIP multi-layer."""
+    return checkpoint_factory(request.param)
+
+
+@pytest.fixture(scope="session")
+def clip_llama(checkpoint_factory) -> Path:
+    return checkpoint_factory("clip-llama")
