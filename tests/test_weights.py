@@ -131,7 +131,7 @@ def test_unsupported_model_type_names_the_supported_ones(clip_llama: Path, tmp_p
     config["model_type"] = "llava"
     config["text_config"]["model_type"] = "gemma"
     (target / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ConfigError, match="'gemma' is not supported; supported: .*llama.*qwen2"):
+    with pytest.raises(ConfigError, match=r"'gemma' is not supported; supported: .*llama.*qwen2"):
         load_model(target)
 
 
@@ -143,7 +143,7 @@ def test_missing_and_mismatched_tensors_are_reported(clip_llama: Path, tmp_path:
     save_file(tensors, str(target / "model.safetensors"))
     with pytest.raises(CheckpointError, match=r"missing \['multi_modal_projector.linear_2.bias'\]"):
         load_model(target)
-    with pytest.raises(CheckpointError, match="no config.json"):
+    with pytest.raises(CheckpointError, match=r"no config\.json"):
         load_model(tmp_path)
     with pytest.raises(CheckpointError, match="neither a local directory nor a hub id"):
         load_model(tmp_path / "does-not-exist")
