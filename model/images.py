@@ -47,6 +47,7 @@ __all__ = [
     "SIGLIP_MEAN",
     "SIGLIP_STD",
     "ImageError",
+    "ImageErrorCode",
     "ImageProcessor",
     "ImageProcessorConfig",
     "SizeSpec",
@@ -74,8 +75,9 @@ _FORMAT_PLUGINS = {
 }
 
 # Largest intermediate image (in pixels) the processor materializes: the pad-to-square canvas, or the resized
-# image before its center crop. Below it the pipeline is bit-for-bit transformers'; above it (extreme aspect ratios
-# only, or pad-to-square of > 33 MP images) we take a bounded-memory route that transformers does not take.
+# image before its center crop. Below it the pipeline is bit-for-bit transformers'. Above it (aspect ratios beyond
+# ~300:1 for a 336 crop, or pad-to-square of images over ~33 MP) transformers would allocate gigabytes; we resize
+# only the window the crop keeps, or shrink before padding, and land within a few uint8 levels of its pixels.
 MAX_INTERMEDIATE_PIXELS = 1 << 25
 
 _EXIF_ORIENTATION_TAG = 0x0112
@@ -544,7 +546,9 @@ class ImageProcessor:
         if cfg.do_convert_rgb:
             image = to_rgb(image)
         elif image.mode != "RGB":
-            raise ImageError(f"expected an RGB image (do_convert_rgb is off), got mode {image.mode}")
+            raise ImageError(
+                f"expected an RGB image (do_convert_rgb is off), got mode {image.mode}", code="unsupported_image"
+            )
         if cfg.do_pad_to_square:
             image = self._pad_to_square(image)
         if not cfg.do_resize:
@@ -585,6 +589,7 @@ class ImageProcessor:
             resized = np.asarray(image.resize((out_w, out_h), resample))  # (H', W', 3)
             return _center_crop(resized, crop_hw)
         # Extreme aspect ratio: resize only the window the crop keeps (Pillow's `box`), never the whole image.
+        # Not bit-exact: Pillow rounds the box to float32 and may order its two passes differently.
         src_y, dst_y, len_y = _crop_window(out_h, crop_hw[0])
         src_x, dst_x, len_x = _crop_window(out_w, crop_hw[1])
         sx, sy = image.width / out_w, image.height / out_h
@@ -596,9 +601,11 @@ class ImageProcessor:
 
     def _normalize(self, batch: np.ndarray) -> torch.Tensor:
         """(N, H, W, 3) uint8 -> (N, 3, H, W) float32 through the per-channel value table."""
-        index = batch.astype(np.intp) + np.arange(3, dtype=np.intp) * 256  # (N, H, W, 3) into the flat table
-        values = torch.from_numpy(np.take(self._lut.reshape(-1), index))  # (N, H, W, 3)
-        return values.permute(0, 3, 1, 2).contiguous()  # (N, 3, H, W)
+        n, height, width, _ = batch.shape
+        out = np.empty((n, 3, height, width), dtype=np.float32)  # (N, 3, H, W)
+        for c in range(3):
+            out[:, c] = self._lut[c][batch[..., c]]  # (N, H, W) table lookup
+        return torch.from_numpy(out)
 
 
 def _value_table(config: ImageProcessorConfig) -> np.ndarray:

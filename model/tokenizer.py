@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from jinja2 import TemplateError
 from tokenizers import Tokenizer
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
@@ -200,6 +201,9 @@ class ChatTokenizer:
         self._backend.encode_special_tokens = False
         self._backend_plain = Tokenizer.from_str(backend.to_str())
         self._backend_plain.encode_special_tokens = True
+        # For text that continues a prompt mid-way: a Metaspace pre-tokenizer with prepend_scheme "first" adds its
+        # "▁" only at offset 0 of the whole input, so a piece encoded on its own must not get one.
+        self._backend_inner = _without_first_prepend(self._backend_plain)
 
         if chat_template is None:
             chat_template = _template_from_tokenizer(tokenizer)
@@ -209,7 +213,9 @@ class ChatTokenizer:
         self.chat_template = chat_template
 
         added = {int(i): tok for i, tok in tokenizer.added_tokens_decoder.items()}
-        self._added_ids = frozenset(added)
+        self._added_contents = {i: str(tok) for i, tok in added.items()}
+        # Characters sentinels must avoid besides the message text's (computed once; the template can be long).
+        self._reserved_chars = frozenset(chat_template).union(*self._added_contents.values())
         vocab = tokenizer.get_vocab()
         if image_token is None:
             image_token = getattr(tokenizer, "image_token", None)
@@ -238,6 +244,7 @@ class ChatTokenizer:
         if image_token:
             control.add(image_token)
         self._control_tokens = tuple(sorted(control, key=lambda s: (-len(s), s)))
+        self._control_index = {t: i for i, t in enumerate(self._control_tokens)}
         self._control_re = re.compile("|".join(re.escape(t) for t in self._control_tokens)) if control else None
 
         eos: list[int] = []
@@ -301,7 +308,7 @@ class ChatTokenizer:
         return backend.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
-        """Text of `ids` (the same as the HF tokenizer's `decode`)."""
+        """Text of `ids`: the HF tokenizer's `decode` without `clean_up_tokenization_spaces` (not streamable)."""
         return self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def detokenizer(self, *, context_ids: Sequence[int] = ()) -> IncrementalDetokenizer:
@@ -333,7 +340,7 @@ class ChatTokenizer:
         n_images = sum(m.num_images for m in parsed)
         counts = _image_token_counts(num_image_tokens, n_images)
 
-        sentinel = _Sentinel.choose(self.chat_template, self._control_tokens, _texts(parsed))
+        sentinel = _Sentinel.choose(self._reserved_chars, _texts(parsed))
         prompt = self._render(parsed, add_generation_prompt, lambda text: self._escape(text, sentinel))
         add_special = not (self.tokenizer.bos_token and prompt.startswith(self.tokenizer.bos_token))
         ids = self._encode_escaped(prompt, sentinel, add_special_tokens=add_special)
@@ -343,6 +350,11 @@ class ChatTokenizer:
             raise ValueError("the tokenizer has no image token, so images cannot be placed in the prompt")
         placeholder = self._placeholder_id
         n_placeholders = 0 if placeholder is None else ids.count(placeholder)
+        if self.image_token and prompt.count(self.image_token) != n_placeholders:
+            raise ValueError(
+                f"the chat template wrote {prompt.count(self.image_token)} image placeholder(s) {self.image_token!r} "
+                f"but they tokenize to {n_placeholders} image token(s)"
+            )
         if n_placeholders not in (0, n_images):
             raise ValueError(
                 f"the chat template wrote {n_placeholders} image placeholder(s) {self.image_token!r} for {n_images} "
@@ -375,16 +387,19 @@ class ChatTokenizer:
     def _escape(self, text: str, sentinel: _Sentinel) -> str:
         if self._control_re is None:
             return text
-        return self._control_re.sub(lambda m: sentinel.wrap(self._control_tokens.index(m.group())), text)
+        return self._control_re.sub(lambda m: sentinel.wrap(self._control_index[m.group()]), text)
 
     def _render(self, messages: list[ChatMessage], add_generation_prompt: bool, transform: Callable[[str], str]) -> str:
         conversation = [_to_hf(m, transform) for m in messages]
-        return self.tokenizer.apply_chat_template(
-            conversation,
-            chat_template=self.chat_template,
-            add_generation_prompt=add_generation_prompt,
-            tokenize=False,
-        )
+        try:
+            return self.tokenizer.apply_chat_template(
+                conversation,
+                chat_template=self.chat_template,
+                add_generation_prompt=add_generation_prompt,
+                tokenize=False,
+            )
+        except TemplateError as e:  # templates reject conversations with raise_exception(...)
+            raise ValueError(f"the chat template rejected the conversation: {e}") from e
 
     def _encode_escaped(self, prompt: str, sentinel: _Sentinel, *, add_special_tokens: bool) -> list[int]:
         """Tokenize a rendered prompt whose user text has sentinels in place of control-token strings.
@@ -392,6 +407,8 @@ class ChatTokenizer:
         Every added token in `prompt` comes from the template. The whole prompt is encoded in one call (so text
         without typed control tokens tokenizes exactly as transformers does); each run of ordinary tokens between
         two added tokens that holds a sentinel is then re-encoded from its restored text with added-token parsing off.
+        A boundary is a token matched as an added token in the text (its content is what it covers), or one the
+        post-processor inserted (it covers nothing, like BOS); a byte-fallback token never is.
         """
         encoding = self._backend.encode(prompt, add_special_tokens=add_special_tokens)
         if not sentinel.occurs_in(prompt):
@@ -403,14 +420,16 @@ class ChatTokenizer:
         def close_run(end: int) -> None:
             text = prompt[run_start:end]
             if sentinel.occurs_in(text):
-                out.extend(self.encode_text(sentinel.restore(text, self._control_tokens)))
+                backend = self._backend_plain if run_start == 0 else self._backend_inner
+                out.extend(backend.encode(sentinel.restore(text, self._control_tokens), add_special_tokens=False).ids)
             else:
                 out.extend(run)
             run.clear()
 
         for tok, (start, end) in zip(encoding.ids, encoding.offsets, strict=True):
-            if tok in self._added_ids:
-                close_run(start if start >= run_start else run_start)
+            content = self._added_contents.get(tok)
+            if content is not None and (start == end or content in prompt[start:end]):
+                close_run(max(start, run_start))
                 out.append(tok)
                 run_start = max(run_start, end)
             else:
@@ -432,6 +451,10 @@ class IncrementalDetokenizer:
     Invariant: the joined deltas of `push` for every id, plus `flush()`, equal
     `decode(ids, skip_special_tokens=True)` of all ids. Each step decodes only the tokens since the previous
     emission (`prefix_offset`) twice: without and with the unread ones (`read_offset`).
+
+    The invariant holds for any ids with byte-level BPE. With SentencePiece byte-fallback tokens it holds whenever
+    the bytes form valid UTF-8; for invalid byte runs (garbage output) only the number of U+FFFD may differ, since
+    that decoder replaces a whole run after the fact.
     """
 
     def __init__(self, tokenizer: _Decoder, *, context_ids: Sequence[int] = ()) -> None:
@@ -492,11 +515,8 @@ class _Sentinel:
     close: str
 
     @classmethod
-    def choose(cls, *sources: Any) -> _Sentinel:
-        used: set[str] = set()
-        for source in sources:
-            for s in [source] if isinstance(source, str) else source:
-                used.update(s)
+    def choose(cls, reserved: frozenset[str], texts: Sequence[str]) -> _Sentinel:
+        used = set(reserved).union(*texts)
         free = (chr(c) for c in _PRIVATE_USE if chr(c) not in used)
         try:
             return cls(next(free), next(free))
@@ -514,6 +534,31 @@ class _Sentinel:
         text = re.sub(pattern, lambda m: tokens[int(m.group(1))], text)
         # A template that cut a sentinel in half leaves stray halves: they are ours, drop them.
         return text.replace(self.open, "").replace(self.close, "")
+
+
+def _without_first_prepend(backend: Tokenizer) -> Tokenizer:
+    """`backend` with every Metaspace prepend_scheme "first" turned to "never" (itself when there is none)."""
+    spec = json.loads(backend.to_str())
+    changed = False
+
+    def visit(node: Any) -> None:
+        nonlocal changed
+        if isinstance(node, dict):
+            if node.get("type") == "Metaspace" and node.get("prepend_scheme") == "first":
+                node["prepend_scheme"] = "never"
+                changed = True
+            for value in node.values():
+                visit(value)
+        elif isinstance(node, list):
+            for value in node:
+                visit(value)
+
+    visit(spec.get("pre_tokenizer"))
+    if not changed:
+        return backend
+    inner = Tokenizer.from_str(json.dumps(spec))
+    inner.encode_special_tokens = True
+    return inner
 
 
 def _texts(messages: list[ChatMessage]) -> list[str]:

@@ -1,0 +1,39 @@
+"""The generation engine: continuous batching over one model, free of any web framework."""
+
+from .core import Engine, EngineConfig
+from .observer import EngineCounters, Observer
+from .requests import (
+    BadRequest,
+    ContextTooLong,
+    EngineError,
+    EngineRequest,
+    Event,
+    Failed,
+    Finished,
+    ImageInput,
+    InternalError,
+    QueueFull,
+    TextDelta,
+    Unavailable,
+    Usage,
+)
+
+__all__ = [
+    "BadRequest",
+    "ContextTooLong",
+    "Engine",
+    "EngineConfig",
+    "EngineCounters",
+    "EngineError",
+    "EngineRequest",
+    "Event",
+    "Failed",
+    "Finished",
+    "ImageInput",
+    "InternalError",
+    "Observer",
+    "QueueFull",
+    "TextDelta",
+    "Unavailable",
+    "Usage",
+]

@@ -1,0 +1,75 @@
+"""Turning a chat (messages + image bytes) into an `EngineRequest`: tokenization, image decoding and preprocessing.
+
+This runs off the engine's loop (the server calls it in a thread pool): it is the CPU-heavy part of a request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from vlmserve.model.images import ImageProcessor, open_image
+from vlmserve.model.sampling import SamplingParams
+from vlmserve.model.tokenizer import ChatTokenizer, EncodedPrompt
+
+from .requests import EngineRequest, ImageInput
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    max_image_bytes: int = 20 * 1024**2
+    max_image_pixels: int = 40_000_000
+    max_images: int = 8
+
+
+def image_hash(data: bytes) -> str:
+    """Content key of an image: the same bytes always give the same visual tokens."""
+    return hashlib.blake2b(data, digest_size=20).hexdigest()
+
+
+class RequestPreparer:
+    """Tokenizes chats and turns image bytes into pixel tensors for one model."""
+
+    def __init__(
+        self,
+        tokenizer: ChatTokenizer,
+        processor: ImageProcessor,
+        num_visual_tokens: int,
+        limits: ImageLimits | None = None,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.processor = processor
+        self.num_visual_tokens = num_visual_tokens
+        self.limits = limits or ImageLimits()
+
+    def encode(self, messages: Sequence[Mapping[str, Any]]) -> EncodedPrompt:
+        """Token ids of the chat, each image part expanded to its visual-token slots (cheap: no image work)."""
+        return self.tokenizer.encode_chat(messages, num_image_tokens=self.num_visual_tokens)
+
+    def image(self, data: bytes) -> ImageInput:
+        """Decode (header-checked against the limits first) and preprocess one image. Raises ImageError."""
+        rgb = open_image(data, max_pixels=self.limits.max_image_pixels, max_bytes=self.limits.max_image_bytes)
+        return ImageInput(content_hash=image_hash(data), pixel_values=self.processor.preprocess_one(rgb))
+
+    def request(
+        self,
+        request_id: str,
+        messages: Sequence[Mapping[str, Any]],
+        images: Sequence[bytes] = (),
+        *,
+        sampling: SamplingParams | None = None,
+        max_tokens: int | None = None,
+        stop: Sequence[str] = (),
+    ) -> EngineRequest:
+        """The whole preparation in one call (for scripts, tests and benchmarks)."""
+        encoded = self.encode(messages)
+        return EngineRequest(
+            request_id=request_id,
+            prompt_ids=encoded.input_ids,
+            images=[self.image(b) for b in images],
+            sampling=sampling or SamplingParams(),
+            max_tokens=max_tokens,
+            stop=stop,
+        )

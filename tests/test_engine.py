@@ -1,0 +1,280 @@
+"""The engine: continuous batching gives each request exactly what it gets alone, and what transformers gives."""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+from vlmserve.model.images import ImageProcessor
+from vlmserve.model.sampling import SamplingParams
+from vlmserve.model.tokenizer import ChatTokenizer
+from vlmserve.model.weights import load_model
+from vlmserve.server.engine import (
+    BadRequest,
+    ContextTooLong,
+    Engine,
+    EngineConfig,
+    EngineRequest,
+    Failed,
+    Finished,
+    ImageInput,
+    QueueFull,
+    TextDelta,
+)
+from vlmserve.server.engine.prepare import RequestPreparer
+from vlmserve.server.engine.stops import StopMatcher
+
+QUESTIONS = ["what color is the circle?", "how many shapes are there?", "describe the image", "is there a red square?"]
+
+
+def _png(seed: int, size: tuple[int, int] = (40, 50)) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.RandomState(seed).randint(0, 255, (*size, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _messages(text: str, n_images: int = 1) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "image"}] * n_images + [{"type": "text", "text": text}]}]
+
+
+class Harness:
+    def __init__(self, ckpt: Path, **config: int) -> None:
+        self.ckpt = ckpt
+        self.model = load_model(ckpt)
+        self.tokenizer = ChatTokenizer.from_pretrained(ckpt)
+        self.preparer = RequestPreparer(
+            self.tokenizer, ImageProcessor.from_pretrained(ckpt), self.model.config.num_visual_tokens
+        )
+        self.engine = Engine(self.model, self.tokenizer, EngineConfig(**config), model_id=ckpt.name).start()
+
+    def request(self, i: int, *, max_tokens: int = 32, seed: int | None = None, temperature: float = 0.0,
+                **kw: object) -> EngineRequest:
+        sampling = SamplingParams(temperature=temperature, top_p=0.9 if temperature else 1.0, seed=seed)
+        return self.preparer.request(f"req-{i}-{time.monotonic_ns()}", _messages(QUESTIONS[i % 4]), [_png(i)],
+                                     sampling=sampling, max_tokens=max_tokens, **kw)
+
+    def run_concurrently(self, requests: list[EngineRequest]) -> list[Finished]:
+        out: list[Finished | None] = [None] * len(requests)
+
+        def one(k: int) -> None:
+            events = list(self.engine.generate(requests[k]))
+            assert isinstance(events[-1], Finished), events[-1]
+            out[k] = events[-1]
+
+        threads = [threading.Thread(target=one, args=(k,)) for k in range(len(requests))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert all(o is not None for o in out)
+        return out  # type: ignore[return-value]
+
+
+@pytest.fixture(scope="module")
+def harness(checkpoint_factory) -> Harness:
+    h = Harness(checkpoint_factory("clip-llama"), max_running=16, max_waiting=64)
+    yield h
+    h.engine.shutdown(timeout=5)
+
+
+def _alone(h: Harness, req: EngineRequest) -> Finished:
+    events = list(h.engine.generate(req))
+    assert isinstance(events[-1], Finished)
+    return events[-1]
+
+
+@pytest.mark.parametrize("max_running", [16, 5])
+def test_sixteen_concurrent_requests_match_alone_and_transformers(checkpoint_factory, max_running: int) -> None:
+    h = Harness(checkpoint_factory("clip-llama"), max_running=max_running)
+    try:
+        requests = [h.request(i, max_tokens=8 + (i * 5) % 25) for i in range(16)]
+        together = h.run_concurrently(requests)
+        assert 1 < h.engine.counters.max_batch_size <= max_running  # requests really shared decode steps
+        hf = LlavaForConditionalGeneration.from_pretrained(h.ckpt).eval()
+        processor = AutoProcessor.from_pretrained(h.ckpt)
+        for i, (req, got) in enumerate(zip(requests, together, strict=True)):
+            alone = _alone(h, h.request(i, max_tokens=req.max_tokens))
+            assert got.token_ids == alone.token_ids, i
+            prompt = processor.apply_chat_template(_messages(QUESTIONS[i % 4]), add_generation_prompt=True)
+            inputs = processor(images=[Image.open(io.BytesIO(_png(i)))], text=[prompt], return_tensors="pt")
+            assert inputs["input_ids"][0].tolist() == req.prompt_ids
+            with torch.no_grad():
+                expected = hf.generate(**inputs, max_new_tokens=req.max_tokens, do_sample=False)
+            assert list(got.token_ids) == expected[0, len(req.prompt_ids) :].tolist(), i
+            assert got.usage.completion_tokens == len(got.token_ids)
+            assert got.finish_reason == ("stop" if got.token_ids[-1] in h.tokenizer.eos_token_ids else "length")
+    finally:
+        h.engine.shutdown(timeout=5)
+
+
+def test_streamed_deltas_join_to_the_final_text(harness: Harness) -> None:
+    events = list(harness.engine.generate(harness.request(3, max_tokens=20)))
+    deltas = "".join(e.text for e in events if isinstance(e, TextDelta))
+    final = events[-1]
+    assert isinstance(final, Finished)
+    assert deltas == final.text
+    ids = [t for t in final.token_ids if t not in harness.tokenizer.eos_token_ids]
+    assert final.text == harness.tokenizer.decode(ids)
+
+
+def test_seeded_sampling_is_reproducible_in_any_company(harness: Harness) -> None:
+    alone = _alone(harness, harness.request(1, seed=1234, temperature=1.0))
+    company = [harness.request(i, temperature=1.0, seed=None if i % 2 else i) for i in range(2, 9)]
+    mixed = harness.run_concurrently([*company[:3], harness.request(1, seed=1234, temperature=1.0), *company[3:]])
+    assert mixed[3].token_ids == alone.token_ids
+    other_seed = _alone(harness, harness.request(1, seed=4321, temperature=1.0))
+    assert other_seed.token_ids != alone.token_ids
+
+
+def test_penalties_steer_sampling_per_slot() -> None:
+    """Frequency/presence penalties count generated tokens per slot; the repetition penalty covers the prompt."""
+    from vlmserve.server.engine.sampler_state import SamplerState
+
+    state = SamplerState(num_slots=3, vocab=4, device=torch.device("cpu"))
+    state.assign(0, SamplingParams(temperature=0.0, frequency_penalty=0.5), prompt_ids=[])
+    state.assign(1, SamplingParams(temperature=0.0), prompt_ids=[])
+    state.assign(2, SamplingParams(temperature=0.0, repetition_penalty=2.0), prompt_ids=[0])
+    logits = torch.tensor([[3.0, 2.0, 0.0, -1.0]]).repeat(3, 1)
+    slots = torch.tensor([0, 1, 2])
+    params = [SamplingParams(temperature=0.0, frequency_penalty=0.5), SamplingParams(temperature=0.0),
+              SamplingParams(temperature=0.0, repetition_penalty=2.0)]
+    picks = [state.sample(logits, slots, [k] * 3, params) for k in range(4)]
+    assert [p[0] for p in picks] == [0, 0, 0, 1]  # 3.0, 2.5, 2.0 (ties with token 1: the lower id wins), 1.5
+    assert [p[1] for p in picks] == [0, 0, 0, 0]  # no penalty: always the top token
+    assert [p[2] for p in picks] == [1, 0, 0, 0]  # 0 is in the prompt (1.5 < 2.0); once 1 is seen too, 1.5 > 1.0
+
+
+def test_cancelling_mid_stream_frees_the_slot(checkpoint_factory) -> None:
+    h = Harness(checkpoint_factory("clip-llama"), max_running=1)
+    try:
+        long = h.request(0, max_tokens=150)
+        long.ignore_eos = True
+        stream = h.engine.generate(long)
+        assert isinstance(next(stream), TextDelta | Finished)
+        h.engine.cancel(long.request_id)
+        rest = list(stream)
+        assert isinstance(rest[-1], Finished) and rest[-1].finish_reason == "cancelled"
+        assert rest[-1].usage.completion_tokens < 150
+        # The only slot is free again: the next request runs to completion.
+        after = _alone(h, h.request(1, max_tokens=5))
+        assert after.finish_reason in ("stop", "length")
+        assert h.engine.num_running == 0 and h.engine.counters.requests_cancelled == 1
+    finally:
+        h.engine.shutdown(timeout=5)
+
+
+def test_repeated_image_skips_the_encoder(harness: Harness) -> None:
+    counters = harness.engine.counters
+    first = _alone(harness, harness.request(42, max_tokens=6))
+    encoded, hits = counters.images_encoded, counters.vision_cache_hits
+    second = _alone(harness, harness.request(42, max_tokens=6))
+    assert counters.images_encoded == encoded  # no encoder work for the same bytes
+    assert counters.vision_cache_hits == hits + 1
+    assert second.token_ids == first.token_ids
+    _alone(harness, harness.request(43, max_tokens=6))  # a new image is encoded
+    assert counters.images_encoded == encoded + 1
+
+
+def _boundary_stop(h: Harness) -> tuple[int, str, Finished]:
+    """A request and a two-character stop string made of the last char of one token and the first of the next."""
+    decode = h.tokenizer.decode
+    for i in range(16):
+        req = h.request(i, max_tokens=32)
+        req.ignore_eos = True
+        ref = _alone(h, req)
+        ids = list(ref.token_ids)
+        for k in range(2, len(ids) - 1):
+            left, right = decode([ids[k]]), decode([ids[k + 1]])
+            clean = left.isprintable() and right.isprintable() and "\ufffd" not in left + right
+            if clean and left and right:
+                stop = left[-1] + right[0]
+                head = decode(ids[: k + 1])
+                if head.endswith(left) and stop not in head and ref.text.find(stop) == len(head) - 1:
+                    return i, stop, ref
+    raise AssertionError("no clean token boundary found in 16 outputs")
+
+
+def test_stop_string_across_token_boundary_is_honoured_and_not_emitted(harness: Harness) -> None:
+    i, stop, reference = _boundary_stop(harness)
+    req = harness.request(i, max_tokens=32, stop=[stop])
+    req.ignore_eos = True
+    events = list(harness.engine.generate(req))
+    final = events[-1]
+    assert isinstance(final, Finished) and final.finish_reason == "stop"
+    streamed = "".join(e.text for e in events if isinstance(e, TextDelta))
+    assert streamed == final.text == reference.text[: reference.text.find(stop)]
+    assert stop not in streamed
+
+
+def test_stop_matcher_holds_back_partial_matches() -> None:
+    m = StopMatcher(["STOP", "xyz"])
+    assert m.push("hello S") == ("hello ", False)
+    assert m.push("T") == ("", False)
+    assert m.push("AR") == ("STAR", False)
+    assert m.push(" and x") == (" and ", False)
+    assert m.push("yz tail") == ("", True)
+    m2 = StopMatcher(["end"])
+    assert m2.push("the en") == ("the ", False)
+    assert m2.flush() == "en"
+
+
+def test_a_bad_image_fails_only_its_request(harness: Harness) -> None:
+    good = [harness.request(i, max_tokens=6) for i in range(3)]
+    bad = harness.request(7, max_tokens=6)
+    bad.images = [ImageInput(content_hash="broken-shape", pixel_values=torch.zeros(3, 5, 5))]
+    results: dict[str, object] = {}
+
+    def run(req: EngineRequest) -> None:
+        results[req.request_id] = list(harness.engine.generate(req))[-1]
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in [*good, bad]]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert isinstance(results[bad.request_id], Failed)
+    assert all(isinstance(results[r.request_id], Finished) for r in good)
+    assert harness.engine.alive
+    assert _alone(harness, harness.request(8, max_tokens=4)).finish_reason in ("stop", "length")
+
+
+def test_admission_refuses_fast_with_reasons(checkpoint_factory) -> None:
+    h = Harness(checkpoint_factory("clip-llama"), max_running=1, max_waiting=2, max_model_len=80)
+    try:
+        with pytest.raises(ContextTooLong, match=r"needs 146 tokens \(46 in the prompt.*\+ 100 max_tokens\).* 80"):
+            h.engine.submit(h.request(0, max_tokens=100), lambda e: None)
+        wrong = h.request(0, max_tokens=4)
+        wrong.images = []
+        with pytest.raises(BadRequest, match="16 image-token slots but 0 images"):
+            h.engine.submit(wrong, lambda e: None)
+        release = threading.Event()
+        stalled = threading.Event()
+
+        def stalling_sink(event: object) -> None:  # holds the engine loop until released
+            stalled.set()
+            release.wait(10)
+
+        h.engine.submit(h.request(1, max_tokens=30), stalling_sink)
+        assert stalled.wait(5)
+        events: list[object] = []
+        h.engine.submit(h.request(2, max_tokens=2), events.append)
+        h.engine.submit(h.request(3, max_tokens=2), events.append)
+        t0 = time.perf_counter()
+        with pytest.raises(QueueFull, match="2 requests waiting"):
+            h.engine.submit(h.request(4, max_tokens=2), events.append)
+        assert time.perf_counter() - t0 < 0.5
+        release.set()
+        deadline = time.monotonic() + 10
+        while sum(isinstance(e, Finished) for e in events) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert sum(isinstance(e, Finished) for e in events) == 2
+    finally:
+        h.engine.shutdown(timeout=10)
