@@ -54,11 +54,24 @@ _PRIVATE_USE = range(0xE000, 0xF900)  # Unicode private use area: sentinel chara
 # ----------------------------------------------------------------------------------------------------------- messages
 
 
+def clean_text(text: str) -> str:
+    """`text` as valid Unicode: JSON can carry lone surrogates (\\ud800), which no tokenizer accepts; each becomes
+    U+FFFD, while proper surrogate pairs are joined into their character."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
 @dataclass(frozen=True)
 class TextPart:
-    """A text content part."""
+    """A text content part (lone surrogates replaced, see `clean_text`)."""
 
     text: str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "text", clean_text(self.text))
 
 
 @dataclass(frozen=True)
@@ -81,7 +94,9 @@ class ChatMessage:
     def __post_init__(self) -> None:
         if self.role not in _ROLES:
             raise ValueError(f"unsupported message role {self.role!r}; expected one of {sorted(_ROLES)}")
-        if not isinstance(self.content, str):
+        if isinstance(self.content, str):
+            object.__setattr__(self, "content", clean_text(self.content))
+        else:
             object.__setattr__(self, "content", tuple(self.content))
 
     @property
