@@ -1,0 +1,381 @@
+"""FastAPI routes: OpenAI chat completions, the native multipart `generate`, models, health, readiness, metrics.
+
+Order of work for a generation request: auth -> parse -> admission (429/503 before anything expensive) -> tokenize
+and check the context -> decode and preprocess images in a thread pool -> submit to the engine -> stream back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.datastructures import UploadFile
+
+from .engine import EngineError, EngineRequest, Failed, Finished, ImageInput, TextDelta
+from .errors import APIError, install_error_handlers
+from .inputs import chat_input, image_bytes
+from .middleware import BodyLimit, StatusCounter
+from .schemas import (
+    ChatCompletion,
+    ChatCompletionRequest,
+    Choice,
+    GenerateResponse,
+    ModelCard,
+    ModelList,
+    ResponseMessage,
+    Usage,
+)
+from .settings import Settings
+from .state import ServerState
+from .streaming import EventStream, collect, sse
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The app; the model loads in the background at startup (/ready answers 503 until it is warm)."""
+    settings = settings or Settings()
+    state = ServerState(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loader = asyncio.ensure_future(asyncio.to_thread(state.load))
+        watchdog = asyncio.ensure_future(_watch_engine(state))
+        try:
+            yield
+        finally:
+            watchdog.cancel()
+            if not loader.done():
+                loader.cancel()
+            await asyncio.to_thread(state.close)
+
+    app = FastAPI(title="vlmserve", version="0.1.0", lifespan=lifespan,
+                  description="A vision-language inference server with an OpenAI-compatible API.")
+    app.state.server = state
+    install_error_handlers(app)
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
+                           allow_headers=["*"])
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(StatusCounter, count=lambda route, status: state.metrics.http.labels(route, status).inc())
+    _routes(app, state)
+    return app
+
+
+async def _watch_engine(state: ServerState) -> None:
+    """If the engine's loop dies, stop reporting ready and have the process exit non-zero (an orchestrator restarts)."""
+    while True:
+        await asyncio.sleep(0.5)
+        if state.load_error is not None or (state.ready and state.engine is not None and not state.engine.alive):
+            cause = state.load_error or (state.engine.error if state.engine else None)
+            log.critical("the engine is gone (%r): exiting so that the process is restarted", cause)
+            state.ready = False
+            if state.on_fatal is not None:
+                state.on_fatal()
+            return
+
+
+def _routes(app: FastAPI, state: ServerState) -> None:
+    settings = state.settings
+
+    def authorize(request: Request) -> None:
+        if not settings.api_keys:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        given = token.strip().encode()
+        if scheme.lower() != "bearer" or not any(hmac.compare_digest(given, k.encode()) for k in settings.api_keys):
+            raise APIError(401, "missing or invalid API key (Authorization: Bearer <key>)", code="invalid_api_key")
+
+    auth = [Depends(authorize)]
+
+    def check_model(name: str | None) -> None:
+        if name and name != state.model_id:
+            raise APIError(404, f"the model {name!r} does not exist; this server serves {state.model_id!r}",
+                           param="model", code="model_not_found")
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready() -> JSONResponse:
+        if state.is_ready():
+            return JSONResponse({"status": "ready", "model": state.model_id})
+        reason = "draining" if state.draining else "loading" if state.load_error is None else "failed"
+        return JSONResponse({"status": reason}, status_code=503, headers={"Retry-After": "5"})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return PlainTextResponse(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models", dependencies=auth)
+    async def models() -> ModelList:
+        max_len = state.engine.max_model_len if state.engine else None
+        return ModelList(data=[ModelCard(id=state.model_id, created=state.created, max_model_len=max_len)])
+
+    @app.get("/v1/models/{model_id:path}", dependencies=auth)
+    async def model(model_id: str) -> ModelCard:
+        check_model(model_id)
+        return ModelCard(id=state.model_id, created=state.created)
+
+    @app.post("/v1/chat/completions", response_model=None, dependencies=auth)
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        check_model(body.model)
+        if body.n != 1:
+            raise APIError(400, "only n=1 is supported", param="n", code="unsupported_value")
+        if len(body.stop) > settings.max_stop_sequences:
+            raise APIError(400, f"at most {settings.max_stop_sequences} stop sequences", param="stop")
+        engine, preparer = state.require_ready()
+        _admit(engine)
+        chat = chat_input(body.messages, settings)
+        encoded = await _encode(state, chat.messages)
+        max_tokens = _max_tokens(engine, len(encoded.input_ids), body.max_completion_tokens or body.max_tokens)
+        images = await _load_images(state, [(url, param) for url, param in chat.image_urls])
+        sampling = state.sampling(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, seed=body.seed,
+                                  presence=body.presence_penalty, frequency=body.frequency_penalty,
+                                  repetition=body.repetition_penalty)
+        req = EngineRequest(rid, encoded.input_ids, images, sampling, max_tokens, body.stop)
+        log.info("%s: %d prompt tokens, %d images, max_tokens %d, stream=%s, user=%s", rid, len(encoded.input_ids),
+                 len(images), max_tokens, body.stream, body.user)
+        stream = _submit(engine, req)
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(_chat_sse(stream, rid, state.model_id, include_usage),
+                                     media_type="text/event-stream", headers=_SSE_HEADERS)
+        final = await collect(stream, request)
+        if final is None:
+            return Response(status_code=499)
+        if isinstance(final, Failed):
+            raise APIError.from_exception(final.error)
+        usage = Usage(prompt_tokens=final.usage.prompt_tokens, completion_tokens=final.usage.completion_tokens,
+                      total_tokens=final.usage.total_tokens)
+        return JSONResponse(ChatCompletion(
+            id=rid, model=state.model_id, usage=usage,
+            choices=[Choice(message=ResponseMessage(content=final.text), finish_reason=final.finish_reason)],
+        ).model_dump(), headers={"X-Request-Id": rid})
+
+    @app.post("/v1/generate", response_model=None, dependencies=auth)
+    async def generate(request: Request) -> Response:
+        rid = f"gen-{uuid.uuid4().hex}"
+        form = await _form(request, settings)
+        fields = _Form(form)
+        check_model(fields.text("model"))
+        prompt = fields.text("prompt")
+        if prompt is None:
+            raise APIError(400, "the form field 'prompt' is required", param="prompt", code="missing_field")
+        uploads = fields.files("image")
+        if len(uploads) > settings.max_images_per_request:
+            raise APIError(400, f"{len(uploads)} images; the limit is {settings.max_images_per_request}",
+                           param="image", code="too_many_images")
+        stops = fields.texts("stop")
+        if len(stops) > settings.max_stop_sequences or any(not s for s in stops):
+            raise APIError(400, f"stop: up to {settings.max_stop_sequences} non-empty strings", param="stop")
+        sampling = state.sampling(temperature=fields.number("temperature", 0, 2), top_p=fields.number("top_p", 0, 1),
+                                  top_k=fields.integer("top_k", 0), seed=fields.integer("seed", -(2**63), 2**63 - 1),
+                                  presence=0.0, frequency=0.0, repetition=None)
+        stream_flag = fields.boolean("stream")
+        requested = fields.integer("max_tokens", 1)
+        engine, preparer = state.require_ready()
+        _admit(engine)
+        content: list[dict[str, Any]] = [{"type": "image"} for _ in uploads] + [{"type": "text", "text": prompt}]
+        encoded = await _encode(state, [{"role": "user", "content": content}])
+        max_tokens = _max_tokens(engine, len(encoded.input_ids), requested)
+        datas = [await u.read() for u in uploads]
+        images = await _prepare_images(state, [(d, f"image.{i}") for i, d in enumerate(datas)])
+        req = EngineRequest(rid, encoded.input_ids, images, sampling, max_tokens, stops)
+        log.info("%s: %d prompt tokens, %d images, max_tokens %d", rid, len(encoded.input_ids), len(images),
+                 max_tokens)
+        stream = _submit(engine, req)
+        if stream_flag:
+            return StreamingResponse(_generate_sse(stream, rid), media_type="text/event-stream", headers=_SSE_HEADERS)
+        final = await collect(stream, request)
+        if final is None:
+            return Response(status_code=499)
+        if isinstance(final, Failed):
+            raise APIError.from_exception(final.error)
+        usage = Usage(prompt_tokens=final.usage.prompt_tokens, completion_tokens=final.usage.completion_tokens,
+                      total_tokens=final.usage.total_tokens)
+        return JSONResponse(GenerateResponse(id=rid, model=state.model_id, text=final.text,
+                                             finish_reason=final.finish_reason, usage=usage).model_dump(),
+                            headers={"X-Request-Id": rid})
+
+
+_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def _admit(engine: Any) -> None:
+    try:
+        engine.check_admission()
+    except EngineError as e:
+        raise APIError.from_exception(e) from e
+
+
+def _max_tokens(engine: Any, prompt_len: int, requested: int | None) -> int:
+    try:
+        return engine.resolve_max_tokens(prompt_len, requested)
+    except EngineError as e:
+        raise APIError.from_exception(e) from e
+
+
+def _submit(engine: Any, req: EngineRequest) -> EventStream:
+    try:
+        return EventStream(engine, req)
+    except EngineError as e:
+        raise APIError.from_exception(e) from e
+
+
+async def _encode(state: ServerState, messages: list[dict[str, Any]]) -> Any:
+    assert state.preparer is not None
+    loop = asyncio.get_running_loop()
+    try:
+        return await loop.run_in_executor(state.executor, state.preparer.encode, messages)
+    except ValueError as e:
+        raise APIError(400, str(e), param="messages", code="invalid_value") from e
+
+
+async def _load_images(state: ServerState, urls: Sequence[tuple[str, str]]) -> list[ImageInput]:
+    datas = await asyncio.gather(*(image_bytes(url, param, state.settings) for url, param in urls))
+    return await _prepare_images(state, list(zip(datas, [p for _, p in urls], strict=True)))
+
+
+async def _prepare_images(state: ServerState, items: Sequence[tuple[bytes, str]]) -> list[ImageInput]:
+    """Decode and preprocess in the thread pool, never on the event loop."""
+    assert state.preparer is not None
+    preparer = state.preparer
+    loop = asyncio.get_running_loop()
+
+    def one(data: bytes, param: str) -> ImageInput:
+        t0 = time.perf_counter()
+        try:
+            return preparer.image(data)
+        except Exception as e:
+            raise APIError.from_exception(e, param=param) from e
+        finally:
+            state.metrics.preprocess.observe(time.perf_counter() - t0)
+
+    return list(await asyncio.gather(*(loop.run_in_executor(state.executor, one, d, p) for d, p in items)))
+
+
+async def _chat_sse(stream: EventStream, rid: str, model: str, include_usage: bool) -> AsyncIterator[str]:
+    created = int(time.time())
+
+    def chunk(delta: dict[str, Any], finish: str | None = None, usage: dict[str, int] | None = None) -> str:
+        choices = [] if usage is not None else [{"index": 0, "delta": delta, "finish_reason": finish,
+                                                  "logprobs": None}]
+        body: dict[str, Any] = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+                                "choices": choices}
+        if include_usage:
+            body["usage"] = usage
+        return sse(body)
+
+    yield chunk({"role": "assistant", "content": ""})
+    async for event in stream:
+        if isinstance(event, TextDelta):
+            yield chunk({"content": event.text})
+        elif isinstance(event, Finished):
+            yield chunk({}, event.finish_reason)
+            if include_usage:
+                u = event.usage
+                yield chunk({}, usage={"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+                                       "total_tokens": u.total_tokens})
+        elif isinstance(event, Failed):
+            yield sse(APIError.from_exception(event.error).response().body.decode())
+    yield sse("[DONE]")
+
+
+async def _generate_sse(stream: EventStream, rid: str) -> AsyncIterator[str]:
+    async for event in stream:
+        if isinstance(event, TextDelta):
+            yield sse({"id": rid, "text": event.text})
+        elif isinstance(event, Finished):
+            u = event.usage
+            yield sse({"id": rid, "finish_reason": event.finish_reason,
+                       "usage": {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+                                 "total_tokens": u.total_tokens}})
+        elif isinstance(event, Failed):
+            yield sse(APIError.from_exception(event.error).response().body.decode())
+    yield sse("[DONE]")
+
+
+async def _form(request: Request, settings: Settings) -> Any:
+    ctype = request.headers.get("content-type", "")
+    if not ctype.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
+        raise APIError(400, "POST /v1/generate takes multipart/form-data (fields: image, prompt, ...)",
+                       code="invalid_content_type")
+    try:
+        return await request.form(max_files=settings.max_images_per_request + 1, max_fields=64,
+                                  max_part_size=settings.max_image_bytes)
+    except Exception as e:
+        raise APIError(400, f"malformed multipart body: {e}", code="invalid_form") from e
+
+
+class _Form:
+    """Typed access to multipart fields, each mistake a 400 naming the field."""
+
+    def __init__(self, form: Any) -> None:
+        self.form = form
+
+    def texts(self, name: str) -> list[str]:
+        values = self.form.getlist(name)
+        if any(not isinstance(v, str) for v in values):
+            raise APIError(400, f"form field {name!r} must be text, not a file", param=name)
+        return values
+
+    def text(self, name: str) -> str | None:
+        values = self.texts(name)
+        if len(values) > 1:
+            raise APIError(400, f"form field {name!r} given {len(values)} times", param=name)
+        return values[0] if values else None
+
+    def files(self, name: str) -> list[UploadFile]:
+        values = self.form.getlist(name)
+        if any(not isinstance(v, UploadFile) for v in values):
+            raise APIError(400, f"form field {name!r} must be a file upload", param=name)
+        return values
+
+    def number(self, name: str, lo: float, hi: float) -> float | None:
+        raw = self.text(name)
+        if raw is None or raw == "":
+            return None
+        try:
+            value = float(raw)
+        except ValueError:
+            raise APIError(400, f"{name} must be a number, got {raw[:32]!r}", param=name) from None
+        if not lo <= value <= hi or value != value:
+            raise APIError(400, f"{name} must be between {lo} and {hi}", param=name)
+        return value
+
+    def integer(self, name: str, lo: int, hi: int | None = None) -> int | None:
+        raw = self.text(name)
+        if raw is None or raw == "":
+            return None
+        try:
+            value = int(raw)
+        except ValueError:
+            raise APIError(400, f"{name} must be an integer, got {raw[:32]!r}", param=name) from None
+        if value < lo or (hi is not None and value > hi):
+            raise APIError(400, f"{name} must be >= {lo}" + (f" and <= {hi}" if hi is not None else ""), param=name)
+        return value
+
+    def boolean(self, name: str) -> bool:
+        raw = self.text(name)
+        if raw is None or raw == "":
+            return False
+        if raw.lower() in ("true", "1", "yes"):
+            return True
+        if raw.lower() in ("false", "0", "no"):
+            return False
+        raise APIError(400, f"{name} must be true or false, got {raw[:32]!r}", param=name)
+

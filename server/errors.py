@@ -1,0 +1,106 @@
+"""The API's one error shape, `{"error": {"message", "type", "param", "code"}}`, for every failure."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from vlmserve.model.images import ImageError
+
+from .engine import EngineError
+from .remote_images import RemoteImageError
+from .schemas import error_body
+
+log = logging.getLogger(__name__)
+
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    503: "service_unavailable",
+}
+
+
+class APIError(Exception):
+    """An error answer: status, message, and optionally the offending parameter, a code and a Retry-After."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.retry_after = status, message, param, code, retry_after
+
+    @classmethod
+    def from_exception(cls, exc: Exception, *, param: str | None = None) -> APIError:
+        """The API error for an engine refusal, a bad image or a refused URL."""
+        if isinstance(exc, APIError):
+            return exc
+        if isinstance(exc, EngineError):
+            return cls(exc.status, str(exc), code=exc.code, retry_after=exc.retry_after,
+                       param="max_tokens" if exc.code == "context_length_exceeded" else param)
+        if isinstance(exc, ImageError):
+            return cls(exc.status_code, str(exc), code=exc.code, param=param)
+        if isinstance(exc, RemoteImageError):
+            return cls(413 if exc.too_large else 400, str(exc), code="invalid_image_url", param=param)
+        return cls(500, "internal error", code="internal_error")
+
+    def response(self) -> JSONResponse:
+        headers = {"Retry-After": str(max(1, round(self.retry_after)))} if self.retry_after is not None else None
+        if self.status == 401:
+            headers = {**(headers or {}), "WWW-Authenticate": "Bearer"}
+        body = error_body(self.message, _TYPES.get(self.status, "invalid_request_error"), param=self.param,
+                          code=self.code)
+        return JSONResponse(body, status_code=self.status, headers=headers)
+
+
+def _loc(loc: tuple[object, ...]) -> str | None:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path")]
+    return ".".join(parts) or None
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+        param = _loc(tuple(first.get("loc", ())))
+        kind = first.get("type", "")
+        if kind == "json_invalid":
+            message = "the body is not valid JSON"
+        elif kind == "model_attributes_type" and param is None:
+            message = "the body must be a JSON object"
+        else:
+            message = f"{param + ': ' if param else ''}{first.get('msg', 'invalid value')}"
+            if len(errors) > 1:
+                message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+        return APIError(400, message, param=param, code="invalid_value").response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = str(exc.detail) if exc.status_code != 404 else f"no route {request.method} {request.url.path}"
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return APIError(exc.status_code, message, code=code).response()
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return APIError(500, "internal error", code="internal_error").response()

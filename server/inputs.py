@@ -1,0 +1,90 @@
+"""From an OpenAI chat request to tokenizer messages and image bytes: data URLs, optional remote URLs, limits."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import APIError
+from .remote_images import fetch_image
+from .schemas import ImagePart, Message
+from .settings import Settings
+
+_DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(?:;[\w.+-]+=[^;,]*)*)(?P<b64>;base64)?,",
+                       re.IGNORECASE)
+_IMAGE_MIMES = {"image/png", "image/jpeg", "image/jpg", "image/webp", "image/gif", "image/bmp", "image/x-ms-bmp",
+                "application/octet-stream"}
+
+
+@dataclass(frozen=True)
+class ChatInput:
+    messages: list[dict[str, Any]]  # tokenizer-shaped: image parts are markers
+    image_urls: list[tuple[str, str]]  # (url, param path) in prompt order
+
+
+def chat_input(messages: list[Message], settings: Settings) -> ChatInput:
+    """Tokenizer messages plus the image URLs in order; refuses images past the per-request limit."""
+    out: list[dict[str, Any]] = []
+    urls: list[tuple[str, str]] = []
+    for i, m in enumerate(messages):
+        role = "system" if m.role == "developer" else m.role
+        if m.content is None or isinstance(m.content, str):
+            out.append({"role": role, "content": m.content or ""})
+            continue
+        parts: list[dict[str, Any]] = []
+        for j, part in enumerate(m.content):
+            if isinstance(part, ImagePart):
+                if role != "user":
+                    raise APIError(400, f"images are only accepted in user messages (message {i} is {m.role})",
+                                   param=f"messages.{i}.content.{j}", code="invalid_value")
+                urls.append((part.image_url.url, f"messages.{i}.content.{j}.image_url.url"))
+                parts.append({"type": "image"})
+            else:
+                parts.append({"type": "text", "text": part.text})
+        out.append({"role": role, "content": parts})
+    if len(urls) > settings.max_images_per_request:
+        raise APIError(400, f"{len(urls)} images in one request; the limit is {settings.max_images_per_request}",
+                       param="messages", code="too_many_images")
+    return ChatInput(out, urls)
+
+
+def decode_data_url(url: str, max_bytes: int, param: str) -> bytes:
+    """The bytes of a base64 `data:` image URL; the size is checked before decoding."""
+    match = _DATA_URL.match(url)
+    if match is None or not match.group("b64"):
+        raise APIError(400, "image data URLs must look like data:image/png;base64,<data>", param=param,
+                       code="invalid_image_url")
+    mime = (match.group("mime") or "").lower()
+    if mime and mime not in _IMAGE_MIMES:
+        raise APIError(400, f"unsupported image type {mime!r}", param=param, code="unsupported_image")
+    payload = url[match.end():]
+    if len(payload) * 3 // 4 > max_bytes + 3:
+        raise APIError(413, f"image is over the limit of {max_bytes} bytes", param=param, code="image_too_large")
+    try:
+        data = base64.b64decode(payload.strip(), validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise APIError(400, f"image data URL is not valid base64: {e}", param=param, code="invalid_image") from e
+    if not data:
+        raise APIError(400, "image data URL is empty", param=param, code="invalid_image")
+    return data
+
+
+async def image_bytes(url: str, param: str, settings: Settings) -> bytes:
+    """Bytes of an image part's URL: a data URL, or (when enabled) an allow-listed http(s) URL."""
+    scheme = url.split(":", 1)[0].lower() if ":" in url else ""
+    if scheme == "data":
+        return decode_data_url(url, settings.max_image_bytes, param)
+    if scheme in ("http", "https"):
+        if not settings.allow_remote_images:
+            raise APIError(400, "remote image URLs are disabled on this server; send the image as a data URL",
+                           param=param, code="remote_images_disabled")
+        try:
+            return await fetch_image(url, allowed_hosts=settings.remote_image_hosts,
+                                     max_bytes=settings.max_image_bytes, timeout=settings.remote_image_timeout)
+        except Exception as e:
+            raise APIError.from_exception(e, param=param) from e
+    raise APIError(400, f"image URL scheme {scheme or url[:16]!r} is not supported (use a data: URL)", param=param,
+                   code="invalid_image_url")

@@ -1,0 +1,72 @@
+"""Every setting of the server in one class: CLI flags and `VLMSERVE_*` environment variables share these names."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from typing_extensions import Annotated
+
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "weights" / "shapes-llava"
+
+
+def default_model_path() -> str:
+    """The embedded default model: beside the package (installed) or in the source tree (editable)."""
+    installed = Path(__file__).resolve().parent.parent / "weights" / "shapes-llava"
+    return str(installed if installed.is_dir() else DEFAULT_MODEL_DIR)
+
+
+class Settings(BaseSettings):
+    """Server settings. Each field is also `--flag-name` on `vlmserve serve` and `VLMSERVE_FIELD_NAME` in the env."""
+
+    model_config = SettingsConfigDict(env_prefix="VLMSERVE_", extra="ignore", protected_namespaces=())
+
+    model: str = Field(default_factory=default_model_path, description="checkpoint directory or hub id")
+    served_model_name: str | None = Field(None, description="model id in the API (default: directory name or hub id)")
+    host: str = Field("127.0.0.1", description="address to bind")
+    port: int = Field(8000, ge=0, le=65535, description="port to bind")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where the model runs")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="weights dtype (auto: bfloat16 on CUDA, float32 on CPU)"
+    )
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="accepted Bearer keys, comma separated (empty: no auth)"
+    )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="allowed CORS origins, comma separated (empty: CORS off)"
+    )
+    max_running: int = Field(16, ge=1, description="sequences decoded together (KV slots)")
+    max_waiting: int = Field(64, ge=0, description="requests queued for a slot; past it: 429")
+    max_model_len: int | None = Field(None, ge=16, description="context per sequence (default: model's, capped 4096)")
+    max_tokens_default: int = Field(1024, ge=1, description="max_tokens when a request omits it (capped by context)")
+    max_body_bytes: int = Field(32 * 1024**2, ge=1024, description="request body cap; past it: 413")
+    max_image_bytes: int = Field(20 * 1024**2, ge=1, description="one image's encoded bytes cap; past it: 413")
+    max_image_pixels: int = Field(40_000_000, ge=1, description="one image's pixels (from its header); past it: 400")
+    max_images_per_request: int = Field(8, ge=0, description="images in one request; past it: 400")
+    max_stop_sequences: int = Field(8, ge=0, description="stop strings in one request")
+    vision_cache_mb: int = Field(256, ge=0, description="visual-token cache size")
+    preprocess_workers: int = Field(4, ge=1, description="threads that decode and preprocess images")
+    allow_remote_images: bool = Field(False, description="fetch http(s) image URLs (off: data URLs only)")
+    remote_image_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="hosts remote images may come from, comma separated"
+    )
+    remote_image_timeout: float = Field(5.0, gt=0, description="seconds for one remote image fetch")
+    drain_timeout: float = Field(30.0, ge=0, description="seconds running requests get to finish on SIGTERM")
+    compile: bool = Field(False, description="torch.compile the decode step")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
+
+    @field_validator("api_keys", "cors_origins", "remote_image_hosts", mode="before")
+    @classmethod
+    def _split_csv(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        return value
+
+    def model_id(self) -> str:
+        """The name clients use in `model`."""
+        if self.served_model_name:
+            return self.served_model_name
+        path = Path(self.model).expanduser()
+        return path.name if path.exists() else self.model

@@ -1,0 +1,163 @@
+"""What the app holds: the model and engine (loaded once, in the background), readiness and draining."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from vlmserve.model.images import ImageProcessor
+from vlmserve.model.sampling import SamplingParams
+from vlmserve.model.tokenizer import ChatTokenizer
+from vlmserve.model.weights import load_model, resolve_checkpoint
+
+from .engine import Engine, EngineConfig, EngineRequest, Finished
+from .engine.prepare import ImageLimits, RequestPreparer
+from .errors import APIError
+from .metrics import Metrics
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def pick_device(setting: str) -> torch.device:
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for but CUDA is not available")
+    return torch.device(setting)
+
+
+def pick_dtype(setting: str, device: torch.device) -> torch.dtype:
+    if setting == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[setting]
+
+
+class ServerState:
+    """Model, engine and preprocessing pool of one server process."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.model_id = settings.model_id()
+        self.engine: Engine | None = None
+        self.preparer: RequestPreparer | None = None
+        self.generation_defaults: dict[str, Any] = {}
+        self.executor = ThreadPoolExecutor(max_workers=settings.preprocess_workers, thread_name_prefix="preprocess")
+        self.ready = False
+        self.draining = False
+        self.load_error: BaseException | None = None
+        self.created = int(time.time())
+        self.on_fatal: Callable[[], None] | None = None  # set by the CLI: make the process exit non-zero
+
+    # -- loading ---------------------------------------------------------------------------------------------------
+    def load(self) -> None:
+        """Load encoder + projector + LM once, start the engine and warm it up (runs in a worker thread)."""
+        s = self.settings
+        t0 = time.perf_counter()
+        try:
+            path = resolve_checkpoint(s.model)
+            device = pick_device(s.device)
+            dtype = pick_dtype(s.dtype, device)
+            model = load_model(path, device=device, dtype=dtype)
+            tokenizer = ChatTokenizer.from_pretrained(path)
+            processor = ImageProcessor.from_pretrained(path)
+            limits = ImageLimits(s.max_image_bytes, s.max_image_pixels, s.max_images_per_request)
+            self.preparer = RequestPreparer(tokenizer, processor, model.config.num_visual_tokens, limits)
+            self.generation_defaults = _generation_defaults(path)
+            config = EngineConfig(
+                max_running=s.max_running, max_waiting=s.max_waiting, max_model_len=s.max_model_len,
+                default_max_tokens=s.max_tokens_default, vision_cache_bytes=s.vision_cache_mb * 1024**2,
+                compile_decode=s.compile,
+            )
+            self.engine = Engine(model, tokenizer, config, model_id=self.model_id, observer=self.metrics).start()
+            self._warm_up()
+        except BaseException as e:
+            self.load_error = e
+            log.exception("loading %s failed", s.model)
+            raise
+        self.ready = True
+        log.info("model %s ready on %s (%s) in %.1fs; context %d, %d slots", self.model_id, device, dtype,
+                 time.perf_counter() - t0, self.engine.max_model_len, s.max_running)
+
+    def _warm_up(self) -> None:
+        """One short generation with an image: the first real request does not pay for lazy initialisation."""
+        assert self.engine is not None and self.preparer is not None
+        buf = io.BytesIO()
+        Image.new("RGB", (64, 64), (128, 128, 128)).save(buf, "PNG")
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "warm up"}]}]
+        req = self.preparer.request("warmup", messages, [buf.getvalue()], sampling=SamplingParams(temperature=0),
+                                    max_tokens=2)
+        events = list(self.engine.generate(req))
+        if not isinstance(events[-1], Finished):
+            raise RuntimeError(f"warm-up generation failed: {events[-1]}")
+
+    # -- status ----------------------------------------------------------------------------------------------------
+    def require_ready(self) -> tuple[Engine, RequestPreparer]:
+        if self.draining:
+            raise APIError(503, "the server is shutting down", code="draining", retry_after=5)
+        if self.engine is None or self.preparer is None or not self.ready:
+            raise APIError(503, "the model is still loading", code="not_ready", retry_after=5)
+        if not self.engine.alive:
+            raise APIError(503, "the engine has stopped", code="engine_dead", retry_after=5)
+        return self.engine, self.preparer
+
+    def is_ready(self) -> bool:
+        return self.ready and not self.draining and self.engine is not None and self.engine.alive
+
+    def begin_drain(self) -> None:
+        """SIGTERM: /ready turns 503, new requests get 503, running ones go on."""
+        if not self.draining:
+            log.info("draining: no new requests; %d running", self.engine.num_running if self.engine else 0)
+        self.draining = True
+        if self.engine is not None:
+            self.engine.drain()
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.shutdown(timeout=self.settings.drain_timeout)
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    def sampling(self, *, temperature: float | None, top_p: float | None, top_k: int | None, seed: int | None,
+                 presence: float, frequency: float, repetition: float | None) -> SamplingParams:
+        """Request values over the checkpoint's generation_config.json over OpenAI's defaults."""
+        d = self.generation_defaults
+        try:
+            return SamplingParams(
+                temperature=temperature if temperature is not None else d.get("temperature", 1.0),
+                top_p=top_p if top_p is not None else d.get("top_p", 1.0),
+                top_k=top_k if top_k is not None else d.get("top_k", 0),
+                seed=seed,
+                presence_penalty=presence,
+                frequency_penalty=frequency,
+                repetition_penalty=repetition if repetition is not None else d.get("repetition_penalty", 1.0),
+            )
+        except ValueError as e:
+            raise APIError(400, str(e), code="invalid_value") from e
+
+
+def _generation_defaults(path: Path) -> dict[str, Any]:
+    """Sampling defaults from the checkpoint; `do_sample: false` means greedy unless the request says otherwise."""
+    try:
+        config = json.loads((path / "generation_config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    out: dict[str, Any] = {}
+    if config.get("do_sample") is False:
+        out["temperature"] = 0.0
+    elif config.get("do_sample"):
+        for key in ("temperature", "top_p", "top_k", "repetition_penalty"):
+            if isinstance(config.get(key), int | float):
+                out[key] = config[key]
+    return out

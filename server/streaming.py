@@ -1,0 +1,81 @@
+"""Bridging the engine's thread to asyncio: a request's events arrive on an asyncio queue; SSE framing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.requests import Request
+
+from .engine import Engine, EngineRequest, Event, Failed, Finished
+
+log = logging.getLogger(__name__)
+
+
+class EventStream:
+    """Submits a request and exposes its events to one asyncio consumer; cancels it if the consumer leaves."""
+
+    def __init__(self, engine: Engine, req: EngineRequest) -> None:
+        self.engine, self.req = engine, req
+        self._queue: asyncio.Queue[Event] = asyncio.Queue()
+        self.done = False
+        loop = asyncio.get_running_loop()
+
+        def sink(event: Event) -> None:
+            loop.call_soon_threadsafe(self._queue.put_nowait, event)
+
+        engine.submit(req, sink)
+
+    async def next(self) -> Event:
+        event = await self._queue.get()
+        if isinstance(event, Finished | Failed):
+            self.done = True
+        return event
+
+    async def __aiter__(self) -> AsyncIterator[Event]:
+        try:
+            while not self.done:
+                yield await self.next()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Cancel the generation unless it already ended (client gone, consumer error)."""
+        if not self.done:
+            self.done = True
+            self.engine.cancel(self.req.request_id)
+            log.info("request %s cancelled (client went away)", self.req.request_id)
+
+
+async def until_disconnected(request: Request) -> None:
+    """Returns when the client hangs up (the body has already been read)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def collect(stream: EventStream, request: Request) -> Finished | Failed | None:
+    """The final event of a non-streamed request, or None (after cancelling) if the client disconnects first."""
+    watcher = asyncio.ensure_future(until_disconnected(request))
+    try:
+        while True:
+            getter = asyncio.ensure_future(stream.next())
+            done, _ = await asyncio.wait({getter, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if getter not in done:
+                getter.cancel()
+                stream.close()
+                return None
+            event = getter.result()
+            if isinstance(event, Finished | Failed):
+                return event
+    finally:
+        watcher.cancel()
+
+
+def sse(data: dict[str, Any] | str) -> str:
+    payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    return f"data: {payload}\n\n"

@@ -1,0 +1,1 @@
+"""The embedded default model (LLaVA format), shipped as package data: `shapes-llava/`."""
