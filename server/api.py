@@ -137,7 +137,7 @@ def _routes(app: FastAPI, state: ServerState) -> None:
             raise APIError(400, "only n=1 is supported", param="n", code="unsupported_value")
         if len(body.stop) > settings.max_stop_sequences:
             raise APIError(400, f"at most {settings.max_stop_sequences} stop sequences", param="stop")
-        engine, preparer = state.require_ready()
+        engine, _ = state.require_ready()
         _admit(engine)
         chat = chat_input(body.messages, settings)
         encoded = await _encode(state, chat.messages)
@@ -187,7 +187,7 @@ def _routes(app: FastAPI, state: ServerState) -> None:
                                   presence=0.0, frequency=0.0, repetition=None)
         stream_flag = fields.boolean("stream")
         requested = fields.integer("max_tokens", 1)
-        engine, preparer = state.require_ready()
+        engine, _ = state.require_ready()
         _admit(engine)
         content: list[dict[str, Any]] = [{"type": "image"} for _ in uploads] + [{"type": "text", "text": prompt}]
         encoded = await _encode(state, [{"role": "user", "content": content}])

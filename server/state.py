@@ -19,7 +19,7 @@ from vlmserve.model.sampling import SamplingParams
 from vlmserve.model.tokenizer import ChatTokenizer
 from vlmserve.model.weights import load_model, resolve_checkpoint
 
-from .engine import Engine, EngineConfig, EngineRequest, Finished
+from .engine import Engine, EngineConfig, Finished
 from .engine.prepare import ImageLimits, RequestPreparer
 from .errors import APIError
 from .metrics import Metrics
