@@ -37,6 +37,7 @@ class Metrics(Observer):
         self.generation_tokens = Counter("vlmserve:generation_tokens", "Tokens generated", registry=r)
         self.finished = Counter("vlmserve:request_success", "Finished requests by reason", ["finished_reason"],
                                 registry=r)
+        self.cancelled = Counter("vlmserve:request_cancelled", "Requests cancelled (client went away)", registry=r)
         self.http = Counter("vlmserve:http_requests", "HTTP requests by route and status", ["route", "status"],
                             registry=r)
         self.preprocess = Histogram("vlmserve:image_preprocess_seconds", "Image decode + preprocess time",
@@ -65,11 +66,17 @@ class Metrics(Observer):
         self.prompt_tokens.inc(prompt_tokens)
         self.generation_tokens.inc(completion_tokens)
 
+    def request_cancelled(self) -> None:
+        self.cancelled.inc()
+
+    def queue_state(self, running: int, waiting: int) -> None:
+        self.running.set(running)
+        self.waiting.set(waiting)
+
     def step(
         self, running: int, waiting: int, batch_size: int, prefill_seconds: float, decode_seconds: float
     ) -> None:
-        self.running.set(running)
-        self.waiting.set(waiting)
+        self.queue_state(running, waiting)
         self.batch.observe(batch_size)
         if prefill_seconds:
             self.prefill_time.observe(prefill_seconds)

@@ -37,3 +37,14 @@ def tiny_checkpoint(request: pytest.FixtureRequest, checkpoint_factory) -> Path:
 @pytest.fixture(scope="session")
 def clip_llama(checkpoint_factory) -> Path:
     return checkpoint_factory("clip-llama")
+
+
+@pytest.fixture(scope="session")
+def live_server(checkpoint_factory, tmp_path_factory: pytest.TempPathFactory):
+    """The real server over HTTP on a free port, serving the tiny CLIP + Llama checkpoint as `tiny-llava`."""
+    from live_server import start_server
+
+    server = start_server(checkpoint_factory("clip-llama"), tmp_path_factory.mktemp("logs"),
+                          "--served-model-name", "tiny-llava", "--max-running", "8", "--max-waiting", "32")
+    yield server
+    server.stop()

@@ -277,6 +277,7 @@ class Engine:
             with self._lock:
                 self._pending -= 1
         self.counters.requests_cancelled += 1
+        self.observer.request_cancelled()
         self._retire(seq, "cancelled", emit_rest=False)
 
     # ---------------------------------------------------------------------------------------------- admission
@@ -294,6 +295,7 @@ class Engine:
             self._running[seq.req.request_id] = seq
             budget -= seq.prompt_len
             batch.append(seq)
+            self.observer.queue_state(len(self._running), self._pending)
             self.observer.request_queued(time.monotonic() - seq.arrival)
         visual = self._encode_images(batch)
         ready = [s for s in batch if s.req.request_id in visual]
@@ -478,6 +480,7 @@ class Engine:
         if self._running.pop(seq.req.request_id, None) is not None:
             self._free_slots.append(seq.slot)
         seq.pending = -1
+        self.observer.queue_state(len(self._running), self._pending)
 
     def _emit(self, seq: _Sequence, event: Event) -> None:
         try:

@@ -1,0 +1,72 @@
+"""`vlmserve train` and `vlmserve eval` (wired into the main CLI by server/cli.py)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def _setup(threads: int) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    torch.set_num_threads(threads)
+
+
+def train_main(argv: Sequence[str] | None = None) -> int:
+    """`train --stage all|vision|lm|align|instruct --out DIR --config NAME [--resume] [--export DIR]`."""
+    from .recipe import RECIPES, get_recipe
+    from .stages import STAGES, run_stages
+
+    p = argparse.ArgumentParser(prog="vlmserve train", description="Train the SHAPES world model, LLaVA-style.")
+    p.add_argument("--stage", default="all", choices=["all", *STAGES])
+    p.add_argument("--out", required=True, type=Path, help="run directory (checkpoints; the model lands in OUT/model)")
+    p.add_argument("--config", default="shapes", help=f"recipe preset {sorted(RECIPES)} or a recipe JSON file")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in OUT")
+    p.add_argument("--export", type=Path, default=None, help="also copy the final model directory here")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    _setup(args.threads)
+    stages = list(STAGES) if args.stage == "all" else [args.stage]
+    summary = run_stages(get_recipe(args.config), args.out, stages, resume=args.resume)
+    if args.export is not None and (args.out / "model").is_dir():
+        shutil.copytree(args.out / "model", args.export, dirs_exist_ok=True)
+    json.dump({k: v for k, v in summary.items()}, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+    return 0
+
+
+def eval_main(argv: Sequence[str] | None = None) -> int:
+    """`eval --model DIR [--n 500] [--seed S] [--url BASE]`: per-kind exact match on the independent renderer."""
+    from .evaluate import eval_items, evaluate_local, evaluate_url
+
+    p = argparse.ArgumentParser(prog="vlmserve eval", description="Per-kind accuracy on the independent SHAPES set.")
+    p.add_argument("--model", default=None, help="checkpoint directory (local evaluation through generate)")
+    p.add_argument("--url", default=None, help="server root, e.g. http://127.0.0.1:8000 (evaluates over HTTP)")
+    p.add_argument("--served-model", default=None, help="the `model` field to send with --url")
+    p.add_argument("--n", type=int, default=500)
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    _setup(args.threads)
+    if (args.model is None) == (args.url is None):
+        p.error("give exactly one of --model or --url")
+    items = eval_items(args.n, args.seed)
+    if args.url:
+        result = evaluate_url(args.url, items, model=args.served_model)
+    else:
+        result = evaluate_local(args.model, items)
+    json.dump(result, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(train_main() if sys.argv[1:2] == ["train"] else eval_main(sys.argv[2:]))

@@ -1,0 +1,162 @@
+"""Evaluation on the independent renderer (`training/eval_world.py`): per-kind exact match through our greedy
+`generate`, or through a running server's OpenAI-compatible HTTP API; plus the projector study's measurements.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import statistics
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from vlmserve.model.generation import generate
+from vlmserve.model.images import ImageProcessor, open_image
+from vlmserve.model.tokenizer import ChatTokenizer
+from vlmserve.model.vlm import VisionLanguageModel
+from vlmserve.model.weights import load_model
+
+from .eval_world import EvalItem, make_eval_set, score
+from .world import COLORS, PAIRS, render_pool
+
+if TYPE_CHECKING:
+    from .stages import Run
+
+log = logging.getLogger(__name__)
+
+MAX_PIXELS = 4096 * 4096
+MAX_TOKENS = 24
+
+
+def _messages(question: str) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+
+
+class LocalAnswerer:
+    """Answers questions with a checkpoint directory loaded by vlmserve, greedy, one request at a time."""
+
+    def __init__(self, model_dir: str | Path, *, model: VisionLanguageModel | None = None) -> None:
+        self.model = model if model is not None else load_model(model_dir)
+        self.chat = ChatTokenizer.from_pretrained(model_dir)
+        self.processor = ImageProcessor.from_pretrained(model_dir)
+
+    def __call__(self, image: bytes, question: str, max_new_tokens: int = MAX_TOKENS) -> str:
+        pixels = self.processor([open_image(image, max_pixels=MAX_PIXELS)])  # (1, 3, H, W)
+        ids = self.chat.encode_chat(
+            _messages(question), num_image_tokens=self.model.config.num_visual_tokens
+        ).input_ids
+        out = list(generate(self.model, ids, pixel_values=pixels, max_new_tokens=max_new_tokens,
+                            eos_token_ids=self.chat.eos_token_ids))
+        return self.chat.decode(out, skip_special_tokens=True).strip()
+
+
+def evaluate_local(model_dir: str | Path, items: Sequence[EvalItem], *, log_every: int = 100) -> dict:
+    """Score a checkpoint directory on `items` through vlmserve's generate; adds per-item mistakes (first 20)."""
+    answer = LocalAnswerer(model_dir)
+    preds: list[str] = []
+    t0 = time.perf_counter()
+    for i, item in enumerate(items, start=1):
+        preds.append(answer(item.image, item.question))
+        if i % log_every == 0:
+            log.info("eval %d/%d (%.1f q/s)", i, len(items), i / (time.perf_counter() - t0))
+    return _summary(items, preds, time.perf_counter() - t0)
+
+
+def evaluate_url(base_url: str, items: Sequence[EvalItem], *, model: str | None = None, workers: int = 8) -> dict:
+    """Score a running server on `items` through POST {base}/v1/chat/completions (temperature 0, max_tokens 24)."""
+    import httpx
+
+    url = base_url.rstrip("/") + "/v1/chat/completions"
+
+    def ask(client: httpx.Client, item: EvalItem) -> str:
+        data = f"data:{item.mime};base64,{base64.b64encode(item.image).decode()}"
+        body: dict = {
+            "messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": data}}, {"type": "text", "text": item.question},
+            ]}],
+            "temperature": 0,
+            "max_tokens": MAX_TOKENS,
+        }
+        if model:
+            body["model"] = model
+        r = client.post(url, json=body, timeout=120)
+        r.raise_for_status()
+        return r.json()["choices"][0]["message"]["content"] or ""
+
+    t0 = time.perf_counter()
+    with httpx.Client() as client, ThreadPoolExecutor(workers) as pool:
+        preds = list(pool.map(lambda it: ask(client, it), items))
+    return _summary(items, preds, time.perf_counter() - t0)
+
+
+def _summary(items: Sequence[EvalItem], preds: Sequence[str], seconds: float) -> dict:
+    result = score(items, preds)
+    result["seconds"] = round(seconds, 1)
+    result["mistakes"] = [
+        {"kind": it.kind, "question": it.question, "answer": it.answer, "got": p}
+        for it, p in zip(items, preds, strict=True)
+        if p.strip().lower().removesuffix(".") != it.answer
+    ][:20]
+    return result
+
+
+def eval_items(n: int, seed: int) -> list[EvalItem]:
+    """The independent renderer's question set (kinds balanced)."""
+    return make_eval_set(n, seed)
+
+
+# ------------------------------------------------------------------------------------------ projector study
+
+
+@torch.no_grad()
+def color_alignment(model: VisionLanguageModel, run: Run, n_images: int = 200) -> float:
+    """How often the colour word whose input embedding is nearest (cosine) to an object's mean projected visual
+    token is that object's colour. Per-patch projectors: the mean over the patches the object covers; the resampler
+    (no patch correspondence): the mean of all visual tokens, on one-object images only."""
+    pool = render_pool(n_images, run.recipe.seed * 1000 + 9, run.processor, run.grid)
+    visual = model.encode_images(torch.from_numpy(pool.pixels))  # (N, N_vis, D)
+    words = torch.stack([model.language_model.embed_tokens.weight[run.codec.answer(c)[0]] for c in COLORS])  # (6, D)
+    words = torch.nn.functional.normalize(words, dim=-1)
+    per_patch = visual.shape[1] == run.grid * run.grid
+    hits, total = 0, 0
+    for i, world in enumerate(pool.worlds):
+        pair_map = torch.from_numpy(pool.labels[i, 0]).flatten()  # (P,)
+        for obj in world.shapes:
+            if per_patch:
+                mask = pair_map == PAIRS.index((obj.color, obj.shape)) + 1  # (P,)
+                if not mask.any():
+                    continue
+                token = visual[i, mask].mean(0)  # (D,)
+            elif len(world.shapes) == 1:
+                token = visual[i].mean(0)  # (D,)
+            else:
+                continue
+            best = int((words @ torch.nn.functional.normalize(token, dim=0)).argmax())
+            hits += COLORS[best] == obj.color
+            total += 1
+    return hits / max(1, total)
+
+
+@torch.inference_mode()
+def prefill_latency_ms(model: VisionLanguageModel, chat: ChatTokenizer, image_size: int, repeats: int = 30) -> float:
+    """Median milliseconds of one image + question forward (encoder, projector, LM prefill) on CPU."""
+    ids = chat.encode_chat(_messages("What color is the circle?"),
+                           num_image_tokens=model.config.num_visual_tokens).input_ids
+    x = torch.tensor([ids])  # (1, T)
+    px = torch.randn(1, 3, image_size, image_size)  # (1, 3, H, W)
+    times = []
+    for i in range(repeats + 3):
+        t0 = time.perf_counter()
+        model(x, pixel_values=px)
+        if i >= 3:
+            times.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(times)
+
+
+def projector_params(model: VisionLanguageModel) -> int:
+    return sum(p.numel() for p in model.multi_modal_projector.parameters())
