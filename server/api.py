@@ -22,6 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.datastructures import UploadFile
 
 from .engine import EngineError, EngineRequest, Failed, Finished, ImageInput, TextDelta
+from .engine.prepare import image_hash
 from .errors import APIError, install_error_handlers
 from .inputs import chat_input, image_bytes
 from .middleware import BodyLimit, StatusCounter
@@ -233,6 +234,7 @@ def _submit(engine: Any, req: EngineRequest) -> EventStream:
     try:
         return EventStream(engine, req)
     except EngineError as e:
+        release_pins(engine, req.images)
         raise APIError.from_exception(e) from e
 
 
@@ -251,21 +253,38 @@ async def _load_images(state: ServerState, urls: Sequence[tuple[str, str]]) -> l
 
 
 async def _prepare_images(state: ServerState, items: Sequence[tuple[bytes, str]]) -> list[ImageInput]:
-    """Decode and preprocess in the thread pool, never on the event loop."""
-    assert state.preparer is not None
-    preparer = state.preparer
+    """Decode and preprocess in the thread pool, never on the event loop. An image whose visual tokens are cached
+    is not decoded at all: its cache entry is pinned instead (and unpinned by the engine, or here on failure)."""
+    assert state.preparer is not None and state.engine is not None
+    preparer, engine = state.preparer, state.engine
     loop = asyncio.get_running_loop()
 
     def one(data: bytes, param: str) -> ImageInput:
+        digest = image_hash(data)
+        if engine.pin_image(digest):
+            return ImageInput(digest, None)
         t0 = time.perf_counter()
         try:
-            return preparer.image(data)
+            return preparer.image(data, digest)
         except Exception as e:
             raise APIError.from_exception(e, param=param) from e
         finally:
             state.metrics.preprocess.observe(time.perf_counter() - t0)
 
-    return list(await asyncio.gather(*(loop.run_in_executor(state.executor, one, d, p) for d, p in items)))
+    results = await asyncio.gather(*(loop.run_in_executor(state.executor, one, d, p) for d, p in items),
+                                   return_exceptions=True)
+    error = next((r for r in results if isinstance(r, BaseException)), None)
+    if error is not None:
+        release_pins(engine, [r for r in results if isinstance(r, ImageInput)])
+        raise error
+    return list(results)  # type: ignore[arg-type]
+
+
+def release_pins(engine: Any, images: Sequence[ImageInput]) -> None:
+    """Unpin the cached images of a request that will not reach the engine."""
+    for img in images:
+        if img.pixel_values is None:
+            engine.unpin_image(img.content_hash)
 
 
 async def _chat_sse(stream: EventStream, rid: str, model: str, include_usage: bool) -> AsyncIterator[str]:

@@ -8,13 +8,11 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "weights" / "shapes-llava"
-
 
 def default_model_path() -> str:
-    """The embedded default model: beside the package (installed) or in the source tree (editable)."""
-    installed = Path(__file__).resolve().parent.parent / "weights" / "shapes-llava"
-    return str(installed if installed.is_dir() else DEFAULT_MODEL_DIR)
+    """The embedded default model: `vlmserve/weights/shapes-llava` once installed, `weights/shapes-llava` in the
+    source tree (an editable install maps the same relative path)."""
+    return str(Path(__file__).resolve().parent.parent / "weights" / "shapes-llava")
 
 
 class Settings(BaseSettings):
@@ -56,6 +54,16 @@ class Settings(BaseSettings):
     compile: bool = Field(False, description="torch.compile the decode step")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
 
+    @field_validator("model", mode="before")
+    @classmethod
+    def _default_model(cls, value: object) -> object:
+        return value if value not in (None, "") else default_model_path()
+
+    @field_validator("served_model_name", mode="before")
+    @classmethod
+    def _empty_name(cls, value: object) -> object:
+        return value or None
+
     @field_validator("api_keys", "cors_origins", "remote_image_hosts", mode="before")
     @classmethod
     def _split_csv(cls, value: object) -> object:
@@ -69,3 +77,21 @@ class Settings(BaseSettings):
             return self.served_model_name
         path = Path(self.model).expanduser()
         return path.name if path.exists() else self.model
+
+
+def settings_table() -> str:
+    """The configuration table of the README: flag, environment variable, default, meaning."""
+    rows = ["| flag | environment variable | default | meaning |", "| --- | --- | --- | --- |"]
+    for name, info in Settings.model_fields.items():
+        if name == "model":
+            default = "the embedded SHAPES model"
+        elif info.default_factory is not None:
+            default = "(empty)"
+        else:
+            default = "(none)" if info.default is None else str(info.default).lower() if isinstance(
+                info.default, bool) else str(info.default)
+        flag = f"--{name.replace('_', '-')}"
+        if info.annotation is bool:
+            flag += f" / --no-{name.replace('_', '-')}"
+        rows.append(f"| `{flag}` | `VLMSERVE_{name.upper()}` | {default} | {info.description} |")
+    return "\n".join(rows)

@@ -278,3 +278,32 @@ def test_admission_refuses_fast_with_reasons(checkpoint_factory) -> None:
         assert sum(isinstance(e, Finished) for e in events) == 2
     finally:
         h.engine.shutdown(timeout=10)
+
+
+def test_pinned_cached_image_needs_no_pixels(harness: Harness) -> None:
+    """The HTTP layer skips decoding an image whose tokens are cached: it pins the entry and sends no pixels."""
+    data = _png(77)
+    first = _alone(harness, harness.request(77, max_tokens=6))  # encodes and caches the image
+    digest = harness.preparer.image(data).content_hash
+    assert harness.engine.pin_image(digest)
+    req = harness.request(77, max_tokens=6)
+    req.images = [ImageInput(digest, None)]
+    again = _alone(harness, req)
+    assert again.token_ids == first.token_ids
+    assert not harness.engine.vision_cache._pins  # the engine released the pin
+    assert not harness.engine.pin_image("never-seen")
+
+
+def test_vision_cache_is_bounded_in_bytes_and_respects_pins() -> None:
+    from vlmserve.server.engine.vision_cache import VisionCache
+
+    cache = VisionCache(max_bytes=3 * 400)  # three (10, 10) float32 entries
+    for i in range(3):
+        cache.put(("m", str(i)), torch.zeros(10, 10))
+    assert cache.pin(("m", "0"))
+    cache.put(("m", "3"), torch.zeros(10, 10))  # over budget: the oldest unpinned entry ("1") goes
+    assert ("m", "0") in cache and ("m", "1") not in cache and cache.bytes <= cache.max_bytes
+    cache.unpin(("m", "0"))
+    cache.put(("m", "4"), torch.zeros(10, 10))
+    assert len(cache) == 3 and cache.bytes == 1200
+    assert cache.get(("m", "missing")) is None and cache.misses == 1

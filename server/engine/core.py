@@ -83,6 +83,7 @@ class _Sequence:
     first_token_at: float = 0.0
     last_token_at: float = 0.0
     seed: int = 0
+    unpinned: bool = False
 
 
 class Engine:
@@ -218,6 +219,15 @@ class Engine:
             self._pending += 1
         self._commands.put(("submit", seq))
 
+    def pin_image(self, content_hash: str) -> bool:
+        """If the image's visual tokens are cached, keep them until a request that carries the image without pixels
+        (`ImageInput(content_hash, None)`) has used them, and return True: the caller may skip decoding it. A request
+        carrying such a pinned image must then be submitted (or `unpin_image` called)."""
+        return self.vision_cache.pin((self.model_id, content_hash))
+
+    def unpin_image(self, content_hash: str) -> None:
+        self.vision_cache.unpin((self.model_id, content_hash))
+
     def cancel(self, request_id: str) -> None:
         """Stop a request (a client went away); its slot is free by the next step."""
         self._commands.put(("cancel", request_id))
@@ -334,6 +344,7 @@ class Engine:
                 out[seq.req.request_id] = torch.stack([found[k] for k in keys_i])  # (N_img, N_vis, D)
             else:
                 self._fail(seq, BadRequest("an image of this request could not be encoded"))
+            self._unpin(seq)
         self.counters.vision_cache_hits += hits
         self.counters.vision_cache_misses += len(todo)
         if todo or hits:
@@ -476,7 +487,16 @@ class Engine:
         self.counters.requests_failed += 1
         self._emit(seq, Failed(seq.req.request_id, error))
 
+    def _unpin(self, seq: _Sequence) -> None:
+        """Release the cache pins the HTTP layer took for this request's undecoded images (once)."""
+        if not seq.unpinned:
+            seq.unpinned = True
+            for img in seq.req.images:
+                if img.pixel_values is None:
+                    self.vision_cache.unpin((self.model_id, img.content_hash))
+
     def _release(self, seq: _Sequence) -> None:
+        self._unpin(seq)
         if self._running.pop(seq.req.request_id, None) is not None:
             self._free_slots.append(seq.slot)
         seq.pending = -1

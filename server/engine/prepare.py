@@ -48,10 +48,10 @@ class RequestPreparer:
         """Token ids of the chat, each image part expanded to its visual-token slots (cheap: no image work)."""
         return self.tokenizer.encode_chat(messages, num_image_tokens=self.num_visual_tokens)
 
-    def image(self, data: bytes) -> ImageInput:
+    def image(self, data: bytes, digest: str | None = None) -> ImageInput:
         """Decode (header-checked against the limits first) and preprocess one image. Raises ImageError."""
         rgb = open_image(data, max_pixels=self.limits.max_image_pixels, max_bytes=self.limits.max_image_bytes)
-        return ImageInput(content_hash=image_hash(data), pixel_values=self.processor.preprocess_one(rgb))
+        return ImageInput(content_hash=digest or image_hash(data), pixel_values=self.processor.preprocess_one(rgb))
 
     def request(
         self,

@@ -51,7 +51,7 @@ class ImageInput:
     """One image, already decoded and preprocessed off the engine's loop."""
 
     content_hash: str  # hash of the image bytes; keys the visual-token cache
-    pixel_values: torch.Tensor | None  # (C, H, W); None when the caller knows the tokens are cached
+    pixel_values: torch.Tensor | None  # (C, H, W); None when the caller pinned the cached tokens (Engine.pin_image)
 
 
 @dataclass
