@@ -48,3 +48,21 @@ def live_server(checkpoint_factory, tmp_path_factory: pytest.TempPathFactory):
                           "--served-model-name", "tiny-llava", "--max-running", "8", "--max-waiting", "32")
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def default_server(tmp_path_factory: pytest.TempPathFactory):
+    """`vlmserve serve` with no --model: the embedded SHAPES model, over HTTP on a free port."""
+    import subprocess
+
+    from live_server import LiveServer, free_port, wait_until_ready
+
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("default-server") / "server.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen([sys.executable, "-m", "vlmserve.server.cli", "serve", "--port", str(port)],
+                                   stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    server = LiveServer(f"http://127.0.0.1:{port}", process, log_path, "shapes-llava")
+    wait_until_ready(server, timeout=120)
+    yield server
+    server.stop()

@@ -127,7 +127,7 @@ class Engine:
         self._pending = 0  # submitted, not yet in a slot (guarded by _lock)
         self._waiting: deque[_Sequence] = deque()
         self._running: dict[str, _Sequence] = {}
-        self._free_slots = list(range(self.config.max_running - 1, -1, -1))
+        self._free_slots = list(range(self.config.max_running - 1, -1, -1))  # a stack: lowest slot on top
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._draining = False
@@ -405,7 +405,7 @@ class Engine:
 
     # -------------------------------------------------------------------------------------------------- decode
     def _step(self) -> None:
-        batch = [s for s in self._running.values() if s.pending >= 0]
+        batch = sorted((s for s in self._running.values() if s.pending >= 0), key=lambda s: s.slot)
         if not batch:
             return
         t0 = time.perf_counter()
@@ -413,8 +413,13 @@ class Engine:
             tokens = self._tensor([s.pending for s in batch])  # (B,)
             positions = self._tensor([s.length for s in batch])  # (B,)
             slots = self._tensor([s.slot for s in batch])  # (B,)
+            # Slots 0..B-1 in order (the common case: slots are handed out lowest first) read the cache as a view;
+            # any other set is gathered.
+            contiguous = batch[-1].slot == len(batch) - 1
             kv_len = max(s.length for s in batch) + 1
-            logits = self._decode(self.model, tokens, positions, self.cache, slots, kv_len)  # (B, V)
+            logits = self._decode(
+                self.model, tokens, positions, self.cache, None if contiguous else slots, kv_len
+            )  # (B, V)
             steps = [len(s.generated) for s in batch]
             sampled = self.sampler.sample(logits, slots, steps, [s.req.sampling for s in batch])
         except Exception as e:
@@ -499,6 +504,7 @@ class Engine:
         self._unpin(seq)
         if self._running.pop(seq.req.request_id, None) is not None:
             self._free_slots.append(seq.slot)
+            self._free_slots.sort(reverse=True)  # hand out the lowest free slot next: batches stay contiguous
         seq.pending = -1
         self.observer.queue_state(len(self._running), self._pending)
 

@@ -1,0 +1,83 @@
+"""The embedded default model end to end: a regular (non-editable) install serves it with no --model, and it sees.
+
+A wheel is built from the source tree and unpacked into a folder of its own; `vlmserve serve` runs from there, so
+the default model must be found as package data, exactly as after `pip install .` or in the Docker image.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import httpx
+import pytest
+from live_server import LiveServer, free_port, wait_until_ready
+from PIL import Image, ImageDraw
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _png(draw: str, color: tuple[int, int, int], size: int = 128) -> bytes:
+    image = Image.new("RGB", (size, size), (240, 240, 240))
+    d = ImageDraw.Draw(image)
+    box = (size * 0.3, size * 0.3, size * 0.6, size * 0.6)
+    if draw == "circle":
+        d.ellipse(box, fill=color)
+    elif draw == "square":
+        d.rectangle(box, fill=color)
+    else:
+        d.polygon([(box[0], box[3]), (box[2], box[3]), ((box[0] + box[2]) / 2, box[1])], fill=color)
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def installed_server(tmp_path_factory: pytest.TempPathFactory):
+    tmp = tmp_path_factory.mktemp("wheel")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "-q", "-w", str(tmp)], check=True,
+                   capture_output=True)
+    wheel = next(tmp.glob("vlmserve-*.whl"))
+    site = tmp / "site"
+    with zipfile.ZipFile(wheel) as z:
+        names = z.namelist()
+        assert "vlmserve/weights/shapes-llava/config.json" in names
+        assert any(n.startswith("vlmserve/weights/shapes-llava/model") and n.endswith(".safetensors") for n in names)
+        z.extractall(site)
+    port = free_port()
+    log_path = tmp / "server.log"
+    env = {"PYTHONPATH": str(site), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen([sys.executable, "-m", "vlmserve.server.cli", "serve", "--port", str(port)],
+                                   stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp)
+    server = LiveServer(f"http://127.0.0.1:{port}", process, log_path, "shapes-llava")
+    wait_until_ready(server, timeout=120)
+    yield server
+    assert server.stop() == 0
+
+
+def _ask(server: LiveServer, image: bytes, question: str) -> str:
+    url = "data:image/png;base64," + base64.b64encode(image).decode()
+    body = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                      {"type": "text", "text": question}]}],
+            "temperature": 0, "max_tokens": 24}
+    r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["message"]["content"].strip().lower().rstrip(".")
+
+
+def test_default_model_is_served_from_a_regular_install(installed_server: LiveServer) -> None:
+    models = httpx.get(installed_server.url + "/v1/models").json()
+    assert [m["id"] for m in models["data"]] == ["shapes-llava"]
+    assert "/site/vlmserve/weights/shapes-llava" in installed_server.log()
+
+
+def test_what_color_is_the_circle(installed_server: LiveServer) -> None:
+    assert _ask(installed_server, _png("circle", (220, 40, 40)), "What color is the circle?") == "red"
+    assert _ask(installed_server, _png("circle", (40, 80, 220)), "What color is the circle?") == "blue"
+    assert _ask(installed_server, _png("square", (40, 170, 60)), "What shape is the green object?") == "square"
+    assert _ask(installed_server, _png("triangle", (235, 200, 30)), "How many shapes are there?") == "one"
