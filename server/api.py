@@ -11,8 +11,8 @@ import hmac
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
@@ -139,18 +139,18 @@ def _routes(app: FastAPI, state: ServerState) -> None:
         if len(body.stop) > settings.max_stop_sequences:
             raise APIError(400, f"at most {settings.max_stop_sequences} stop sequences", param="stop")
         engine, _ = state.require_ready()
-        _admit(engine)
-        chat = chat_input(body.messages, settings)
-        encoded = await _encode(state, chat.messages)
-        max_tokens = _max_tokens(engine, len(encoded.input_ids), body.max_completion_tokens or body.max_tokens)
-        images = await _load_images(state, [(url, param) for url, param in chat.image_urls])
-        sampling = state.sampling(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, seed=body.seed,
-                                  presence=body.presence_penalty, frequency=body.frequency_penalty,
-                                  repetition=body.repetition_penalty)
-        req = EngineRequest(rid, encoded.input_ids, images, sampling, max_tokens, body.stop)
-        log.info("%s: %d prompt tokens, %d images, max_tokens %d, stream=%s, user=%s", rid, len(encoded.input_ids),
-                 len(images), max_tokens, body.stream, body.user)
-        stream = _submit(engine, req)
+        with _admission(engine):
+            chat = chat_input(body.messages, settings)
+            encoded = await _encode(state, chat.messages)
+            max_tokens = _max_tokens(engine, len(encoded.input_ids), body.max_completion_tokens or body.max_tokens)
+            images = await _load_images(state, [(url, param) for url, param in chat.image_urls])
+            sampling = state.sampling(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
+                                      seed=body.seed, presence=body.presence_penalty,
+                                      frequency=body.frequency_penalty, repetition=body.repetition_penalty)
+            req = EngineRequest(rid, encoded.input_ids, images, sampling, max_tokens, body.stop)
+            log.info("%s: %d prompt tokens, %d images, max_tokens %d, stream=%s, user=%s", rid,
+                     len(encoded.input_ids), len(images), max_tokens, body.stream, body.user)
+            stream = _submit(engine, req)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(_chat_sse(stream, rid, state.model_id, include_usage),
@@ -184,21 +184,22 @@ def _routes(app: FastAPI, state: ServerState) -> None:
         if len(stops) > settings.max_stop_sequences or any(not s for s in stops):
             raise APIError(400, f"stop: up to {settings.max_stop_sequences} non-empty strings", param="stop")
         sampling = state.sampling(temperature=fields.number("temperature", 0, 2), top_p=fields.number("top_p", 0, 1),
-                                  top_k=fields.integer("top_k", 0), seed=fields.integer("seed", -(2**63), 2**63 - 1),
-                                  presence=0.0, frequency=0.0, repetition=None)
+                                  top_k=fields.integer("top_k", 0, 2**63 - 1),
+                                  seed=fields.integer("seed", -(2**63), 2**63 - 1), presence=0.0, frequency=0.0,
+                                  repetition=None)
         stream_flag = fields.boolean("stream")
         requested = fields.integer("max_tokens", 1)
         engine, _ = state.require_ready()
-        _admit(engine)
-        content: list[dict[str, Any]] = [{"type": "image"} for _ in uploads] + [{"type": "text", "text": prompt}]
-        encoded = await _encode(state, [{"role": "user", "content": content}])
-        max_tokens = _max_tokens(engine, len(encoded.input_ids), requested)
-        datas = [await u.read() for u in uploads]
-        images = await _prepare_images(state, [(d, f"image.{i}") for i, d in enumerate(datas)])
-        req = EngineRequest(rid, encoded.input_ids, images, sampling, max_tokens, stops)
-        log.info("%s: %d prompt tokens, %d images, max_tokens %d", rid, len(encoded.input_ids), len(images),
-                 max_tokens)
-        stream = _submit(engine, req)
+        with _admission(engine):
+            content: list[dict[str, Any]] = [{"type": "image"} for _ in uploads] + [{"type": "text", "text": prompt}]
+            encoded = await _encode(state, [{"role": "user", "content": content}])
+            max_tokens = _max_tokens(engine, len(encoded.input_ids), requested)
+            datas = [await u.read() for u in uploads]
+            images = await _prepare_images(state, [(d, f"image.{i}") for i, d in enumerate(datas)])
+            req = EngineRequest(rid, encoded.input_ids, images, sampling, max_tokens, stops)
+            log.info("%s: %d prompt tokens, %d images, max_tokens %d", rid, len(encoded.input_ids), len(images),
+                     max_tokens)
+            stream = _submit(engine, req)
         if stream_flag:
             return StreamingResponse(_generate_sse(stream, rid), media_type="text/event-stream", headers=_SSE_HEADERS)
         final = await collect(stream, request)
@@ -216,11 +217,18 @@ def _routes(app: FastAPI, state: ServerState) -> None:
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-def _admit(engine: Any) -> None:
+@contextmanager
+def _admission(engine: Any) -> Iterator[None]:
+    """Admission before any expensive work: a place in the queue is held while the request is prepared (so a burst
+    is refused here, before image decoding) and given back once it is submitted or refused."""
     try:
-        engine.check_admission()
+        engine.reserve()
     except EngineError as e:
         raise APIError.from_exception(e) from e
+    try:
+        yield
+    finally:
+        engine.unreserve()
 
 
 def _max_tokens(engine: Any, prompt_len: int, requested: int | None) -> int:

@@ -83,6 +83,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         server.should_exit = True
 
     state.on_fatal = on_fatal
+    # uvicorn re-raises the signal that stopped it once it has shut down gracefully; with the default SIGTERM
+    # action that kills the process (status -15) after a clean drain. A drained SIGTERM is a normal exit: 0.
+    signal.signal(signal.SIGTERM, lambda sig, frame: None)
     log.info("serving %s on http://%s:%d (OpenAI API at /v1)", settings.model_id(), settings.host, settings.port)
     server.run()
     return 1 if server.fatal else 0

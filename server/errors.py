@@ -57,6 +57,7 @@ class APIError(Exception):
             return cls(exc.status_code, str(exc), code=exc.code, param=param)
         if isinstance(exc, RemoteImageError):
             return cls(413 if exc.too_large else 400, str(exc), code="invalid_image_url", param=param)
+        log.error("internal error: %s: %s", type(exc).__name__, exc, exc_info=exc)  # a fault of ours: keep the trace
         return cls(500, "internal error", code="internal_error")
 
     def response(self) -> JSONResponse:
@@ -85,7 +86,7 @@ def install_error_handlers(app: FastAPI) -> None:
         param = _loc(tuple(first.get("loc", ())))
         kind = first.get("type", "")
         if kind == "json_invalid":
-            message = "the body is not valid JSON"
+            message, param = "the body is not valid JSON", None  # its loc is a byte offset, not a parameter
         elif kind == "model_attributes_type" and param is None:
             message = "the body must be a JSON object"
         else:

@@ -16,8 +16,12 @@ from urllib.parse import urljoin, urlsplit, urlunsplit
 import httpx
 
 MAX_REDIRECTS = 3
+# Carrier-grade NAT, link-local/metadata, AWS's IPv6 metadata, "this network", and IPv6 ranges that embed an IPv4
+# address (6to4, NAT64, Teredo): an embedded loopback or private address must not slip through as "global".
 _BLOCKED_NETS = tuple(
-    ipaddress.ip_network(n) for n in ("100.64.0.0/10", "169.254.0.0/16", "fd00:ec2::/32", "0.0.0.0/8", "::ffff:0:0/96")
+    ipaddress.ip_network(n)
+    for n in ("100.64.0.0/10", "169.254.0.0/16", "fd00:ec2::/32", "0.0.0.0/8", "::ffff:0:0/96", "2002::/16",
+              "64:ff9b::/96", "64:ff9b:1::/48", "2001::/32")
 )
 
 

@@ -59,7 +59,7 @@ class ChatCompletionRequest(_Lenient):
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     user: str | None = None
-    top_k: int | None = Field(None, ge=0, json_schema_extra=EXTRA)
+    top_k: int | None = Field(None, ge=0, lt=2**63, json_schema_extra=EXTRA)
     repetition_penalty: float | None = Field(None, gt=0, le=10, json_schema_extra=EXTRA)
 
     @field_validator("stop", mode="before")

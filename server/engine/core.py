@@ -125,6 +125,7 @@ class Engine:
         self._commands: queue.Queue[tuple[str, object]] = queue.Queue()
         self._lock = threading.Lock()
         self._pending = 0  # submitted, not yet in a slot (guarded by _lock)
+        self._reserved = 0  # places held by requests still being prepared (Engine.reserve; guarded by _lock)
         self._waiting: deque[_Sequence] = deque()
         self._running: dict[str, _Sequence] = {}
         self._free_slots = list(range(self.config.max_running - 1, -1, -1))  # a stack: lowest slot on top
@@ -179,9 +180,23 @@ class Engine:
             raise Unavailable("the engine is not running")
         if self._draining:
             raise Unavailable("the server is shutting down")
-        with self._lock:
-            if self._pending >= self.config.max_waiting:
+        with self._lock:  # a free slot takes one more (else --max-waiting 0 would refuse everything)
+            if self._pending >= self.config.max_waiting + len(self._free_slots):
                 raise QueueFull(f"the queue is full ({self.config.max_waiting} requests waiting)")
+
+    def reserve(self) -> None:
+        """`check_admission` that also holds a place until `unreserve()`: requests still being prepared (tokenized,
+        images decoded) count against the queue, so that in a burst the surplus is refused before any image work."""
+        self.check_admission()
+        with self._lock:
+            if self._pending + self._reserved >= self.config.max_waiting + len(self._free_slots):
+                raise QueueFull(f"the queue is full ({self.config.max_waiting} requests waiting)")
+            self._reserved += 1
+
+    def unreserve(self) -> None:
+        """Give back a place taken by `reserve()` (once the request is submitted, or refused)."""
+        with self._lock:
+            self._reserved = max(0, self._reserved - 1)
 
     def resolve_max_tokens(self, prompt_len: int, max_tokens: int | None) -> int:
         """The completion budget of a prompt, or ContextTooLong with the numbers."""
@@ -213,8 +228,8 @@ class Engine:
         seq = _Sequence(req=req, sink=sink, arrival=time.monotonic(), prompt_len=len(req.prompt_ids),
                         max_tokens=max_tokens)
         self.check_admission()
-        with self._lock:
-            if self._pending >= self.config.max_waiting:
+        with self._lock:  # free slots count: a reserved request may arrive before the loop fills an idle slot
+            if self._pending >= self.config.max_waiting + len(self._free_slots):
                 raise QueueFull(f"the queue is full ({self.config.max_waiting} requests waiting)")
             self._pending += 1
         self._commands.put(("submit", seq))
@@ -305,8 +320,8 @@ class Engine:
             self._running[seq.req.request_id] = seq
             budget -= seq.prompt_len
             batch.append(seq)
-            self.observer.queue_state(len(self._running), self._pending)
             self.observer.request_queued(time.monotonic() - seq.arrival)
+        self.observer.queue_state(len(self._running), self._pending)  # once all free slots are filled
         visual = self._encode_images(batch)
         ready = [s for s in batch if s.req.request_id in visual]
         if ready:
