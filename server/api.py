@@ -147,7 +147,8 @@ def _routes(app: FastAPI, state: ServerState) -> None:
             sampling = state.sampling(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
                                       seed=body.seed, presence=body.presence_penalty,
                                       frequency=body.frequency_penalty, repetition=body.repetition_penalty)
-            req = EngineRequest(rid, encoded.input_ids, images, sampling, max_tokens, body.stop)
+            req = EngineRequest(rid, encoded.input_ids, images, sampling, max_tokens, body.stop,
+                                ignore_eos=body.ignore_eos)
             log.info("%s: %d prompt tokens, %d images, max_tokens %d, stream=%s, user=%s", rid,
                      len(encoded.input_ids), len(images), max_tokens, body.stream, body.user)
             stream = _submit(engine, req)

@@ -61,6 +61,7 @@ class ChatCompletionRequest(_Lenient):
     user: str | None = None
     top_k: int | None = Field(None, ge=0, lt=2**63, json_schema_extra=EXTRA)
     repetition_penalty: float | None = Field(None, gt=0, le=10, json_schema_extra=EXTRA)
+    ignore_eos: bool = Field(False, description="keep generating past EOS (benchmarks)", json_schema_extra=EXTRA)
 
     @field_validator("stop", mode="before")
     @classmethod

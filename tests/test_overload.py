@@ -223,7 +223,7 @@ def test_refusal_comes_before_decoding_a_huge_image(servers: dict[str, LiveServe
 
     async def saturated() -> tuple[httpx.Response, float, float]:
         async with httpx.AsyncClient(timeout=60) as client:
-            long = chat_body(max_tokens=120, stream=True)  # 120 steps of >= 5 ms: the slot stays busy
+            long = chat_body(max_tokens=120, stream=True, ignore_eos=True)  # 120 steps of >= 5 ms: stays busy
             holders = [asyncio.ensure_future(client.post(url, json=long)) for _ in range(3)]
             ok = await asyncio.to_thread(poll, lambda: metric(server, "vlmserve:num_requests_waiting") >= 2, 10, 0.01)
             assert ok, "the queue never filled"
