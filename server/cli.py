@@ -1,4 +1,4 @@
-"""The `vlmserve` command line: serve | ask | train | eval | bench."""
+"""The `vlmserve` command line: serve | ask | bench | train | eval."""
 
 from __future__ import annotations
 
@@ -177,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--seed", type=int, default=None)
     ask.add_argument("--api-key", default=None, help="Bearer key (env VLMSERVE_API_KEY)")
     ask.add_argument("--timeout", type=float, default=120.0)
+    sub.add_parser("bench", help="concurrent streaming load against a running server (see `vlmserve bench --help`)",
+                   add_help=False)
     sub.add_parser("train", help="train the SHAPES model (see `vlmserve train --help`)", add_help=False)
     sub.add_parser("eval", help="evaluate a model on the SHAPES world (see `vlmserve eval --help`)", add_help=False)
     return parser
@@ -184,6 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "bench":
+        from .bench import main as bench_main
+
+        return bench_main(argv[1:])
     if argv and argv[0] in ("train", "eval"):
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         return cmd_train(argv[1:]) if argv[0] == "train" else cmd_eval(argv[1:])

@@ -898,3 +898,17 @@ def test_sigterm_drains_in_flight_streams_and_exits_0(checkpoint: Path, tmp_path
         assert "draining" in server.log()
     finally:
         server.stop(signal.SIGKILL)
+
+
+def test_bench_cli_reports_load_figures(live_server: LiveServer) -> None:
+    """`vlmserve bench` drives the server with concurrent streams and prints one JSON line of figures."""
+    out = subprocess.run(
+        [sys.executable, "-m", "vlmserve.server.cli", "bench", "--url", live_server.url, "--model", "tiny-llava",
+         "--requests", "6", "--concurrency", "3", "--max-tokens", "5", "--distinct-images", "3", "--ignore-eos"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["ok"] == 6 and result["errors"] == {}
+    assert result["mean_completion_tokens"] == 5  # ignore_eos: exactly max_tokens each
+    assert result["completion_tok_per_s"] > 0 and result["ttft_p50"] > 0
