@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
+from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -15,6 +17,43 @@ from .engine import Engine, EngineRequest, Event, Failed, Finished
 log = logging.getLogger(__name__)
 
 
+class _Dispatcher:
+    """Hands events from the engine thread to the event loop with one wake-up per burst, not one per event: a
+    decode step that streams a token to 16 clients costs one `call_soon_threadsafe`, not 16."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._pending: deque[tuple[asyncio.Queue[Event], Event]] = deque()
+        self._lock = threading.Lock()
+        self._scheduled = False
+
+    def post(self, target: asyncio.Queue[Event], event: Event) -> None:  # engine thread
+        with self._lock:
+            self._pending.append((target, event))
+            if self._scheduled:
+                return
+            self._scheduled = True
+        self.loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:  # event loop
+        with self._lock:
+            items, self._pending = self._pending, deque()
+            self._scheduled = False
+        for target, event in items:
+            target.put_nowait(event)
+
+
+_dispatchers: dict[asyncio.AbstractEventLoop, _Dispatcher] = {}
+
+
+def _dispatcher(loop: asyncio.AbstractEventLoop) -> _Dispatcher:
+    d = _dispatchers.get(loop)
+    if d is None:
+        _dispatchers.clear()  # one live loop per process; drop a closed one's
+        d = _dispatchers[loop] = _Dispatcher(loop)
+    return d
+
+
 class EventStream:
     """Submits a request and exposes its events to one asyncio consumer; cancels it if the consumer leaves."""
 
@@ -22,10 +61,11 @@ class EventStream:
         self.engine, self.req = engine, req
         self._queue: asyncio.Queue[Event] = asyncio.Queue()
         self.done = False
-        loop = asyncio.get_running_loop()
+        dispatcher = _dispatcher(asyncio.get_running_loop())
+        queue = self._queue
 
         def sink(event: Event) -> None:
-            loop.call_soon_threadsafe(self._queue.put_nowait, event)
+            dispatcher.post(queue, event)
 
         engine.submit(req, sink)
 
