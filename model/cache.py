@@ -6,8 +6,9 @@ sequences of different lengths share one batched forward: each token's position 
 attention mask (key position <= query position) hides whatever an earlier occupant of the slot left beyond the
 current length. Nothing is ever cleared: freeing a slot is just forgetting it.
 
-Layout per layer: (num_slots, max_len, num_kv_heads, head_dim), so that a write of (B, T) tokens is one index_put
-and a read of the first `kv_len` positions of contiguous slots is a view.
+Layout: one tensor per layer and per K/V, (num_slots, max_len, num_kv_heads, head_dim), so that a write of (B, T)
+tokens is one index_put on a whole tensor (in place, also under torch.compile, which would copy a whole base tensor
+to update a view of it) and a read of the first `kv_len` positions of contiguous slots is a view.
 """
 
 from __future__ import annotations
@@ -29,15 +30,15 @@ class KVCache:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
     ) -> None:
-        shape = (num_layers, num_slots, max_len, num_kv_heads, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)  # (L, S, T_max, H_kv, D)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)  # (L, S, T_max, H_kv, D)
+        shape = (num_slots, max_len, num_kv_heads, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]  # L x (S, T_max, H_kv, D)
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]  # L x (S, T_max, H_kv, D)
         self.num_slots = num_slots
         self.max_len = max_len
 
     @property
     def nbytes(self) -> int:
-        return self.k.numel() * self.k.element_size() * 2
+        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
 
     def update(
         self,
@@ -50,13 +51,13 @@ class KVCache:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write this step's keys/values, then return each sequence's first `kv_len` cached positions."""
         batch = k.shape[0]
+        k_cache, v_cache = self.k[layer], self.v[layer]  # (S, T_max, H_kv, D) each
         if slots is None:
-            k_layer, v_layer = self.k[layer, :batch], self.v[layer, :batch]  # views (B, T_max, H_kv, D)
             rows = torch.arange(batch, device=k.device)[:, None].expand_as(positions)  # (B, T)
-            k_layer.index_put_((rows, positions), k)
-            v_layer.index_put_((rows, positions), v)
-            return k_layer[:, :kv_len], v_layer[:, :kv_len]  # (B, kv_len, H_kv, D) views
+            k_cache.index_put_((rows, positions), k)
+            v_cache.index_put_((rows, positions), v)
+            return k_cache[:batch, :kv_len], v_cache[:batch, :kv_len]  # (B, kv_len, H_kv, D) views
         rows = slots[:, None].expand_as(positions)  # (B, T)
-        self.k[layer].index_put_((rows, positions), k)
-        self.v[layer].index_put_((rows, positions), v)
-        return self.k[layer, slots, :kv_len], self.v[layer, slots, :kv_len]  # (B, kv_len, H_kv, D) gathered
+        k_cache.index_put_((rows, positions), k)
+        v_cache.index_put_((rows, positions), v)
+        return k_cache[slots, :kv_len], v_cache[slots, :kv_len]  # (B, kv_len, H_kv, D) gathered

@@ -51,7 +51,7 @@ class Settings(BaseSettings):
     )
     remote_image_timeout: float = Field(5.0, gt=0, description="seconds for one remote image fetch")
     drain_timeout: float = Field(30.0, ge=0, description="seconds running requests get to finish on SIGTERM")
-    compile: bool = Field(False, description="torch.compile the decode step (experimental: slower on CPU today)")
+    compile: bool = Field(False, description="torch.compile the decode step (first requests pay the compile)")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
 
     @field_validator("model", mode="before")

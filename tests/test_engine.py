@@ -307,3 +307,19 @@ def test_vision_cache_is_bounded_in_bytes_and_respects_pins() -> None:
     cache.put(("m", "4"), torch.zeros(10, 10))
     assert len(cache) == 3 and cache.bytes == 1200
     assert cache.get(("m", "missing")) is None and cache.misses == 1
+
+
+def test_compiled_decode_step_gives_the_same_tokens(checkpoint_factory) -> None:
+    """`compile_decode` (torch.compile of the decode step) changes speed, not tokens."""
+    eager = Harness(checkpoint_factory("clip-llama"), max_running=4)
+    compiled = Harness(checkpoint_factory("clip-llama"), max_running=4, compile_decode=True)
+    try:
+        for i in range(3):
+            a = eager.request(i, max_tokens=24)
+            b = compiled.request(i, max_tokens=24)
+            a.ignore_eos = b.ignore_eos = True
+            assert _alone(compiled, b).token_ids == _alone(eager, a).token_ids
+        assert compiled.engine.alive and compiled.engine.counters.decode_forwards >= 3 * 23
+    finally:
+        eager.engine.shutdown(timeout=5)
+        compiled.engine.shutdown(timeout=5)
