@@ -344,7 +344,8 @@ def summarize_profile(path: Path, top: int = 25) -> dict[str, Any]:
 def phase_ours(ckpt: Path, args: argparse.Namespace, log_dir: Path, profile: bool) -> dict[str, Any]:
     port = free_port()
     cmd = [sys.executable, "-m", "vlmserve.server.cli", "serve", "--model", str(ckpt), "--port", str(port),
-           "--max-running", str(args.concurrency), "--device", "cpu", "--dtype", "float32", "--log-level", "warning"]
+           "--max-running", str(args.concurrency), "--device", "cpu", "--dtype", "float32", "--log-level", "warning",
+           *(["--compile"] if args.compile else [])]
     with running_server("vlmserve", cmd, port, "/ready", log_dir, args.threads, args.server_timeout) as server:
         warm = stream_chat(server.url, ckpt.name, loadtest_png(10_000), "warm up", 4)  # an image of no later request
         before = scrape_metrics(server.url)
@@ -503,7 +504,7 @@ class InProcess:
     preparer: Any
 
     @classmethod
-    def start(cls, ckpt: Path, max_running: int) -> InProcess:
+    def start(cls, ckpt: Path, max_running: int, compile_decode: bool = False) -> InProcess:
         from vlmserve.model.images import ImageProcessor
         from vlmserve.model.tokenizer import ChatTokenizer
         from vlmserve.model.weights import load_model
@@ -513,7 +514,8 @@ class InProcess:
         model = load_model(ckpt, device=torch.device("cpu"), dtype=torch.float32)
         tokenizer = ChatTokenizer.from_pretrained(ckpt)
         preparer = RequestPreparer(tokenizer, ImageProcessor.from_pretrained(ckpt), model.config.num_visual_tokens)
-        engine = Engine(model, tokenizer, EngineConfig(max_running=max_running), model_id=ckpt.name).start()
+        config = EngineConfig(max_running=max_running, compile_decode=compile_decode)
+        engine = Engine(model, tokenizer, config, model_id=ckpt.name).start()
         return cls(engine, preparer)
 
     def request(self, request_id: str, png: bytes, text: str, max_tokens: int) -> Any:
@@ -728,6 +730,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=None, help="default 32 (8 with --small)")
     p.add_argument("--rounds", type=int, default=None, help="repeats of the ours/serve/generate/engine set (default 3)")
     p.add_argument("--single-tokens", type=int, default=None, help="default 128 (32 with --small)")
+    p.add_argument("--compile", action="store_true", help="our engine with torch.compile'd decode steps")
     p.add_argument("--single-reps", type=int, default=None, help="default 3 (1 with --small)")
     p.add_argument("--pairs", type=int, default=None, help="repeated-image pairs, default 5 (2 with --small)")
     p.add_argument("--repeat-tokens", type=int, default=4, help="max_tokens of the repeated-image requests")
@@ -792,7 +795,7 @@ def main(argv: list[str] | None = None) -> None:
                 hf = hf or load_hf(ckpts["main"])
                 this["generate"] = timed("generate", phase_generate, *hf, args)
             if "engine" not in skip:
-                ours_ip = ours_ip or InProcess.start(ckpts["main"], args.concurrency)
+                ours_ip = ours_ip or InProcess.start(ckpts["main"], args.concurrency, args.compile)
                 this["engine_in_process"] = timed("engine", phase_engine, ours_ip, args)
             rounds.append(this)
         result["rounds"] = rounds
@@ -800,7 +803,7 @@ def main(argv: list[str] | None = None) -> None:
             result["ours_profiled"] = timed("ours-profiled", phase_ours, ckpts["main"], args, log_dir, True)
         if "single" not in skip:
             hf = hf or load_hf(ckpts["main"])
-            ours_ip = ours_ip or InProcess.start(ckpts["main"], args.concurrency)
+            ours_ip = ours_ip or InProcess.start(ckpts["main"], args.concurrency, args.compile)
             single = result["single_stream"] = timed("single", phase_single, ours_ip, *hf, args)
     finally:
         if ours_ip is not None:
