@@ -156,15 +156,11 @@ def _routes(app: FastAPI, state: ServerState) -> None:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(_chat_sse(stream, rid, state.model_id, include_usage),
                                      media_type="text/event-stream", headers=_SSE_HEADERS)
-        final = await collect(stream, request)
+        final = await _final(stream, request)
         if final is None:
-            return Response(status_code=499)
-        if isinstance(final, Failed):
-            raise APIError.from_exception(final.error)
-        usage = Usage(prompt_tokens=final.usage.prompt_tokens, completion_tokens=final.usage.completion_tokens,
-                      total_tokens=final.usage.total_tokens)
+            return Response(status_code=499)  # the client is gone; nobody reads this
         return JSONResponse(ChatCompletion(
-            id=rid, model=state.model_id, usage=usage,
+            id=rid, model=state.model_id, usage=_usage(final),
             choices=[Choice(message=ResponseMessage(content=final.text), finish_reason=final.finish_reason)],
         ).model_dump(), headers={"X-Request-Id": rid})
 
@@ -203,19 +199,28 @@ def _routes(app: FastAPI, state: ServerState) -> None:
             stream = _submit(engine, req)
         if stream_flag:
             return StreamingResponse(_generate_sse(stream, rid), media_type="text/event-stream", headers=_SSE_HEADERS)
-        final = await collect(stream, request)
+        final = await _final(stream, request)
         if final is None:
             return Response(status_code=499)
-        if isinstance(final, Failed):
-            raise APIError.from_exception(final.error)
-        usage = Usage(prompt_tokens=final.usage.prompt_tokens, completion_tokens=final.usage.completion_tokens,
-                      total_tokens=final.usage.total_tokens)
         return JSONResponse(GenerateResponse(id=rid, model=state.model_id, text=final.text,
-                                             finish_reason=final.finish_reason, usage=usage).model_dump(),
+                                             finish_reason=final.finish_reason, usage=_usage(final)).model_dump(),
                             headers={"X-Request-Id": rid})
 
 
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+async def _final(stream: EventStream, request: Request) -> Finished | None:
+    """The finished generation of a non-streamed request; None if the client left (it was cancelled)."""
+    final = await collect(stream, request)
+    if isinstance(final, Failed):
+        raise APIError.from_exception(final.error)
+    return final
+
+
+def _usage(final: Finished) -> Usage:
+    u = final.usage
+    return Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens, total_tokens=u.total_tokens)
 
 
 @contextmanager
