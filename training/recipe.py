@@ -45,13 +45,14 @@ class Recipe:
     projector: str = "mlp"
     resampler_queries: int = 16
     vision_pool: int = 20000  # images for stage 0
-    lm_pool: int = 30000  # images for stages 2 and 3 (a separate draw: the LM sees features of unseen images)
-    vision: StageBudget = field(default_factory=lambda: StageBudget(steps=1200, batch=64, lr=2e-3, warmup=100))
-    lm: StageBudget = field(default_factory=lambda: StageBudget(steps=600, batch=64, lr=2e-3, warmup=50))
-    align: StageBudget = field(default_factory=lambda: StageBudget(steps=500, batch=64, lr=2e-3, warmup=50))
-    instruct: StageBudget = field(default_factory=lambda: StageBudget(steps=2500, batch=48, lr=1e-3, warmup=100))
+    lm_pool: int = 20000  # images for stages 2 and 3 (a separate draw: the LM sees features of unseen images)
+    vision: StageBudget = field(default_factory=lambda: StageBudget(steps=1500, batch=64, lr=2e-3, warmup=100))
+    lm: StageBudget = field(default_factory=lambda: StageBudget(steps=250, batch=64, lr=2e-3, warmup=50))
+    align: StageBudget = field(default_factory=lambda: StageBudget(steps=300, batch=64, lr=2e-3, warmup=30))
+    instruct: StageBudget = field(default_factory=lambda: StageBudget(steps=2700, batch=32, lr=1.5e-3, warmup=100))
+    questions_per_image: int = 4  # instruct: questions packed per image row (training/packing.py)
     kind_weights: dict[str, float] = field(
-        default_factory=lambda: {"color": 0.2, "shape": 0.15, "count": 0.1, "exists": 0.2, "caption": 0.35}
+        default_factory=lambda: {"color": 0.2, "shape": 0.1, "count": 0.1, "exists": 0.15, "caption": 0.45}
     )
 
     def vlm_config(self, *, vocab_size: int, image_token_index: int, bos: int, eos: int, pad: int) -> VLMConfig:
@@ -87,8 +88,8 @@ class Recipe:
 def _shorter(r: Recipe, projector: str) -> Recipe:
     """The projector study: same stages, a shorter common budget for every variant."""
     return replace(
-        r, name=f"table-{projector}", projector=projector, lm_pool=20000,
-        align=replace(r.align, steps=300), instruct=replace(r.instruct, steps=1000),
+        r, name=f"table-{projector}", projector=projector, lm_pool=10000,
+        align=replace(r.align, steps=100, warmup=10), instruct=replace(r.instruct, steps=250, warmup=30),
     )
 
 

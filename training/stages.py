@@ -15,7 +15,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -28,9 +27,10 @@ from vlmserve.model.weights import init_buffers, save_model
 
 from .heads import PatchHeads
 from .loop import train_loop
+from .packing import pack_rows, packed_loss
 from .recipe import Recipe
 from .tokenizer import PromptCodec, save_text_side, train_tokenizer
-from .world import KINDS, Pool, question_for, random_world, render_pool, sample_questions
+from .world import KINDS, Pool, random_world, render_pool, sample_questions
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ class Run:
         self.dir.mkdir(parents=True, exist_ok=True)
         saved = self.dir / "recipe.json"
         if saved.is_file() and self.resume and json.loads(saved.read_text()) != json.loads(self.recipe.to_json()):
-            raise ValueError(f"{self.dir} holds a run of another recipe; use a fresh --out or drop --resume")
+            log.warning("%s was started with another recipe; finished stages are kept, the rest use this one", self.dir)
         saved.write_text(self.recipe.to_json())
         self.text_dir = self.dir / "text"
         if not (self.text_dir / "tokenizer.json").is_file():
@@ -218,7 +218,10 @@ def answer_batch(
     return torch.tensor(idx), ids, target
 
 
-def _answer_loss(model: VisionLanguageModel, feats: torch.Tensor, ids: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def _answer_loss(
+    model: VisionLanguageModel, feats: torch.Tensor, ids: torch.Tensor, target: torch.Tensor
+) -> torch.Tensor:
+    """Cross-entropy over the answer tokens; feats (B, P, Dv), ids (B, T), target (B, T - 1)."""
     logits = model(ids, vision_features=feats)  # (B, T, V)
     return F.cross_entropy(logits[:, :-1].flatten(0, 1), target.flatten(), ignore_index=-100)
 
@@ -249,8 +252,31 @@ def train_align(run: Run) -> dict:
     return out
 
 
+def packed_batch(run: Run, stage: str, step: int, images: int, per_image: int, weights: dict[str, float]) -> tuple:
+    """(pool indices (B,), packed rows): `per_image` questions about each of `images` pool images, see packing.py."""
+    rng = run.step_rng(stage, step)
+    pool = run.pool("lm")
+    idx = rng.sample(range(len(pool)), images)
+    n_prefix = run.codec.prompt("Describe the image.").index(run.codec.image_token_id) + run.codec.num_image_tokens
+    prefix = run.codec.prompt("Describe the image.")[:n_prefix]
+    segments = []
+    for i in idx:
+        qs = sample_questions([pool.worlds[i]] * per_image, rng, weights)
+        segs = []
+        for _, _, q, a in qs:
+            prompt = run.codec.prompt(q)
+            if prompt[:n_prefix] != prefix:
+                raise ValueError("prompts do not share the image prefix; packing needs the image first")
+            segs.append((prompt[n_prefix:], run.codec.answer(a)))
+        segments.append(segs)
+    return torch.tensor(idx), pack_rows(prefix, segments, run.codec.pad_id)
+
+
 def train_instruct(run: Run) -> dict:
-    """Projector + LM on the whole question mix, loss on answer tokens; the encoder stays frozen (cached features)."""
+    """Projector + LM on the whole question mix, loss on answer tokens; the encoder stays frozen (cached features).
+
+    Each row packs `questions_per_image` questions about one image (packing.py): same gradients per question as lone
+    sequences, the image prefix computed once per row."""
     model = run.model()
     _load_previous(run, model, "vision", "lm", "align")
     model.requires_grad_(False)
@@ -259,10 +285,11 @@ def train_instruct(run: Run) -> dict:
     feats_all = _pool_features(run, model)
     budget = run.recipe.instruct
     weights = run.recipe.kind_weights
+    per_image = run.recipe.questions_per_image
 
     def step(i: int) -> tuple[torch.Tensor, int]:
-        idx, ids, target = answer_batch(run, "instruct", i, budget.batch, weights)
-        return _answer_loss(model, feats_all[idx], ids, target), budget.batch
+        idx, batch = packed_batch(run, "instruct", i, budget.batch, per_image, weights)
+        return packed_loss(model, batch, feats_all[idx]), budget.batch * per_image
 
     params = [{"params": [p for p in model.parameters() if p.requires_grad]}]
     modules = {"projector": model.multi_modal_projector, "lm": model.language_model}
@@ -291,9 +318,16 @@ def export(run: Run, out: Path, dtype: torch.dtype = torch.float16) -> Path:
 TRAINERS = {"vision": train_vision, "lm": train_lm, "align": train_align, "instruct": train_instruct}
 
 
-def run_stages(recipe: Recipe, out: Path, stages: list[str], *, resume: bool = True) -> dict:
-    """Run the given stages in order; a finished stage (its result file present) is skipped when resuming."""
+def run_stages(
+    recipe: Recipe, out: Path, stages: list[str], *, resume: bool = True, share: Run | None = None
+) -> dict:
+    """Run the given stages in order; a finished stage (its result file present) is skipped when resuming.
+
+    `share`: a run with the same encoder and `lm` pool whose rendered pools and cached features are reused.
+    """
     run = Run(recipe, out, resume=resume)
+    if share is not None:
+        run._pools, run._features = share._pools, share._features
     results = {"stage_outputs": {"vision": "vision.pt", "lm": "lm.pt", "align": "align.pt",
                                  "instruct": "instruct.pt"}}
     for stage in stages:
@@ -310,19 +344,6 @@ def run_stages(recipe: Recipe, out: Path, stages: list[str], *, resume: bool = T
         result["wall_s"] = round(time.perf_counter() - t0, 1)
         log.info("stage %s: done in %.1fs", stage, result["wall_s"])
         run.record(f"stage_{stage}", result)
+    if share is not None:
+        share._pools, share._features = run._pools, run._features
     return run.summary
-
-
-def random_questions(n: int, seed: int) -> list[tuple[str, str]]:
-    """A few (question, answer) pairs about random scenes (for tests and quick checks)."""
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        w = random_world(rng)
-        qa = question_for(w, rng.choice(KINDS), rng)
-        if qa is not None:
-            out.append(qa)
-    return out
-
-
-__all__ = ["STAGES", "Run", "export", "final_model", "np", "run_stages"]
