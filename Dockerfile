@@ -11,6 +11,8 @@ ARG PIP_EXTRA_INDEX_URL=""
 ENV PIP_EXTRA_INDEX_URL=${PIP_EXTRA_INDEX_URL} \
     PIP_NO_CACHE_DIR=1 \
     PYTHONUNBUFFERED=1 \
+    MALLOC_TRIM_THRESHOLD_=131072 \
+    MALLOC_MMAP_THRESHOLD_=131072 \
     HF_HOME=/home/vlmserve/.cache/huggingface
 
 RUN if ! command -v python3 >/dev/null; then \
