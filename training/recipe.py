@@ -54,6 +54,14 @@ class Recipe:
     kind_weights: dict[str, float] = field(
         default_factory=lambda: {"color": 0.2, "shape": 0.1, "count": 0.1, "exists": 0.15, "caption": 0.45}
     )
+    # stage 4 `finetune` (optional; None = the run ends after `instruct`): continues from stage 3 with the encoder
+    # unfrozen at its own peak rate `unfreeze_vision_lr`, on freshly rendered images every step (no pool, no cache)
+    finetune: StageBudget | None = None
+    unfreeze_vision_lr: float = 1.5e-4
+    finetune_kind_weights: dict[str, float] = field(
+        default_factory=lambda: {"color": 0.12, "shape": 0.1, "count": 0.08, "exists": 0.15, "caption": 0.55}
+    )
+    finetune_object_weights: tuple[float, float, float] = (0.2, 0.35, 0.45)  # scenes with 1, 2, 3 objects
 
     def vlm_config(self, *, vocab_size: int, image_token_index: int, bos: int, eos: int, pad: int) -> VLMConfig:
         """The composed model's config (LLaVA layout) for a tokenizer of `vocab_size`."""
@@ -82,6 +90,10 @@ class Recipe:
         d: dict[str, Any] = json.loads(text)
         for stage in ("vision", "lm", "align", "instruct"):
             d[stage] = StageBudget(**d[stage])
+        if d.get("finetune") is not None:
+            d["finetune"] = StageBudget(**d["finetune"])
+        if "finetune_object_weights" in d:
+            d["finetune_object_weights"] = tuple(d["finetune_object_weights"])
         return cls(**d)
 
 
@@ -94,6 +106,11 @@ def _shorter(r: Recipe, projector: str) -> Recipe:
 
 
 SHAPES = Recipe(name="shapes")
+# the shipped run plus stage 4: `train --stage finetune --config shapes-finetune --out RUN` continues a finished run
+SHAPES_FINETUNE = replace(
+    SHAPES, name="shapes-finetune",
+    finetune=StageBudget(steps=1900, batch=32, lr=3e-4, warmup=30, checkpoint_every=100, log_every=50),
+)
 SMOKE = Recipe(
     name="smoke", image_size=32, patch_size=8, vit_hidden=32, vit_layers=2, vit_heads=2, vit_intermediate=64,
     lm_hidden=32, lm_layers=2, lm_heads=2, lm_kv_heads=1, lm_intermediate=64, vision_pool=64, lm_pool=64,
@@ -101,10 +118,14 @@ SMOKE = Recipe(
     lm=StageBudget(steps=30, batch=16, lr=3e-3, warmup=2, checkpoint_every=10, log_every=10),
     align=StageBudget(steps=20, batch=16, lr=3e-3, warmup=2, checkpoint_every=10, log_every=10),
     instruct=StageBudget(steps=30, batch=16, lr=3e-3, warmup=2, checkpoint_every=10, log_every=10),
+    finetune=StageBudget(steps=6, batch=4, lr=1e-3, warmup=2, checkpoint_every=3, log_every=3),
 )
 RECIPES: dict[str, Recipe] = {
     r.name: r
-    for r in (SHAPES, SMOKE, _shorter(SHAPES, "linear"), _shorter(SHAPES, "mlp"), _shorter(SHAPES, "resampler"))
+    for r in (
+        SHAPES, SHAPES_FINETUNE, SMOKE, _shorter(SHAPES, "linear"), _shorter(SHAPES, "mlp"),
+        _shorter(SHAPES, "resampler"),
+    )
 }
 
 

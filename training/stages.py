@@ -4,6 +4,8 @@
 1. `lm`       Llama LM pretrained on the world's chat text (image slots absent)   -> lm.pt
 2. `align`    encoder + LM frozen, the projector trained on captioning            -> align.pt
 3. `instruct` projector + LM on the whole question mix (answer tokens only)       -> instruct.pt, then model/
+4. `finetune` (optional, `recipe.finetune`) stage 3 continued with the encoder unfrozen at a low rate, on fresh
+   images rendered every step                                                    -> finetune.pt, then model/
 """
 
 from __future__ import annotations
@@ -30,11 +32,11 @@ from .loop import train_loop
 from .packing import pack_rows, packed_loss
 from .recipe import Recipe
 from .tokenizer import PromptCodec, save_text_side, train_tokenizer
-from .world import KINDS, Pool, random_world, render_pool, sample_questions
+from .world import KINDS, Pool, random_world, render, render_pool, sample_questions
 
 log = logging.getLogger(__name__)
 
-STAGES: tuple[str, ...] = ("vision", "lm", "align", "instruct")
+STAGES: tuple[str, ...] = ("vision", "lm", "align", "instruct", "finetune")
 
 
 @dataclass
@@ -300,10 +302,56 @@ def train_instruct(run: Run) -> dict:
     return out
 
 
-def final_model(run: Run) -> VisionLanguageModel:
-    """The composed model from the stage results."""
+def fresh_packed_batch(run: Run, stage: str, step: int, images: int, per_image: int, weights: dict[str, float],
+                       object_weights: tuple[float, ...]) -> tuple[torch.Tensor, tuple]:
+    """(pixels (B, 3, H, W), packed rows) of `images` scenes rendered for this step alone (deterministic per step)."""
+    rng = run.step_rng(stage, step)
+    worlds = [random_world(rng, rng.choices((1, 2, 3), object_weights)[0]) for _ in range(images)]
+    pixels = run.processor([render(w, rng) for w in worlds])  # (B, 3, H, W)
+    n_prefix = run.codec.prompt("Describe the image.").index(run.codec.image_token_id) + run.codec.num_image_tokens
+    prefix = run.codec.prompt("Describe the image.")[:n_prefix]
+    segments = []
+    for world in worlds:
+        qs = sample_questions([world] * per_image, rng, weights)
+        segments.append([(run.codec.prompt(q)[n_prefix:], run.codec.answer(a)) for _, _, q, a in qs])
+    return pixels, pack_rows(prefix, segments, run.codec.pad_id)
+
+
+def train_finetune(run: Run) -> dict:
+    """Stage 3 continued with everything trainable: encoder at `unfreeze_vision_lr`, projector + LM at the stage's
+    rate; features computed in the loop (no cache), images rendered fresh every step with more 3-object scenes."""
+    budget = run.recipe.finetune
+    if budget is None:
+        log.info("finetune: the recipe has no finetune budget; skipping")
+        return {"stage": "finetune", "skipped": True}
     model = run.model()
     _load_previous(run, model, "vision", "instruct")
+    model.requires_grad_(True)
+    weights, per_image = run.recipe.finetune_kind_weights, run.recipe.questions_per_image
+
+    def step(i: int) -> tuple[torch.Tensor, int]:
+        pixels, batch = fresh_packed_batch(run, "finetune", i, budget.batch, per_image, weights,
+                                           run.recipe.finetune_object_weights)
+        return packed_loss(model, batch, model.select_features(pixels)), budget.batch * per_image
+
+    params = [
+        {"params": list(model.vision_tower.parameters()), "lr_scale": run.recipe.unfreeze_vision_lr / budget.lr},
+        {"params": [*model.multi_modal_projector.parameters(), *model.language_model.parameters()]},
+    ]
+    modules = {"vision": model.vision_tower, "projector": model.multi_modal_projector, "lm": model.language_model}
+    out = train_loop("finetune", run.dir, modules, params, budget, step, resume=run.resume)
+    torch.save(model.state_dict(), run.dir / "finetune.pt")
+    export(run, run.dir / "model")
+    return out
+
+
+def final_model(run: Run) -> VisionLanguageModel:
+    """The composed model from the stage results (stage 4's when it ran, else stages 0 and 3)."""
+    model = run.model()
+    if run.recipe.finetune is not None and (run.dir / "finetune.pt").is_file():
+        _load_previous(run, model, "finetune")
+    else:
+        _load_previous(run, model, "vision", "instruct")
     return model.eval()
 
 
@@ -315,7 +363,8 @@ def export(run: Run, out: Path, dtype: torch.dtype = torch.float16) -> Path:
     return out
 
 
-TRAINERS = {"vision": train_vision, "lm": train_lm, "align": train_align, "instruct": train_instruct}
+TRAINERS = {"vision": train_vision, "lm": train_lm, "align": train_align, "instruct": train_instruct,
+            "finetune": train_finetune}
 
 
 def run_stages(
@@ -329,8 +378,10 @@ def run_stages(
     if share is not None:
         run._pools, run._features = share._pools, share._features
     results = {"stage_outputs": {"vision": "vision.pt", "lm": "lm.pt", "align": "align.pt",
-                                 "instruct": "instruct.pt"}}
+                                 "instruct": "instruct.pt", "finetune": "finetune.pt"}}
     for stage in stages:
+        if stage == "finetune" and recipe.finetune is None:
+            continue
         done = run.dir / results["stage_outputs"][stage]
         if resume and done.is_file() and f"stage_{stage}" in run.summary:
             log.info("stage %s already done (%s); skipping", stage, done)
