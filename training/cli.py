@@ -50,10 +50,10 @@ def train_main(argv: Sequence[str] | None = None) -> int:
 
 def eval_main(argv: Sequence[str] | None = None) -> int:
     """`eval --model DIR [--n 500] [--seed S] [--url BASE]`: per-kind exact match on the independent renderer."""
-    from .evaluate import eval_items, evaluate_local, evaluate_url
+    from .evaluate import eval_items, evaluate_engine, evaluate_url
 
     p = argparse.ArgumentParser(prog="vlmserve eval", description="Per-kind accuracy on the independent SHAPES set.")
-    p.add_argument("--model", default=None, help="checkpoint directory (local evaluation through generate)")
+    p.add_argument("--model", default=None, help="checkpoint directory (evaluated through the serving engine, no HTTP)")
     p.add_argument("--url", default=None, help="server root, e.g. http://127.0.0.1:8000 (evaluates over HTTP)")
     p.add_argument("--served-model", default=None, help="the `model` field to send with --url")
     p.add_argument("--n", type=int, default=500)
@@ -64,7 +64,7 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
     if (args.model is None) == (args.url is None):
         p.error("give exactly one of --model or --url")
     items = eval_items(args.n, args.seed)
-    result = evaluate_url(args.url, items, model=args.served_model) if args.url else evaluate_local(args.model, items)
+    result = evaluate_url(args.url, items, model=args.served_model) if args.url else evaluate_engine(args.model, items)
     json.dump(result, sys.stdout, indent=2)
     sys.stdout.write("\n")
     return 0

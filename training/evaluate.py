@@ -67,6 +67,39 @@ def evaluate_local(model_dir: str | Path, items: Sequence[EvalItem], *, log_ever
     return _summary(items, preds, time.perf_counter() - t0)
 
 
+def evaluate_engine(model_dir: str | Path, items: Sequence[EvalItem], *, max_running: int = 16) -> dict:
+    """Score a checkpoint directory on `items` through the serving engine (continuous batching, greedy): the same
+    code path as the server, without HTTP."""
+    import queue as queue_mod
+
+    from vlmserve.model.sampling import SamplingParams
+    from vlmserve.server.engine import Engine, EngineConfig, Failed, Finished
+    from vlmserve.server.engine.prepare import ImageLimits, RequestPreparer
+
+    model = load_model(model_dir)
+    chat = ChatTokenizer.from_pretrained(model_dir)
+    preparer = RequestPreparer(chat, ImageProcessor.from_pretrained(model_dir), model.config.num_visual_tokens,
+                               ImageLimits(max_image_pixels=MAX_PIXELS))
+    engine = Engine(model, chat, EngineConfig(max_running=max_running, max_waiting=len(items)),
+                    model_id=Path(model_dir).name).start()
+    done: queue_mod.Queue = queue_mod.Queue()
+    t0 = time.perf_counter()
+    try:
+        for i, item in enumerate(items):
+            req = preparer.request(str(i), _messages(item.question), [item.image],
+                                   sampling=SamplingParams(temperature=0.0), max_tokens=MAX_TOKENS)
+            engine.submit(req, lambda e: done.put(e) if isinstance(e, Finished | Failed) else None)
+        preds = [""] * len(items)
+        for _ in items:
+            event = done.get(timeout=600)
+            if isinstance(event, Failed):
+                raise RuntimeError(f"eval request {event.request_id} failed: {event.error}")
+            preds[int(event.request_id)] = event.text.strip()
+    finally:
+        engine.shutdown(timeout=5)
+    return _summary(items, preds, time.perf_counter() - t0)
+
+
 def evaluate_url(base_url: str, items: Sequence[EvalItem], *, model: str | None = None, workers: int = 8) -> dict:
     """Score a running server on `items` through POST {base}/v1/chat/completions (temperature 0, max_tokens 24)."""
     import httpx
