@@ -794,6 +794,21 @@ def test_request_id_reaches_the_log(live_server: LiveServer) -> None:
     assert poll(lambda: gen in live_server.log(), timeout=5)
 
 
+
+def _after_one_cancellation(server: LiveServer, cancelled0: float) -> str:
+    """Wait until the running gauge is back to 0 after a cancellation; the metrics text, exactly one more cancelled."""
+
+    def settled() -> bool:
+        text = metrics(server)
+        return (metric(text, "vlmserve:num_requests_running") == 0
+                and metric(text, "vlmserve:request_cancelled_total") > cancelled0)
+
+    assert poll(settled, timeout=10)
+    after = metrics(server)
+    assert metric(after, "vlmserve:request_cancelled_total") == cancelled0 + 1
+    return after
+
+
 def test_client_disconnect_cancels_generation(live_server: LiveServer) -> None:
     prompt = answer(live_server, chat_body(LONG_PROMPT, RED, max_tokens=1))["usage"]["prompt_tokens"]
     budget = CONTEXT - prompt
@@ -810,14 +825,7 @@ def test_client_disconnect_cancels_generation(live_server: LiveServer) -> None:
         rid = json.loads(first[len("data: "):])["id"]
     # the connection is closed with the answer unread
 
-    def settled() -> bool:
-        text = metrics(live_server)
-        return (metric(text, "vlmserve:num_requests_running") == 0
-                and metric(text, "vlmserve:request_cancelled_total") > cancelled0)
-
-    assert poll(settled, timeout=10)
-    after = metrics(live_server)
-    assert metric(after, "vlmserve:request_cancelled_total") == cancelled0 + 1
+    after = _after_one_cancellation(live_server, cancelled0)
     # it never finished: no success recorded and none of its tokens counted as a completed generation
     assert metric(after, "vlmserve:request_success_total") == finished0
     assert metric(after, "vlmserve:generation_tokens_total") == generated0
@@ -838,14 +846,7 @@ def test_non_streamed_disconnect_cancels_too(live_server: LiveServer) -> None:
         # hang up once the server is generating (before that, uvicorn would drop the request unread)
         assert poll(lambda: metric(metrics(live_server), "vlmserve:num_requests_running") >= 1, interval=0.002)
 
-    def settled() -> bool:
-        text = metrics(live_server)
-        return (metric(text, "vlmserve:num_requests_running") == 0
-                and metric(text, "vlmserve:request_cancelled_total") > cancelled0)
-
-    assert poll(settled, timeout=10)
-    after = metrics(live_server)
-    assert metric(after, "vlmserve:request_cancelled_total") == cancelled0 + 1
+    after = _after_one_cancellation(live_server, cancelled0)
     assert metric(after, "vlmserve:generation_tokens_total") == generated0
     assert httpx.get(live_server.url + "/ready").status_code == 200
 
