@@ -116,6 +116,12 @@ async def collect(stream: EventStream, request: Request) -> Finished | Failed | 
         watcher.cancel()
 
 
+# Characters JSON leaves raw that line readers built on `str.splitlines` (httpx's `iter_lines`, many others) take for
+# line breaks, cutting an event in two; escaped, the event stays one line for every reader.
+_LINE_BREAKERS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def sse(data: dict[str, Any] | str) -> str:
+    """One server-sent event carrying `data` (a dict is sent as compact UTF-8 JSON)."""
     payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
-    return f"data: {payload}\n\n"
+    return f"data: {payload.translate(_LINE_BREAKERS)}\n\n"

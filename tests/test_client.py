@@ -6,7 +6,7 @@ import asyncio
 import base64
 import io
 import json
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,14 @@ from vlmserve_client import (
 )
 from vlmserve_client import _async as async_mod
 from vlmserve_client import _sync as sync_mod
-from vlmserve_client._base import MAX_RETRY_AFTER, SSEDecoder, chat_body, parse_retry_after, retry_delay
+from vlmserve_client._base import (
+    MAX_RETRY_AFTER,
+    SSEDecoder,
+    SSELineSplitter,
+    chat_body,
+    parse_retry_after,
+    retry_delay,
+)
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\0" * 16
 
@@ -296,6 +303,52 @@ STREAM = (
 def test_sse_decoder() -> None:
     lines = [": keep-alive", "data: a", "data: b", "", "event: x", "data:c", "", "", "data: tail"]
     assert list(SSEDecoder().events(lines)) == ["a\nb", "c", "tail"]
+
+
+def test_sse_lines_break_at_cr_lf_crlf_only() -> None:
+    splitter = SSELineSplitter()
+    got = [*splitter.feed("a\u2028b\x85c\u2029d\x0be\x1cf\r"), *splitter.feed("\ng\rh\n\ni"), *splitter.close()]
+    assert got == ["a\u2028b\x85c\u2029d\x0be\x1cf", "g", "h", "", "i"]
+    splitter = SSELineSplitter()
+    assert [*splitter.feed("x\r"), *splitter.feed("\r"), *splitter.feed("y\n")] == ["x", "", "y"]
+
+
+# Text a model may generate that `str.splitlines` (httpx's iter_lines) takes for line breaks; the events carry it raw.
+ODD_TEXT = ("line\u2028sep", "next\x85line", "para\u2029sep", "é🙂")
+
+
+def _raw_sse_chunks(size: int) -> list[bytes]:
+    events = [_chunk({"content": t}) for t in ODD_TEXT] + [_chunk({}, "stop")]
+    text = "".join(f"data: {json.dumps(e, ensure_ascii=False)}\r\n\r\n" for e in events) + "data: [DONE]\r\n\r\n"
+    raw = text.encode()
+    return [raw[i:i + size] for i in range(0, len(raw), size)]  # splits CRLFs and UTF-8 sequences alike
+
+
+@pytest.mark.parametrize("size", [1, 3, 7, 4096])
+def test_stream_keeps_unicode_line_separators_inside_events(size: int) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=iter(_raw_sse_chunks(size)), headers={"content-type": "text/event-stream"})
+
+    with Client("http://test", transport=httpx.MockTransport(handler), max_retries=0) as client:
+        stream = client.chat_stream("hi")
+        assert list(stream) == list(ODD_TEXT)
+    assert stream.completion.text == "".join(ODD_TEXT) and stream.completion.finish_reason == "stop"
+
+
+def test_async_stream_keeps_unicode_line_separators_inside_events() -> None:
+    class Chunks(httpx.AsyncByteStream):
+        async def __aiter__(self) -> AsyncIterator[bytes]:
+            for chunk in _raw_sse_chunks(5):
+                yield chunk
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, stream=Chunks(), headers={"content-type": "text/event-stream"})
+
+    async def main() -> list[str]:
+        async with AsyncClient("http://test", transport=httpx.MockTransport(handler), max_retries=0) as client:
+            return [d async for d in client.chat_stream("hi")]
+
+    assert asyncio.run(main()) == list(ODD_TEXT)
 
 
 def test_stream_deltas_and_completion() -> None:

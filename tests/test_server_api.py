@@ -33,6 +33,7 @@ from PIL import Image
 
 from vlmserve.server import remote_images
 from vlmserve.server.remote_images import RemoteImageError, fetch_image, is_public_address
+from vlmserve.server.streaming import sse
 
 MODEL = "tiny-llava"
 VISUAL_TOKENS = 16  # (32 / 8) ** 2 patches of the tiny CLIP, CLS dropped
@@ -369,6 +370,15 @@ def test_openai_sdk_errors(client: openai.OpenAI) -> None:
 
 
 # ---------------------------------------------------------------------------------------- native multipart API
+def test_sse_events_stay_one_line_for_splitlines_readers() -> None:
+    """Generated text may hold U+2028, U+2029 or U+0085: JSON leaves them raw, `str.splitlines` breaks at them."""
+    content = "a\u2028b\u2029c\x85d\x0be\x1cf\n\"g\"é🙂"
+    event = sse({"choices": [{"delta": {"content": content}}]})
+    assert event.endswith("\n\n") and len(event.splitlines()) == 2  # the data line and the blank line
+    assert json.loads(event.removeprefix("data: "))["choices"][0]["delta"]["content"] == content
+    assert "é🙂" in event  # the rest stays raw UTF-8
+
+
 def test_generate_json_answer_shape(live_server: LiveServer) -> None:
     r = generate(live_server, [("prompt", "What color is the circle?"), ("temperature", "0"), ("max_tokens", "30")],
                  [RED])

@@ -9,7 +9,7 @@ import json
 import os
 import random
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import httpx
@@ -242,6 +242,35 @@ def completion_from_generate(body: Any) -> Completion:
 # ---------------------------------------------------------------- server-sent events
 
 
+class SSELineSplitter:
+    """Splits a text/event-stream into lines at CR, LF or CRLF only, as the SSE specification says.
+
+    httpx's `iter_lines` follows `str.splitlines`, which also breaks at U+0085, U+2028, U+2029 and a few control
+    characters: those may appear raw inside an event's JSON (the text a model generates), so a stream must not be
+    read with it.
+    """
+
+    def __init__(self) -> None:
+        self._buffer = ""
+        self._pending_cr = False
+
+    def feed(self, text: str) -> list[str]:
+        """The lines completed by this chunk of text (without their line endings)."""
+        if self._pending_cr and text.startswith("\n"):
+            text = text[1:]  # the LF of a CRLF split across two chunks
+        self._pending_cr = False
+        lines = (self._buffer + text).replace("\r\n", "\n").replace("\r", "\n").split("\n")
+        if text.endswith("\r"):
+            self._pending_cr = True
+        self._buffer = lines.pop()
+        return lines
+
+    def close(self) -> list[str]:
+        """The unterminated last line, if any."""
+        rest, self._buffer = self._buffer, ""
+        return [rest] if rest else []
+
+
 class SSEDecoder:
     """Turns the lines of a text/event-stream into the `data` of each event (multi-line data joined by newlines)."""
 
@@ -280,6 +309,26 @@ class ChatStreamState:
         self.finish_reason: str | None = None
         self.usage: Usage | None = None
         self.done = False
+        self._lines = SSELineSplitter()
+        self._events = SSEDecoder()
+
+    def feed(self, text: str) -> Iterator[str]:
+        """The text deltas of the events this chunk of the stream completes; nothing once `[DONE]` was read."""
+        return self._read(self._lines.feed(text))
+
+    def end_of_stream(self) -> Iterator[str]:
+        """The text deltas of an event the stream left unterminated."""
+        return self._read([*self._lines.close(), ""])
+
+    def _read(self, lines: Iterable[str]) -> Iterator[str]:
+        for line in lines:
+            if self.done:
+                return
+            data = self._events.feed(line)
+            if data is not None:
+                delta = self.handle(data)
+                if delta:
+                    yield delta
 
     def handle(self, data: str) -> str | None:
         """One event's data; the text delta it carries, if any. Raises the typed error of an error event."""

@@ -14,7 +14,6 @@ from ._base import (
     DEFAULT_BASE_URL,
     RETRY_STATUSES,
     ChatStreamState,
-    SSEDecoder,
     as_timeout,
     chat_body,
     completion_from_chat,
@@ -58,18 +57,15 @@ class Stream:
 
     def _deltas(self) -> Generator[str, None, None]:
         response = self._response = self._open()
-        decoder = SSEDecoder()
         try:
-            lines = response.iter_lines()
-            while not self._state.done:
-                line = next(lines, None)
-                data = decoder.feed("" if line is None else line)
-                if data is not None:
-                    delta = self._state.handle(data)
-                    if delta:
-                        yield delta
-                if line is None:
+            for text in response.iter_text():
+                for delta in self._state.feed(text):
+                    yield delta
+                if self._state.done:
                     break
+            else:
+                for delta in self._state.end_of_stream():
+                    yield delta
             self._completion = self._state.finish()
         except httpx.TransportError as e:
             raise connection_error(e, str(response.request.url)) from e
