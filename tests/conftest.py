@@ -7,12 +7,19 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 sys.path.insert(0, str(Path(__file__).parent))
 
 from checkpoints import SPECS, build_checkpoint
+
+# Property tests draw the same examples on every run (a red CI run replays anywhere); VLMSERVE_HYPOTHESIS=explore
+# draws new ones each run, as a fuzzing session would.
+settings.register_profile("repeatable", derandomize=True, database=None, print_blob=True)
+settings.register_profile("explore", print_blob=True)
+settings.load_profile(os.environ.get("VLMSERVE_HYPOTHESIS", "repeatable"))
 
 
 @pytest.fixture(scope="session")

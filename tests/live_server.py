@@ -43,6 +43,21 @@ class LiveServer:
 
 def start_server(model_dir: Path, log_dir: Path, *args: str, env: dict[str, str] | None = None,
                  timeout: float = 90, wait_ready: bool = True) -> LiveServer:
+    """Start a server on a free port; if another process took the port before the server bound it, try another."""
+    for attempt in range(3):
+        server = _start_once(model_dir, log_dir, args, env)
+        if not wait_ready:
+            return server
+        try:
+            wait_until_ready(server, timeout)
+            return server
+        except RuntimeError:
+            if attempt == 2 or server.process.poll() is None or "address already in use" not in server.log().lower():
+                raise
+    raise AssertionError("unreachable")
+
+
+def _start_once(model_dir: Path, log_dir: Path, args: tuple[str, ...], env: dict[str, str] | None) -> LiveServer:
     port = free_port()
     log_path = log_dir / f"server-{port}.log"
     cmd = [sys.executable, "-m", "vlmserve.server.cli", "serve", "--model", str(model_dir), "--port", str(port), *args]
@@ -50,10 +65,7 @@ def start_server(model_dir: Path, log_dir: Path, *args: str, env: dict[str, str]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env)
     name = args[args.index("--served-model-name") + 1] if "--served-model-name" in args else model_dir.name
-    server = LiveServer(f"http://127.0.0.1:{port}", process, log_path, name)
-    if wait_ready:
-        wait_until_ready(server, timeout)
-    return server
+    return LiveServer(f"http://127.0.0.1:{port}", process, log_path, name)
 
 
 def wait_until_ready(server: LiveServer, timeout: float = 90) -> None:

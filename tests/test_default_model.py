@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import io
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -39,7 +40,11 @@ def _png(draw: str, color: tuple[int, int, int], size: int = 128) -> bytes:
 @pytest.fixture(scope="module")
 def installed_server(tmp_path_factory: pytest.TempPathFactory):
     tmp = tmp_path_factory.mktemp("wheel")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "-q", "-w", str(tmp)], check=True,
+    # Built from a copy: no build/ or egg-info left in the checkout, and no stale build/lib in the wheel.
+    source = tmp / "source"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", ".ruff_cache", ".hypothesis"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "-q", "-w", str(tmp)], check=True,
                    capture_output=True)
     wheel = next(tmp.glob("vlmserve-*.whl"))
     site = tmp / "site"
