@@ -7,7 +7,8 @@ What runs (see benchmarks/README.md for the table and how to read it):
   serve       `transformers serve --continuous-batching` (the checkpoint forced) under the same load test
   generate    transformers' `generate` in this process, static left-padded batches of 16 (the same prompts and
               images, greedy, 32 new tokens): the best transformers does with no server at all
-  single      single-stream decode tokens/s: our Engine in-process at batch 1 vs `generate` at batch 1, 128 tokens
+  single      single-stream decode tokens/s: our Engine in-process set up for one stream (max_running=1) vs
+              `generate` at batch 1, 128 tokens; the 16-slot engine on the same stream is reported beside it
   repeat      TTFT of a repeated image vs a new one through our server, on the encoder-heavy checkpoint (separate:
               the headline load uses distinct images only, so it carries no cache advantage)
 
@@ -564,14 +565,21 @@ def phase_engine(ours: InProcess, args: argparse.Namespace) -> dict[str, Any]:
             "cache_hits": ours.engine.counters.vision_cache_hits - hits0}
 
 
-def phase_single(ours_ip: InProcess, model: Any, processor: Any, args: argparse.Namespace) -> dict[str, Any]:
-    """Batch-1 decode tokens/s: our Engine in-process vs `generate`, same prompt and image, interleaved reps."""
+def phase_single(single_ip: InProcess, batched_ip: InProcess, model: Any, processor: Any,
+                 args: argparse.Namespace) -> dict[str, Any]:
+    """Batch-1 decode tokens/s: our Engine in-process vs `generate`, same prompt and image, interleaved reps.
+
+    `ours` is an engine set up for one stream (`max_running=1`, so `auto` lays the weights out for 1-row GEMVs);
+    `ours_16_slots` is the load test's engine (16 slots, weights packed for batches) running the same single stream.
+    """
     text, n = loadtest_prompt(0), args.single_tokens
     eos = model.generation_config.eos_token_id
 
-    def ours(rep: int) -> tuple[list[float], float, int]:
-        t0, times = ours_ip.run(f"single-{rep}", loadtest_png(30_000 + rep), text, n)  # a new image: no cache hit
-        return times, t0, len(times)
+    def runner(ip: InProcess) -> Callable[[int], tuple[list[float], float, int]]:
+        def ours(rep: int) -> tuple[list[float], float, int]:
+            t0, times = ip.run(f"single-{rep}-{time.monotonic_ns()}", loadtest_png(30_000 + rep), text, n)
+            return times, t0, len(times)  # a new image each rep: no cache hit
+        return ours
 
     def theirs(rep: int) -> tuple[list[float], float, int]:
         image = Image.open(io.BytesIO(loadtest_png(30_000 + rep))).convert("RGB")
@@ -586,25 +594,28 @@ def phase_single(ours_ip: InProcess, model: Any, processor: Any, args: argparse.
             raise RuntimeError(f"generate: {gen.numel()} tokens, EOS inside: {bool((gen == eos).any())}")
         return timer.times, t0, int(gen.numel())
 
-    ours(-1)  # warm-up both (lazy init, allocator)
-    theirs(-1)
-    rates: dict[str, list[float]] = {"ours": [], "generate": []}
-    ttft: dict[str, list[float]] = {"ours": [], "generate": []}
+    systems = {"ours": runner(single_ip), "ours_16_slots": runner(batched_ip), "generate": theirs}
+    for fn in systems.values():
+        fn(-1)  # warm-up (lazy init, allocator)
+    rates: dict[str, list[float]] = {name: [] for name in systems}
+    ttft: dict[str, list[float]] = {name: [] for name in systems}
     for rep in range(args.single_reps):
-        for name, fn in (("ours", ours), ("generate", theirs)):
+        for name, fn in systems.items():
             times, t0, _ = fn(rep)
             rate = decode_rate(times)
             if rate is not None:
                 rates[name].append(rate)
             ttft[name].append(times[0] - t0)
             log.info("single stream %s rep %d: %.1f tok/s decode, TTFT %.3fs", name, rep, rate or 0, ttft[name][-1])
-    return {"tokens": n, "reps": args.single_reps,
-            "ours_decode_tok_per_s": [round(r, 2) for r in rates["ours"]],
-            "generate_decode_tok_per_s": [round(r, 2) for r in rates["generate"]],
-            "ours_median": round(median(rates["ours"]) or 0, 2),
-            "generate_median": round(median(rates["generate"]) or 0, 2),
-            "ours_ttft_median": round(median(ttft["ours"]) or 0, 4),
-            "generate_ttft_median": round(median(ttft["generate"]) or 0, 4)}
+    out: dict[str, Any] = {"tokens": n, "reps": args.single_reps,
+                           "weight_layouts": {"ours": single_ip.engine.weight_layout,
+                                              "ours_16_slots": batched_ip.engine.weight_layout}}
+    for name in systems:
+        out[f"{name}_decode_tok_per_s"] = [round(r, 2) for r in rates[name]]
+        out[f"{name}_median"] = round(median(rates[name]) or 0, 2)
+        out[f"{name}_ttft_median"] = round(median(ttft[name]) or 0, 4)
+    out["ours_16_slots_vs_generate"] = ratio(out["ours_16_slots_median"], out["generate_median"])
+    return out
 
 
 def phase_repeat(ckpt: Path, args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
@@ -783,6 +794,7 @@ def main(argv: list[str] | None = None) -> None:
 
     rounds: list[dict[str, Any]] = []
     single = repeat = None
+    single_ip: InProcess | None = None
     try:
         for r in range(args.rounds):
             log.info("round %d of %d", r + 1, args.rounds)
@@ -804,11 +816,13 @@ def main(argv: list[str] | None = None) -> None:
         if "single" not in skip:
             hf = hf or load_hf(ckpts["main"])
             ours_ip = ours_ip or InProcess.start(ckpts["main"], args.concurrency, args.compile)
-            single = result["single_stream"] = timed("single", phase_single, ours_ip, *hf, args)
+            single_ip = InProcess.start(ckpts["main"], 1, args.compile)
+            single = result["single_stream"] = timed("single", phase_single, single_ip, ours_ip, *hf, args)
     finally:
-        if ours_ip is not None:
-            ours_ip.engine.shutdown(timeout=10)
-    hf = ours_ip = None
+        for ip in (ours_ip, single_ip):
+            if ip is not None:
+                ip.engine.shutdown(timeout=10)
+    hf = ours_ip = single_ip = None
     if "repeat" not in skip:
         repeat = result["repeated_image"] = timed("repeat", phase_repeat, ckpts["encoder-heavy"], args, log_dir)
     result["checks"] = checks(rounds, repeat, args)

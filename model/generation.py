@@ -57,10 +57,14 @@ def decode_step(
     cache: KVCache,
     slots: torch.Tensor | None,  # (B,)
     kv_len: int,
+    equal_lengths: bool = False,
 ) -> torch.Tensor:
-    """One token per sequence through the LM; return next-token logits (B, V)."""
+    """One token per sequence through the LM; return next-token logits (B, V).
+
+    `equal_lengths`: every position is kv_len - 1 (the caller knows it on the host), so no attention mask is needed.
+    """
     logits = model.language_model(
-        tokens[:, None], positions=positions[:, None], cache=cache, slots=slots, kv_len=kv_len
+        tokens[:, None], positions=positions[:, None], cache=cache, slots=slots, kv_len=kv_len, unmasked=equal_lengths
     )  # (B, 1, V)
     return logits[:, 0]
 
@@ -110,7 +114,8 @@ def generate(
             return
         row.observe(token)
         tokens = torch.tensor([token], device=device)
-        logits = decode_step(model, tokens, torch.tensor([pos], device=device), cache, None, kv_len=pos + 1)
+        positions = torch.tensor([pos], device=device)
+        logits = decode_step(model, tokens, positions, cache, None, kv_len=pos + 1, equal_lengths=True)
 
 
 class _SamplingRow:

@@ -26,10 +26,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)  # x / rms(x), in float32, one kernel
+        return self.weight * normed.to(x.dtype)
 
 
 def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
@@ -96,6 +94,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=config.qkv_bias)
         self.v_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=config.qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=config.o_bias)
+        self.qkv_proj: nn.Linear | None = None  # q, k and v in one matmul, once fused for serving (model/fusion.py)
 
     def forward(
         self,
@@ -109,10 +108,16 @@ class Attention(nn.Module):
         kv_len: int,
     ) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)  # (B, T, H, Dh)
-        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim)  # (B, T, H_kv, Dh)
-        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim)  # (B, T, H_kv, Dh)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        h, h_kv = self.n_heads, self.n_kv
+        if self.qkv_proj is not None:
+            qkv = self.qkv_proj(x).view(b, t, h + 2 * h_kv, self.head_dim)  # (B, T, H + 2 H_kv, Dh)
+            qk = apply_rope(qkv[:, :, : h + h_kv], cos, sin)  # (B, T, H + H_kv, Dh): one rotation for both
+            q, k, v = qk[:, :, :h], qk[:, :, h:], qkv[:, :, h + h_kv :]
+        else:
+            q = self.q_proj(x).view(b, t, h, self.head_dim)  # (B, T, H, Dh)
+            k = self.k_proj(x).view(b, t, h_kv, self.head_dim)  # (B, T, H_kv, Dh)
+            v = self.v_proj(x).view(b, t, h_kv, self.head_dim)  # (B, T, H_kv, Dh)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v, positions, slots, kv_len)  # (B, S, H_kv, Dh)
         q, k, v = (z.transpose(1, 2) for z in (q, k, v))  # (B, H, T|S, Dh)
@@ -150,8 +155,12 @@ class SwiGLU(nn.Module):
         self.gate_proj = nn.Linear(d, h, bias=config.mlp_bias)
         self.up_proj = nn.Linear(d, h, bias=config.mlp_bias)
         self.down_proj = nn.Linear(h, d, bias=config.mlp_bias)
+        self.gate_up_proj: nn.Linear | None = None  # gate and up in one matmul, once fused for serving
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, D)
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (B, T, F) each
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -197,11 +206,14 @@ class TextModel(nn.Module):
         slots: torch.Tensor | None = None,  # (B,)
         kv_len: int | None = None,
         logits: bool = True,
+        unmasked: bool = False,
     ) -> torch.Tensor:
         """Return logits (B, T, V), or the final hidden states (B, T, D) with `logits=False`.
 
         With a cache, `kv_len` bounds the keys attended to (the longest sequence in the batch after this step);
-        it is a host-side integer so that the step needs no device sync.
+        it is a host-side integer so that the step needs no device sync. `unmasked` says that every query may see
+        all `kv_len` keys (one token per sequence, all at position kv_len - 1: a decode step of equal lengths), so
+        no mask is built (a sliding window still gets one).
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
@@ -213,8 +225,9 @@ class TextModel(nn.Module):
             if positions is None:
                 raise ValueError("a cached forward needs explicit positions")
             kv_len = int(positions.max()) + 1 if kv_len is None else kv_len
-            key_pos = torch.arange(kv_len, device=x.device)[None, :].expand(b, kv_len)  # (B, S)
-            mask = attention_mask_for(positions, key_pos, None, window)
+            if not (unmasked and t == 1 and (window is None or kv_len <= window)):
+                key_pos = torch.arange(kv_len, device=x.device)[None, :].expand(b, kv_len)  # (B, S)
+                mask = attention_mask_for(positions, key_pos, None, window)
         elif positions is not None or attention_mask is not None or window is not None:
             if positions is None:
                 positions = torch.arange(t, device=x.device)[None, :].expand(b, t)  # (B, T)

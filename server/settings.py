@@ -52,6 +52,10 @@ class Settings(BaseSettings):
     remote_image_timeout: float = Field(5.0, gt=0, description="seconds for one remote image fetch")
     drain_timeout: float = Field(30.0, ge=0, description="seconds running requests get to finish on SIGTERM")
     compile: bool = Field(False, description="torch.compile the decode step (first requests pay the compile)")
+    weight_layout: Literal["auto", "standard", "input-major", "packed"] = Field(
+        "auto",
+        description="CPU weight layout: packed (oneDNN) suits batches, input-major one stream; auto: by max-running"
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
 
     @field_validator("model", mode="before")

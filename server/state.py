@@ -79,7 +79,7 @@ class ServerState:
             config = EngineConfig(
                 max_running=s.max_running, max_waiting=s.max_waiting, max_model_len=s.max_model_len,
                 default_max_tokens=s.max_tokens_default, vision_cache_bytes=s.vision_cache_mb * 1024**2,
-                compile_decode=s.compile,
+                compile_decode=s.compile, weight_layout=s.weight_layout,
             )
             self.engine = Engine(model, tokenizer, config, model_id=self.model_id, observer=self.metrics).start()
             self._warm_up()

@@ -46,7 +46,7 @@ def _messages(text: str, n_images: int = 1) -> list[dict]:
 
 
 class Harness:
-    def __init__(self, ckpt: Path, **config: int) -> None:
+    def __init__(self, ckpt: Path, **config: object) -> None:
         self.ckpt = ckpt
         self.model = load_model(ckpt)
         self.tokenizer = ChatTokenizer.from_pretrained(ckpt)
@@ -91,26 +91,47 @@ def _alone(h: Harness, req: EngineRequest) -> Finished:
     return events[-1]
 
 
-@pytest.mark.parametrize("max_running", [16, 5])
-def test_sixteen_concurrent_requests_match_alone_and_transformers(checkpoint_factory, max_running: int) -> None:
-    h = Harness(checkpoint_factory("clip-llama"), max_running=max_running)
+def _first_divergence_is_a_tie(hf: LlavaForConditionalGeneration, inputs: dict, got: list[int],
+                               want: list[int]) -> bool:
+    """Whether two greedy continuations are equal, or part where the oracle's top two logits tie within float
+    rounding (the layouts of model/serving_weights.py round differently from PyTorch's default kernels)."""
+    for k, (a, b) in enumerate(zip(got, want, strict=False)):
+        if a != b:
+            ids = torch.cat([inputs["input_ids"], torch.tensor([want[:k]], dtype=torch.long)], dim=1)  # (1, T + k)
+            with torch.no_grad():
+                logits = hf(input_ids=ids, pixel_values=inputs["pixel_values"]).logits[0, -1]  # (V,)
+            return bool((logits[a] - logits[b]).abs() <= 1e-4 * logits.abs().max())
+    return len(got) == len(want)
+
+
+@pytest.mark.parametrize(("layout", "max_running"), [("standard", 16), ("standard", 5), ("auto", 16)])
+def test_sixteen_concurrent_requests_match_alone_and_transformers(checkpoint_factory, layout: str,
+                                                                  max_running: int) -> None:
+    """Batched, alone and transformers' tokens are the same. Float32 sums in another order (a batch of 16 rather
+    than 1 row, another CPU's kernels, the serving layouts' packed weights) may round a top-two tie the other way,
+    so a continuation may part from the others only where the oracle's top two logits tie within rounding."""
+    h = Harness(checkpoint_factory("clip-llama"), max_running=max_running, weight_layout=layout)
     try:
         requests = [h.request(i, max_tokens=8 + (i * 5) % 25) for i in range(16)]
         together = h.run_concurrently(requests)
+        exact = 0
         assert 1 < h.engine.counters.max_batch_size <= max_running  # requests really shared decode steps
         hf = LlavaForConditionalGeneration.from_pretrained(h.ckpt).eval()
         processor = AutoProcessor.from_pretrained(h.ckpt)
         for i, (req, got) in enumerate(zip(requests, together, strict=True)):
             alone = _alone(h, h.request(i, max_tokens=req.max_tokens))
-            assert got.token_ids == alone.token_ids, i
             prompt = processor.apply_chat_template(_messages(QUESTIONS[i % 4]), add_generation_prompt=True)
             inputs = processor(images=[Image.open(io.BytesIO(_png(i)))], text=[prompt], return_tensors="pt")
             assert inputs["input_ids"][0].tolist() == req.prompt_ids
             with torch.no_grad():
                 expected = hf.generate(**inputs, max_new_tokens=req.max_tokens, do_sample=False)
-            assert list(got.token_ids) == expected[0, len(req.prompt_ids) :].tolist(), i
+            want = expected[0, len(req.prompt_ids) :].tolist()
+            assert _first_divergence_is_a_tie(hf, inputs, list(got.token_ids), list(alone.token_ids)), i
+            assert _first_divergence_is_a_tie(hf, inputs, list(got.token_ids), want), i
+            exact += got.token_ids == alone.token_ids and list(got.token_ids) == want
             assert got.usage.completion_tokens == len(got.token_ids)
             assert got.finish_reason == ("stop" if got.token_ids[-1] in h.tokenizer.eos_token_ids else "length")
+        assert exact >= 14  # ties are rare: all 16 are exact on the machine this was written on
     finally:
         h.engine.shutdown(timeout=5)
 
@@ -311,7 +332,7 @@ def test_vision_cache_is_bounded_in_bytes_and_respects_pins() -> None:
 
 def test_compiled_decode_step_gives_the_same_tokens(checkpoint_factory) -> None:
     """`compile_decode` (torch.compile of the decode step) changes speed, not tokens."""
-    eager = Harness(checkpoint_factory("clip-llama"), max_running=4)
+    eager = Harness(checkpoint_factory("clip-llama"), max_running=4, weight_layout="input-major")  # as compiled's
     compiled = Harness(checkpoint_factory("clip-llama"), max_running=4, compile_decode=True)
     try:
         for i in range(3):

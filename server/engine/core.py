@@ -27,6 +27,7 @@ import torch
 
 from vlmserve.model.cache import KVCache
 from vlmserve.model.generation import decode_step, prefill, prompt_embeddings
+from vlmserve.model.serving_weights import Layout, prepare_for_serving
 from vlmserve.model.tokenizer import ChatTokenizer, IncrementalDetokenizer
 from vlmserve.model.vlm import VisionLanguageModel
 
@@ -64,6 +65,7 @@ class EngineConfig:
     max_images_per_encode: int = 32  # images per vision encoder call
     vision_cache_bytes: int = 256 * 1024**2
     compile_decode: bool = False  # torch.compile the decode step
+    weight_layout: Layout = "auto"  # how the weights are laid out for serving (model/serving_weights.py)
 
 
 @dataclass
@@ -101,6 +103,10 @@ class Engine:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.config = config or EngineConfig()
+        layout = self.config.weight_layout
+        if self.config.compile_decode and layout in ("auto", "packed"):
+            layout = "input-major"  # inductor cannot lower oneDNN's packed-weight op with dynamic shapes
+        self.weight_layout = prepare_for_serving(model, layout=layout, max_batch=self.config.max_running)
         self.model_id = model_id
         self.observer = observer or Observer()
         self.counters = EngineCounters()
@@ -432,8 +438,9 @@ class Engine:
             # any other set is gathered.
             contiguous = batch[-1].slot == len(batch) - 1
             kv_len = max(s.length for s in batch) + 1
+            equal = all(s.length == kv_len - 1 for s in batch)
             logits = self._decode(
-                self.model, tokens, positions, self.cache, None if contiguous else slots, kv_len
+                self.model, tokens, positions, self.cache, None if contiguous else slots, kv_len, equal
             )  # (B, V)
             steps = [len(s.generated) for s in batch]
             sampled = self.sampler.sample(logits, slots, steps, [s.req.sampling for s in batch])

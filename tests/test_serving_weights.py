@@ -1,0 +1,98 @@
+"""Serving layouts (model/serving_weights.py): fused projections and CPU weight layouts keep the model's numbers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+from transformers import AutoProcessor
+
+from vlmserve.model.serving_weights import PackedLinear, packing_works, prepare_for_serving, resolve_layout
+from vlmserve.model.weights import load_model
+
+CPU = torch.device("cpu")
+
+
+def _inputs(ckpt: Path) -> dict[str, torch.Tensor]:
+    processor = AutoProcessor.from_pretrained(ckpt)
+    processor.tokenizer.padding_side = "left"
+    rng = np.random.RandomState(0)
+    images = [Image.fromarray(rng.randint(0, 255, (40 + 9 * i, 50, 3), dtype=np.uint8)) for i in range(2)]
+    texts = [processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": t}]}], add_generation_prompt=True,
+    ) for t in ("what color is the circle?", "how many shapes?")]
+    return dict(processor(images=images, text=texts, return_tensors="pt", padding=True))
+
+
+def _logits(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(inputs["input_ids"], pixel_values=inputs["pixel_values"],
+                     attention_mask=inputs["attention_mask"])  # (B, T, V)
+
+
+@pytest.mark.parametrize("layout", ["standard", "input-major", "packed"])
+def test_serving_layouts_keep_the_logits(tiny_checkpoint: Path, layout: str) -> None:
+    inputs = _inputs(tiny_checkpoint)
+    expected = _logits(load_model(tiny_checkpoint), inputs)
+    model = load_model(tiny_checkpoint)
+    applied = prepare_for_serving(model, layout=layout, max_batch=4)  # type: ignore[arg-type]
+    assert applied == ("input-major" if layout == "packed" and not packing_works(torch.float32) else layout)
+    got = _logits(model, inputs)
+    real = inputs["attention_mask"].bool()
+    assert (got[real] - expected[real]).abs().max() <= 1e-4 * expected[real].abs().max()
+
+    lm = model.language_model
+    for layer in lm.layers:
+        assert layer.self_attn.qkv_proj is not None and not hasattr(layer.self_attn, "q_proj")
+        assert layer.mlp.gate_up_proj is not None and not hasattr(layer.mlp, "gate_proj")
+    if model.config.text.tie_word_embeddings:
+        assert lm.lm_head.weight is lm.embed_tokens.weight  # a tied head stays tied, untouched
+    down = lm.layers[0].mlp.down_proj
+    if applied == "packed":
+        assert isinstance(down, PackedLinear) and isinstance(lm.layers[-1].self_attn.qkv_proj, PackedLinear)
+        assert not any(isinstance(m, nn.Linear) for m in model.vision_tower.modules())
+    elif applied == "input-major":
+        assert down.weight.shape == (down.out_features, down.in_features)
+        assert down.weight.stride() == (1, down.out_features)
+    else:
+        assert down.weight.is_contiguous()
+
+    assert prepare_for_serving(model, layout=layout, max_batch=4) == applied  # idempotent
+    assert torch.equal(_logits(model, inputs), got)
+
+
+def test_fused_biases_carry_over(checkpoint_factory) -> None:
+    """Qwen2's q/k/v biases land in the fused projection, in q, k, v order."""
+    model = load_model(checkpoint_factory("siglip-qwen2"))
+    attn = model.language_model.layers[0].self_attn
+    biases = [attn.q_proj.bias.clone(), attn.k_proj.bias.clone(), attn.v_proj.bias.clone()]
+    prepare_for_serving(model, layout="standard")
+    assert torch.equal(attn.qkv_proj.bias, torch.cat(biases))
+
+
+def test_auto_layout_choice() -> None:
+    packed = "packed" if packing_works(torch.float32) else "input-major"
+    assert resolve_layout("auto", CPU, torch.float32, 16) == packed
+    assert resolve_layout("auto", CPU, torch.float32, 2) == "input-major"
+    assert resolve_layout("auto", CPU, torch.float32, 1) == "input-major"
+    assert resolve_layout("packed", torch.device("cuda"), torch.bfloat16, 16) == "standard"
+    assert resolve_layout("input-major", torch.device("cuda"), torch.float16, 1) == "standard"
+    assert resolve_layout("packed", CPU, torch.float16, 16) == "input-major"  # oneDNN packs float32 and bfloat16
+    with pytest.raises(ValueError, match="unknown weight layout"):
+        resolve_layout("blocked", CPU, torch.float32, 16)  # type: ignore[arg-type]
+
+
+@pytest.mark.skipif(not packing_works(torch.float32), reason="this PyTorch build has no oneDNN packing")
+def test_packed_linear_matches_linear_on_any_batch_shape() -> None:
+    gen = torch.Generator().manual_seed(0)
+    linear = nn.Linear(96, 80).requires_grad_(False)
+    packed = PackedLinear(linear)
+    for shape in [(1, 96), (1, 1, 96), (16, 1, 96), (3, 45, 96)]:
+        x = torch.randn(*shape, generator=gen)
+        want = linear(x)
+        assert (packed(x) - want).abs().max() <= 1e-5 * want.abs().max()
+    assert "in_features=96, out_features=80" in repr(packed)
