@@ -261,8 +261,9 @@ def py_spy(pid: int, out_path: Path, enabled: bool) -> Iterator[None]:
     if not enabled:
         yield
         return
-    cmd = ["py-spy", "record", "--pid", str(pid), "--format", "raw", "--rate", "100", "--threads",
-           "--output", str(out_path), "--nonblocking"]
+    beside = Path(sys.executable).with_name("py-spy")  # an unactivated virtual environment's own py-spy
+    cmd = [str(beside) if beside.exists() else "py-spy", "record", "--pid", str(pid), "--format", "raw",
+           "--rate", "100", "--threads", "--output", str(out_path), "--nonblocking"]
     try:
         spy = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     except FileNotFoundError:
