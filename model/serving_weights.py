@@ -23,7 +23,9 @@ model that serves (the engine does, once, when it starts), not on one that train
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
+import weakref
 from typing import Literal
 
 import torch
@@ -39,6 +41,23 @@ Layout = Literal["auto", "standard", "input-major", "packed"]
 LAYOUTS: tuple[str, ...] = ("auto", "standard", "input-major", "packed")
 
 
+# Packed weights are opaque MKLDNN tensors, which torch.compile cannot trace; the matmul is therefore a custom op
+# that takes a handle to the weight, so that compiled code calls it as an opaque kernel and fuses the rest around it.
+_PACKED: dict[int, torch.Tensor] = {}
+_handles = itertools.count()
+
+
+@torch.library.custom_op("vlmserve::packed_linear", mutates_args=())
+def packed_linear(x: torch.Tensor, handle: int, out_features: int, bias: torch.Tensor | None) -> torch.Tensor:
+    """x (..., in) times the packed weight `handle`, plus bias: (..., out_features)."""
+    return torch.ops.mkldnn._linear_pointwise(x, _PACKED[handle], bias, "none", [], "")
+
+
+@packed_linear.register_fake
+def _packed_linear_shape(x: torch.Tensor, handle: int, out_features: int, bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
 class PackedLinear(nn.Module):
     """A Linear whose weight is held in oneDNN's blocked format and multiplied by oneDNN (CPU only, inference only)."""
 
@@ -46,12 +65,15 @@ class PackedLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         weight = linear.weight.detach()  # (out, in)
-        # An opaque MKLDNN tensor, deliberately neither parameter nor buffer: it cannot be saved, moved or trained.
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), None)
+        # Neither parameter nor buffer: an opaque MKLDNN tensor that cannot be saved, moved or trained. It lives in
+        # the handle table for as long as this module does.
+        self.handle = next(_handles)
+        _PACKED[self.handle] = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), None)
+        weakref.finalize(self, _PACKED.pop, self.handle, None)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in)
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")  # (..., out)
+        return packed_linear(x, self.handle, self.out_features, self.bias)  # (..., out)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

@@ -51,7 +51,9 @@ class Settings(BaseSettings):
     )
     remote_image_timeout: float = Field(5.0, gt=0, description="seconds for one remote image fetch")
     drain_timeout: float = Field(30.0, ge=0, description="seconds running requests get to finish on SIGTERM")
-    compile: bool = Field(False, description="torch.compile the decode step (first requests pay the compile)")
+    compile: bool = Field(
+        False, description="torch.compile the decode step, at start (before /ready); eager if compiling fails"
+    )
     weight_layout: Literal["auto", "standard", "input-major", "packed"] = Field(
         "auto",
         description="CPU weight layout: packed (oneDNN) suits batches, input-major one stream; auto: by max-running"

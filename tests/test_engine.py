@@ -344,3 +344,24 @@ def test_compiled_decode_step_gives_the_same_tokens(checkpoint_factory) -> None:
     finally:
         eager.engine.shutdown(timeout=5)
         compiled.engine.shutdown(timeout=5)
+
+
+def test_a_failing_compile_falls_back_to_eager(checkpoint_factory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No C++ compiler (or Triton) on the host: the engine logs it and serves eagerly instead of dying."""
+    import vlmserve.server.engine.core as core
+
+    def broken_compile(fn: object, **kwargs: object) -> object:
+        def compiled(*args: object) -> object:
+            raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found")
+        return compiled
+
+    monkeypatch.setattr(core.torch, "compile", broken_compile)
+    h = Harness(checkpoint_factory("clip-llama"), max_running=2, compile_decode=True)
+    eager = Harness(checkpoint_factory("clip-llama"), max_running=2)
+    try:
+        got = _alone(h, h.request(5, max_tokens=12))
+        assert h.engine.alive and got.finish_reason in ("stop", "length")
+        assert got.token_ids == _alone(eager, eager.request(5, max_tokens=12)).token_ids
+    finally:
+        h.engine.shutdown(timeout=5)
+        eager.engine.shutdown(timeout=5)

@@ -103,10 +103,8 @@ class Engine:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.config = config or EngineConfig()
-        layout = self.config.weight_layout
-        if self.config.compile_decode and layout in ("auto", "packed"):
-            layout = "input-major"  # inductor cannot lower oneDNN's packed-weight op with dynamic shapes
-        self.weight_layout = prepare_for_serving(model, layout=layout, max_batch=self.config.max_running)
+        self.weight_layout = prepare_for_serving(model, layout=self.config.weight_layout,
+                                                 max_batch=self.config.max_running)
         self.model_id = model_id
         self.observer = observer or Observer()
         self.counters = EngineCounters()
@@ -270,6 +268,8 @@ class Engine:
     def _loop(self) -> None:
         try:
             with torch.inference_mode():
+                if self.config.compile_decode:
+                    self._precompile()
                 while not self._stopping.is_set():
                     self._apply_commands(block=not (self._waiting or self._running))
                     if self._waiting and self._free_slots:
@@ -281,6 +281,27 @@ class Engine:
             log.exception("engine loop died")
         finally:
             self._fail_all(Unavailable("the engine stopped"))
+
+    def _precompile(self) -> None:
+        """Compile every variant of the decode step before serving, so that no request waits on a compile.
+
+        The variants: one sequence (size 1 is specialised) and several (dynamic sizes), each with the cache read as
+        a view and gathered by slot. Keys written here land in slots no request holds yet and are overwritten or
+        masked like any earlier occupant's. Compiled steps always take the masked path (one graph fewer each).
+        """
+        t0 = time.perf_counter()
+        try:
+            for batch in sorted({1, min(2, self.config.max_running)}):
+                tokens = torch.zeros(batch, dtype=torch.long, device=self.device)  # (B,)
+                positions = torch.full((batch,), 2, dtype=torch.long, device=self.device)  # (B,); kv_len 3: not 0/1
+                slots = torch.arange(batch, device=self.device).flip(0)  # (B,)
+                for read_by_slot in (None, slots):
+                    self._decode(self.model, tokens, positions, self.cache, read_by_slot, 3, False)
+        except Exception as e:  # no C++ compiler, no Triton, an unsupported op: serve eagerly rather than not at all
+            log.warning("torch.compile of the decode step failed (%s: %s); decoding eagerly", type(e).__name__, e)
+            self._decode = decode_step
+            return
+        log.info("decode step compiled in %.1fs", time.perf_counter() - t0)
 
     def _apply_commands(self, *, block: bool) -> None:
         try:
@@ -438,7 +459,7 @@ class Engine:
             # any other set is gathered.
             contiguous = batch[-1].slot == len(batch) - 1
             kv_len = max(s.length for s in batch) + 1
-            equal = all(s.length == kv_len - 1 for s in batch)
+            equal = not self.config.compile_decode and all(s.length == kv_len - 1 for s in batch)
             logits = self._decode(
                 self.model, tokens, positions, self.cache, None if contiguous else slots, kv_len, equal
             )  # (B, V)
