@@ -89,7 +89,11 @@ class _Sequence:
 
 
 class Engine:
-    """Continuous-batching generation over one model on one device, driven from any thread."""
+    """Continuous-batching generation over one model on one device, driven from any thread.
+
+    The engine owns the model it is given: it lays the weights out for serving (`EngineConfig.weight_layout`,
+    model/serving_weights.py), after which the model serves but no longer trains or saves.
+    """
 
     def __init__(
         self,
