@@ -346,7 +346,7 @@ def summarize_profile(path: Path, top: int = 25) -> dict[str, Any]:
 def phase_ours(ckpt: Path, args: argparse.Namespace, log_dir: Path, profile: bool) -> dict[str, Any]:
     port = free_port()
     cmd = [sys.executable, "-m", "vlmserve.server.cli", "serve", "--model", str(ckpt), "--port", str(port),
-           "--max-running", str(args.concurrency), "--device", "cpu", "--dtype", "float32", "--log-level", "warning",
+           "--max-running", str(args.concurrency), "--device", "cpu", "--dtype", args.dtype, "--log-level", "warning",
            *(["--compile"] if args.compile else [])]
     with running_server("vlmserve", cmd, port, "/ready", log_dir, args.threads, args.server_timeout) as server:
         warm = stream_chat(server.url, ckpt.name, loadtest_png(10_000), "warm up", 4)  # an image of no later request
@@ -372,7 +372,7 @@ def phase_serve(ckpt: Path, args: argparse.Namespace, log_dir: Path) -> dict[str
     port = free_port()
     exe = Path(sys.executable).with_name("transformers")
     cmd = [str(exe), "serve", "--continuous-batching", "--host", "127.0.0.1", "--port", str(port), "--device", "cpu",
-           "--dtype", "float32", "--log-level", "info", str(ckpt)]
+           "--dtype", args.dtype, "--log-level", "info", str(ckpt)]
     model = str(ckpt)  # a server pinned to a model answers only to that exact name
     with running_server("transformers-serve", cmd, port, "/health", log_dir, args.threads,
                         args.server_timeout) as server:
@@ -426,12 +426,12 @@ class _FirstCall:
         return scores
 
 
-def load_hf(ckpt: Path) -> tuple[Any, Any]:
+def load_hf(ckpt: Path, dtype: str = "float32") -> tuple[Any, Any]:
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     processor = AutoProcessor.from_pretrained(ckpt)
     processor.tokenizer.padding_side = "left"
-    model = LlavaForConditionalGeneration.from_pretrained(ckpt, dtype=torch.float32).eval()
+    model = LlavaForConditionalGeneration.from_pretrained(ckpt, dtype=getattr(torch, dtype)).eval()
     return model, processor
 
 
@@ -506,14 +506,14 @@ class InProcess:
     preparer: Any
 
     @classmethod
-    def start(cls, ckpt: Path, max_running: int, compile_decode: bool = False) -> InProcess:
+    def start(cls, ckpt: Path, max_running: int, compile_decode: bool = False, dtype: str = "float32") -> InProcess:
         from vlmserve.model.images import ImageProcessor
         from vlmserve.model.tokenizer import ChatTokenizer
         from vlmserve.model.weights import load_model
         from vlmserve.server.engine import Engine, EngineConfig
         from vlmserve.server.engine.prepare import RequestPreparer
 
-        model = load_model(ckpt, device=torch.device("cpu"), dtype=torch.float32)
+        model = load_model(ckpt, device=torch.device("cpu"), dtype=getattr(torch, dtype))
         tokenizer = ChatTokenizer.from_pretrained(ckpt)
         preparer = RequestPreparer(tokenizer, ImageProcessor.from_pretrained(ckpt), model.config.num_visual_tokens)
         config = EngineConfig(max_running=max_running, compile_decode=compile_decode)
@@ -623,7 +623,7 @@ def phase_repeat(ckpt: Path, args: argparse.Namespace, log_dir: Path) -> dict[st
     """Sequential pairs through our server: a new image, then the same bytes again; TTFT of each."""
     port = free_port()
     cmd = [sys.executable, "-m", "vlmserve.server.cli", "serve", "--model", str(ckpt), "--port", str(port),
-           "--device", "cpu", "--dtype", "float32", "--log-level", "warning"]
+           "--device", "cpu", "--dtype", args.dtype, "--log-level", "warning"]
     pairs = []
     with running_server("vlmserve-encoder-heavy", cmd, port, "/ready", log_dir, args.threads,
                         args.server_timeout) as server:
@@ -748,6 +748,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeat-tokens", type=int, default=4, help="max_tokens of the repeated-image requests")
     p.add_argument("--skip", action="append", default=[], help="leave a phase out (repeatable)",
                    choices=["ours", "serve", "generate", "engine", "single", "repeat"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="weights and activations of every system (default float32)")
     p.add_argument("--profile", action="store_true",
                    help="one more load test on our server under py-spy (pip install py-spy), reported apart")
     p.add_argument("--server-timeout", type=float, default=240, help="seconds a server may take to become ready")
@@ -805,19 +807,19 @@ def main(argv: list[str] | None = None) -> None:
             if "serve" not in skip:
                 this["serve"] = timed("serve", phase_serve, ckpts["main"], args, log_dir)
             if "generate" not in skip:
-                hf = hf or load_hf(ckpts["main"])
+                hf = hf or load_hf(ckpts["main"], args.dtype)
                 this["generate"] = timed("generate", phase_generate, *hf, args)
             if "engine" not in skip:
-                ours_ip = ours_ip or InProcess.start(ckpts["main"], args.concurrency, args.compile)
+                ours_ip = ours_ip or InProcess.start(ckpts["main"], args.concurrency, args.compile, args.dtype)
                 this["engine_in_process"] = timed("engine", phase_engine, ours_ip, args)
             rounds.append(this)
         result["rounds"] = rounds
         if args.profile:  # an extra load test under py-spy, apart from the headline numbers (sampling costs CPU)
             result["ours_profiled"] = timed("ours-profiled", phase_ours, ckpts["main"], args, log_dir, True)
         if "single" not in skip:
-            hf = hf or load_hf(ckpts["main"])
-            ours_ip = ours_ip or InProcess.start(ckpts["main"], args.concurrency, args.compile)
-            single_ip = InProcess.start(ckpts["main"], 1, args.compile)
+            hf = hf or load_hf(ckpts["main"], args.dtype)
+            ours_ip = ours_ip or InProcess.start(ckpts["main"], args.concurrency, args.compile, args.dtype)
+            single_ip = InProcess.start(ckpts["main"], 1, args.compile, args.dtype)
             single = result["single_stream"] = timed("single", phase_single, single_ip, ours_ip, *hf, args)
     finally:
         for ip in (ours_ip, single_ip):
@@ -830,7 +832,8 @@ def main(argv: list[str] | None = None) -> None:
     result["headline"] = headline(rounds, single, repeat)
     result["machine"]["loadavg_end"] = os.getloadavg()
     result["total_s"] = round(time.perf_counter() - t_run, 1)
-    path = args.out / ("serving-small.json" if args.small else "serving.json")
+    name = "serving" + ("-small" if args.small else "") + ("" if args.dtype == "float32" else f"-{args.dtype}")
+    path = args.out / f"{name}.json"
     path.write_text(json.dumps(result, indent=1))
     log.info("wrote %s", path)
     for key, h in result["headline"].items():

@@ -79,6 +79,8 @@ def test_auto_layout_choice() -> None:
     assert resolve_layout("auto", CPU, torch.float32, 16) == packed
     assert resolve_layout("auto", CPU, torch.float32, 2) == "input-major"
     assert resolve_layout("auto", CPU, torch.float32, 1) == "input-major"
+    bf16_packed = "packed" if packing_works(torch.bfloat16) else "input-major"
+    assert resolve_layout("auto", CPU, torch.bfloat16, 1) == bf16_packed  # in bf16 packed wins at every size
     assert resolve_layout("packed", torch.device("cuda"), torch.bfloat16, 16) == "standard"
     assert resolve_layout("input-major", torch.device("cuda"), torch.float16, 1) == "standard"
     assert resolve_layout("packed", CPU, torch.float16, 16) == "input-major"  # oneDNN packs float32 and bfloat16
@@ -96,3 +98,25 @@ def test_packed_linear_matches_linear_on_any_batch_shape() -> None:
         want = linear(x)
         assert (packed(x) - want).abs().max() <= 1e-5 * want.abs().max()
     assert "in_features=96, out_features=80" in repr(packed)
+
+
+def test_bfloat16_decode_step_stays_close_to_float32(checkpoint_factory) -> None:
+    """A packed bf16 model decodes (its one-token attention in fp32 on a CPU) within bf16 rounding of fp32."""
+    from vlmserve.model.cache import KVCache
+
+    ckpt = checkpoint_factory("clip-llama")
+    fp32, bf16 = load_model(ckpt), load_model(ckpt, dtype=torch.bfloat16)
+    prepare_for_serving(bf16, layout="auto", max_batch=4)
+    lm32, lm16 = fp32.language_model, bf16.language_model
+    cfg = lm32.config
+    prompt = torch.randint(0, cfg.vocab_size, (2, 12))  # (B, T)
+    steps = []
+    for lm, dtype in ((lm32, torch.float32), (lm16, torch.bfloat16)):
+        cache = KVCache(num_layers=cfg.num_hidden_layers, num_slots=2, max_len=32, num_kv_heads=cfg.num_key_value_heads,
+                        head_dim=cfg.head_dim, dtype=dtype)
+        with torch.no_grad():
+            lm(prompt, positions=torch.arange(12).expand(2, 12), cache=cache, kv_len=12)
+            step = lm(prompt[:, -1:], positions=torch.full((2, 1), 12), cache=cache, kv_len=13, unmasked=True)
+        steps.append(step.float())  # (B, 1, V)
+    assert steps[1].dtype == torch.float32 and torch.isfinite(steps[1]).all()
+    assert (steps[1] - steps[0]).abs().max() <= 0.05 * steps[0].abs().max()  # bf16 rounding, nothing worse
