@@ -25,7 +25,7 @@ from .engine import EngineError, EngineRequest, Failed, Finished, ImageInput, Te
 from .engine.prepare import image_hash
 from .errors import APIError, install_error_handlers
 from .inputs import chat_input, image_bytes
-from .middleware import BodyLimit, StatusCounter
+from .middleware import BodyBudget, BodyLimit, StatusCounter
 from .schemas import (
     ChatCompletion,
     ChatCompletionRequest,
@@ -67,7 +67,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
                            allow_headers=["*"])
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    budget = BodyBudget(max(settings.max_body_buffer_mb * 1024**2, settings.max_body_bytes))  # one body always fits
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, timeout=settings.body_timeout, budget=budget)
     app.add_middleware(StatusCounter, count=lambda route, status: state.metrics.http.labels(route, status).inc())
     _routes(app, state)
     return app

@@ -1,7 +1,9 @@
-"""Pure ASGI middleware: the request body cap (413 before the app sees a byte), and per-route status counters."""
+"""Pure ASGI middleware: request bodies (size cap, time limit, a budget for all bodies held at once) and per-route
+status counters."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -15,20 +17,43 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
-async def _send_413(send: Send, limit: int) -> None:
-    body = json.dumps(error_body(f"the request body is over the limit of {limit} bytes", "invalid_request_error",
-                                 code="request_too_large")).encode()
-    await send({"type": "http.response.start", "status": 413,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            (b"connection", b"close")]})
+async def _send_error(send: Send, status: int, message: str, kind: str, code: str,
+                      retry_after: int | None = None) -> None:
+    body = json.dumps(error_body(message, kind, code=code)).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+               (b"connection", b"close")]
+    if retry_after is not None:
+        headers.append((b"retry-after", str(retry_after).encode()))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 
-class BodyLimit:
-    """Reads the whole body up to `max_bytes` (answering 413 past it, declared or actual), then replays it."""
+class BodyBudget:
+    """Bytes of request bodies held at once, all requests together: many slow or large uploads cannot add up to more
+    memory than this. Used from the event loop only, so a plain counter."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes, self.used = max_bytes, 0
+
+    def take(self, n: int) -> bool:
+        if self.used + n > self.max_bytes:
+            return False
+        self.used += n
+        return True
+
+    def give(self, n: int) -> None:
+        self.used -= n
+
+
+class BodyLimit:
+    """Reads the whole body, then replays it to the app. Past `max_bytes` (declared or actual): 413. Not all there
+    within `timeout` seconds: 408. Past what `budget` has left for all bodies together: 503 with Retry-After. Each
+    before the app sees a byte; the body's bytes count against the budget until the app has answered."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout: float | None = None,
+                 budget: BodyBudget | None = None) -> None:
+        self.app, self.max_bytes, self.timeout = app, max_bytes, timeout
+        self.budget = budget or BodyBudget(2**62)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
@@ -36,33 +61,48 @@ class BodyLimit:
             return
         declared = dict(scope.get("headers", [])).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await _send_413(send, self.max_bytes)
+            await _send_error(send, 413, f"the request body is over the limit of {self.max_bytes} bytes",
+                              "invalid_request_error", "request_too_large")
             return
         chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
+        held = 0
+        try:
+            try:
+                async with asyncio.timeout(self.timeout):
+                    while True:
+                        message = await receive()
+                        if message["type"] == "http.disconnect":
+                            return
+                        chunk = message.get("body", b"")
+                        if held + len(chunk) > self.max_bytes:
+                            await _send_error(send, 413, f"the request body is over the limit of {self.max_bytes} "
+                                              "bytes", "invalid_request_error", "request_too_large")
+                            return
+                        if not self.budget.take(len(chunk)):
+                            await _send_error(send, 503, "the server is holding too many request bodies; retry "
+                                              "shortly", "service_unavailable", "server_busy", retry_after=1)
+                            return
+                        held += len(chunk)
+                        chunks.append(chunk)
+                        if not message.get("more_body", False):
+                            break
+            except TimeoutError:
+                await _send_error(send, 408, f"the request body did not arrive within {self.timeout:g} seconds",
+                                  "invalid_request_error", "request_timeout")
                 return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_bytes:
-                await _send_413(send, self.max_bytes)
-                return
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        body = b"".join(chunks)
-        replayed = False
+            body = b"".join(chunks)
+            replayed = False
 
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
+            async def replay() -> Message:
+                nonlocal replayed
+                if not replayed:
+                    replayed = True
+                    return {"type": "http.request", "body": body, "more_body": False}
+                return await receive()
 
-        await self.app(scope, replay, send)
+            await self.app(scope, replay, send)
+        finally:
+            self.budget.give(held)
 
 
 class StatusCounter:

@@ -39,6 +39,8 @@ class Settings(BaseSettings):
     max_model_len: int | None = Field(None, ge=16, description="context per sequence (default: model's, capped 4096)")
     max_tokens_default: int = Field(1024, ge=1, description="max_tokens when a request omits it (capped by context)")
     max_body_bytes: int = Field(32 * 1024**2, ge=1024, description="request body cap; past it: 413")
+    max_body_buffer_mb: int = Field(512, ge=1, description="request bodies held at once, all together; past it: 503")
+    body_timeout: float = Field(60.0, gt=0, description="seconds a client gets to send its whole body; past it: 408")
     max_image_bytes: int = Field(20 * 1024**2, ge=1, description="one image's encoded bytes cap; past it: 413")
     max_image_pixels: int = Field(40_000_000, ge=1, description="one image's pixels (from its header); past it: 400")
     max_images_per_request: int = Field(8, ge=0, description="images in one request; past it: 400")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import os
 import re
 import signal
@@ -100,10 +101,12 @@ def launch(model_dir: Path, log_dir: Path, *args: str, step_delay: float = 0.0, 
 @pytest.fixture(scope="module")
 def servers(checkpoint_factory: Callable[[str], Path],
             tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, LiveServer]]:
-    """Three servers started together: `burst` (1 slot, 2 waiting), `faulty` (8 slots), `doomed` (its loop dies)."""
+    """Three servers started together: `burst` (1 slot, 2 waiting, 2 s to send a body, 1 MiB of bodies at once),
+    `faulty` (8 slots), `doomed` (its loop dies)."""
     model, logs = checkpoint_factory("clip-llama"), tmp_path_factory.mktemp("overload")
     started = {
-        "burst": launch(model, logs, "--max-running", "1", "--max-waiting", "2", step_delay=0.005),
+        "burst": launch(model, logs, "--max-running", "1", "--max-waiting", "2", "--body-timeout", "2",
+                        "--max-body-bytes", "600000", "--max-body-buffer-mb", "1", step_delay=0.005),
         "faulty": launch(model, logs, "--max-running", "8", "--max-waiting", "32", step_delay=0.01),
         "doomed": launch(model, logs, "--max-running", "2", "--max-waiting", "4", fatal_delay=1.0),
     }
@@ -316,6 +319,64 @@ def test_slow_clients_do_not_block_others(servers: dict[str, LiveServer]) -> Non
         for sock in sockets:
             sock.close()
     assert httpx.get(server.url + "/health").status_code == 200
+
+
+def _partial_upload(server: LiveServer, declared: int, sent: bytes) -> socket.socket:
+    """A connection that declares a `declared`-byte body, sends `sent` of it and stalls."""
+    host, port = server.url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n" % declared + sent)
+    return sock
+
+
+def _read_response(sock: socket.socket) -> tuple[int, dict[str, str], dict[str, Any]]:
+    """Status, headers and JSON body of the answer on `sock` (our error answers close the connection)."""
+    raw = b""
+    while chunk := sock.recv(65536):
+        raw += chunk
+    head, body = raw.split(b"\r\n\r\n", 1)
+    lines = head.decode().split("\r\n")
+    headers = dict(line.lower().split(": ", 1) for line in lines[1:])
+    return int(lines[0].split()[1]), headers, json.loads(body)
+
+
+def test_a_body_that_never_arrives_gets_408(servers: dict[str, LiveServer]) -> None:
+    """A client that stops sending its body is answered 408 after --body-timeout (2 s here), not waited for."""
+    server = servers["burst"]
+    sock = _partial_upload(server, 1000, b'{"messages": [')
+    try:
+        t0 = time.perf_counter()
+        status, _, body = _read_response(sock)
+        waited = time.perf_counter() - t0
+    finally:
+        sock.close()
+    assert status == 408 and body["error"]["code"] == "request_timeout" and "2 seconds" in body["error"]["message"]
+    assert 1.5 < waited < 10
+    assert httpx.post(server.url + "/v1/chat/completions", json=chat_body(), timeout=30).status_code == 200
+
+
+def test_bodies_held_at_once_are_bounded(servers: dict[str, LiveServer]) -> None:
+    """Two stalled 450 KB uploads hold most of the 1 MiB budget for bodies: a third large body gets a fast 503 with
+    Retry-After; once the stalled ones time out (408), the same body goes through."""
+    server = servers["burst"]
+    big = (json.dumps(chat_body()) + " " * 300_000).encode()  # valid JSON, 300 KB (under the 600 KB cap)
+    stalled = [_partial_upload(server, 500_000, b" " * 450_000) for _ in range(2)]
+    try:
+        time.sleep(0.5)  # the server has read what was sent
+        t0 = time.perf_counter()
+        refused = httpx.post(server.url + "/v1/chat/completions", content=big,
+                             headers={"content-type": "application/json"}, timeout=30)
+        assert time.perf_counter() - t0 < 1.5
+        error = error_of(refused, 503)
+        assert error["code"] == "server_busy" and refused.headers["retry-after"] == "1"
+        assert [_read_response(sock)[0] for sock in stalled] == [408, 408]  # the stalled uploads time out
+    finally:
+        for sock in stalled:
+            sock.close()
+    ok = httpx.post(server.url + "/v1/chat/completions", content=big, headers={"content-type": "application/json"},
+                    timeout=30)
+    assert ok.status_code == 200, ok.text
 
 
 # --------------------------------------------------------------------------------------------------------- faults
