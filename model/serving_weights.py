@@ -169,7 +169,8 @@ def prepare_for_serving(model: VisionLanguageModel, *, layout: Layout = "auto", 
     """Fuse the language model's projections and lay every Linear out for the device; return the layout applied.
 
     `max_batch`: the most sequences decoded together (what `auto` decides by). A tied output head keeps its
-    weight shared with the embedding table, laid out as it is.
+    weight shared with the embedding table, laid out as it is. On a CPU the vision encoder and the projector are
+    packed whatever the language model's layout (they multiply many rows at once), unless `standard` was asked for.
     """
     lm = model.language_model
     fuse_projections(lm)
