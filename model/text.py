@@ -94,7 +94,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=config.qkv_bias)
         self.v_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=config.qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=config.o_bias)
-        self.qkv_proj: nn.Linear | None = None  # q, k and v in one matmul, once fused for serving (model/fusion.py)
+        self.qkv_proj: nn.Linear | None = None  # q, k, v in one matmul once fused (serving_weights.py)
 
     def forward(
         self,

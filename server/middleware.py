@@ -61,8 +61,7 @@ class BodyLimit:
             return
         declared = dict(scope.get("headers", [])).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await _send_error(send, 413, f"the request body is over the limit of {self.max_bytes} bytes",
-                              "invalid_request_error", "request_too_large")
+            await self._too_large(send)
             return
         chunks: list[bytes] = []
         held = 0
@@ -75,8 +74,7 @@ class BodyLimit:
                             return
                         chunk = message.get("body", b"")
                         if held + len(chunk) > self.max_bytes:
-                            await _send_error(send, 413, f"the request body is over the limit of {self.max_bytes} "
-                                              "bytes", "invalid_request_error", "request_too_large")
+                            await self._too_large(send)
                             return
                         if not self.budget.take(len(chunk)):
                             await _send_error(send, 503, "the server is holding too many request bodies; retry "
@@ -103,6 +101,10 @@ class BodyLimit:
             await self.app(scope, replay, send)
         finally:
             self.budget.give(held)
+
+    async def _too_large(self, send: Send) -> None:
+        await _send_error(send, 413, f"the request body is over the limit of {self.max_bytes} bytes",
+                          "invalid_request_error", "request_too_large")
 
 
 class StatusCounter:

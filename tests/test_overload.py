@@ -298,29 +298,6 @@ def test_hung_up_streams_free_their_slots(servers: dict[str, LiveServer]) -> Non
     assert with_crowd < max(3 * alone, 2.0), "the abandoned streams held up a normal request"
 
 
-def test_slow_clients_do_not_block_others(servers: dict[str, LiveServer]) -> None:
-    """Ten clients trickle their request bodies a few bytes at a time; a normal request goes through meanwhile."""
-    server = servers["faulty"]
-    host, port = server.url.removeprefix("http://").split(":")
-    sockets = []
-    try:
-        for _ in range(10):
-            sock = socket.create_connection((host, int(port)), timeout=5)
-            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                         b"Content-Length: 100000\r\n\r\n{\"messages\": [")
-            sockets.append(sock)
-        for _ in range(3):
-            for sock in sockets:
-                sock.sendall(b" ")
-            t0 = time.perf_counter()
-            r = httpx.post(server.url + "/v1/chat/completions", json=chat_body(max_tokens=4), timeout=30)
-            assert r.status_code == 200 and time.perf_counter() - t0 < 3
-    finally:
-        for sock in sockets:
-            sock.close()
-    assert httpx.get(server.url + "/health").status_code == 200
-
-
 def _partial_upload(server: LiveServer, declared: int, sent: bytes) -> socket.socket:
     """A connection that declares a `declared`-byte body, sends `sent` of it and stalls."""
     host, port = server.url.removeprefix("http://").split(":")
@@ -339,6 +316,25 @@ def _read_response(sock: socket.socket) -> tuple[int, dict[str, str], dict[str, 
     lines = head.decode().split("\r\n")
     headers = dict(line.lower().split(": ", 1) for line in lines[1:])
     return int(lines[0].split()[1]), headers, json.loads(body)
+
+
+def test_slow_clients_do_not_block_others(servers: dict[str, LiveServer]) -> None:
+    """Ten clients trickle their request bodies a few bytes at a time; a normal request goes through meanwhile."""
+    server = servers["faulty"]
+    sockets = []
+    try:
+        for _ in range(10):
+            sockets.append(_partial_upload(server, 100_000, b'{"messages": ['))
+        for _ in range(3):
+            for sock in sockets:
+                sock.sendall(b" ")
+            t0 = time.perf_counter()
+            r = httpx.post(server.url + "/v1/chat/completions", json=chat_body(max_tokens=4), timeout=30)
+            assert r.status_code == 200 and time.perf_counter() - t0 < 3
+    finally:
+        for sock in sockets:
+            sock.close()
+    assert httpx.get(server.url + "/health").status_code == 200
 
 
 def test_a_body_that_never_arrives_gets_408(servers: dict[str, LiveServer]) -> None:
