@@ -1,5 +1,5 @@
-"""Generation as a few small functions (gpt-fast style): build the prompt's embeddings, prefill, decode one step,
-and a plain single-request `generate` that yields tokens as they come. The engine batches the same primitives.
+"""Generation of one request, gpt-fast style: the prompt's embeddings, then a plain loop that yields tokens as they
+come. The engine (server/engine) batches the same primitives: the paged cache and the batched sampler.
 """
 
 from __future__ import annotations
@@ -8,8 +8,10 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from .cache import KVCache
-from .sampling import SamplingParams, apply_penalties, sample
+from .attention import PagedBatch, Segment
+from .kv_cache import PagedKVCache
+from .sampler import SamplerState
+from .sampling import SamplingParams
 from .vlm import VisionLanguageModel
 
 
@@ -30,43 +32,21 @@ def prompt_embeddings(
     return torch.cat([flat, embeds], dim=1)[0]  # (N_img * N_vis + T, D)
 
 
-def prefill(
-    model: VisionLanguageModel,
-    embeds: torch.Tensor,  # (B, T, D) right-padded
-    lengths: torch.Tensor,  # (B,) real lengths
-    cache: KVCache,
-    slots: torch.Tensor | None,  # (B,)
-    start: torch.Tensor | None = None,  # (B,) position of the first token (0 for a fresh sequence)
-) -> torch.Tensor:
-    """Run the prompts through the LM, filling the cache; return each prompt's last-token logits (B, V)."""
-    b, t, _ = embeds.shape
-    offsets = torch.zeros(b, dtype=torch.long, device=embeds.device) if start is None else start
-    positions = offsets[:, None] + torch.arange(t, device=embeds.device)[None, :]  # (B, T)
-    kv_len = t if start is None else None
-    hidden = model.language_model(
-        inputs_embeds=embeds, positions=positions, cache=cache, slots=slots, kv_len=kv_len, logits=False
-    )  # (B, T, D)
-    last = hidden[torch.arange(b, device=embeds.device), lengths - 1]  # (B, D)
-    return model.language_model.lm_head(last)  # (B, V)
-
-
-def decode_step(
-    model: VisionLanguageModel,
-    tokens: torch.Tensor,  # (B,)
-    positions: torch.Tensor,  # (B,)
-    cache: KVCache,
-    slots: torch.Tensor | None,  # (B,)
-    kv_len: int,
-    equal_lengths: bool = False,
-) -> torch.Tensor:
-    """One token per sequence through the LM; return next-token logits (B, V).
-
-    `equal_lengths`: every position is kv_len - 1 (the caller knows it on the host), so no attention mask is needed.
-    """
-    logits = model.language_model(
-        tokens[:, None], positions=positions[:, None], cache=cache, slots=slots, kv_len=kv_len, unmasked=equal_lengths
-    )  # (B, 1, V)
-    return logits[:, 0]
+def single_sequence_batch(
+    cache: PagedKVCache, start: int, num_tokens: int, device: torch.device, windows: set[int | None]
+) -> tuple[PagedBatch, torch.Tensor]:
+    """The paged batch of one sequence that owns the whole cache in block order: `num_tokens` new tokens after
+    `start` cached ones; and their positions (1, T)."""
+    end = start + num_tokens
+    positions = torch.arange(start, end, device=device)  # (T,)
+    table = torch.arange(cache.num_blocks, device=device)  # (n_blocks,): block i holds positions i*BS ...
+    if num_tokens == 1:
+        lens = torch.tensor([end], device=device)  # (1,)
+        batch = PagedBatch(cache, positions, num_decodes=1, decode_tables=table[None], decode_lens=lens,
+                           decode_max_len=end, decode_masks=PagedBatch.decode_masks_for(lens, end, windows, equal=True))
+    else:
+        batch = PagedBatch(cache, positions, segments=[Segment(0, num_tokens, end, table)])
+    return batch, positions[None]
 
 
 @torch.inference_mode()
@@ -79,77 +59,46 @@ def generate(
     sampling: SamplingParams | None = None,
     eos_token_ids: Sequence[int] = (),
     suppress_token_ids: Sequence[int] = (),
+    block_size: int = 16,
 ) -> Iterator[int]:
     """Yield the generated token ids of one request, stopping after an EOS id (which is yielded) or the budget.
 
-    `suppress_token_ids` are never sampled (their logits are set to -inf).
+    The plain single-request loop over the serving primitives (paged cache, batched sampler); the engine batches
+    the same. `suppress_token_ids` are never sampled (their logits are set to -inf).
     """
     params = sampling or SamplingParams(temperature=0.0)
-    device = model.language_model.embed_tokens.weight.device
+    lm = model.language_model
+    device = lm.embed_tokens.weight.device
     visual = model.encode_images(pixel_values.to(device)) if pixel_values is not None else None
     embeds = prompt_embeddings(model, input_ids, visual)  # (T, D)
     prompt_len = embeds.shape[0]
     text = model.config.text
-    max_len = min(prompt_len + max_new_tokens, model.language_model.rotary.max_positions)
+    max_len = min(prompt_len + max_new_tokens, lm.rotary.max_positions)
     if prompt_len >= max_len:
         raise ValueError(f"prompt of {prompt_len} tokens leaves no room in a context of {max_len}")
-    cache = KVCache(
-        num_layers=text.num_hidden_layers, num_slots=1, max_len=max_len, num_kv_heads=text.num_key_value_heads,
-        head_dim=text.head_dim, dtype=embeds.dtype, device=device,
+    cache = PagedKVCache(
+        num_layers=text.num_hidden_layers, num_blocks=-(-max_len // block_size), block_size=block_size,
+        num_kv_heads=text.num_key_value_heads, head_dim=text.head_dim, dtype=embeds.dtype, device=device,
     )
     eos = set(eos_token_ids)
-    vocab = model.language_model.lm_head.out_features
-    row = _SamplingRow(params, vocab, device, prompt_ids=input_ids)
+    sampler = SamplerState(1, lm.lm_head.out_features, device)
+    sampler.assign(0, params, input_ids)
+    row = torch.zeros(1, dtype=torch.long, device=device)
     suppress = torch.as_tensor(list(suppress_token_ids), dtype=torch.long, device=device)
-    logits = prefill(model, embeds[None], torch.tensor([prompt_len], device=device), cache, None)  # (1, V)
+    windows = {layer.self_attn.window for layer in lm.layers}
+    batch, positions = single_sequence_batch(cache, 0, prompt_len, device, windows)
+    hidden = lm(inputs_embeds=embeds[None], positions=positions, paged=batch, logits=False)  # (1, T, D)
+    logits = lm.lm_head(hidden[:, -1])  # (1, V)
     for step in range(max_len - prompt_len):
         if suppress.numel():
             logits = logits.index_fill(-1, suppress, float("-inf"))
-        token = int(row.sample(logits, step))
+        token = sampler.sample(logits, row, [step], [params])[0]
         yield token
         if token in eos:
             return
         pos = prompt_len + step
         if pos + 1 >= max_len:
             return
-        row.observe(token)
-        tokens = torch.tensor([token], device=device)
-        positions = torch.tensor([pos], device=device)
-        logits = decode_step(model, tokens, positions, cache, None, kv_len=pos + 1, equal_lengths=True)
-
-
-class _SamplingRow:
-    """Sampling state of one request, as a batch of one (the engine keeps the batched version)."""
-
-    def __init__(self, params: SamplingParams, vocab: int, device: torch.device, prompt_ids: Sequence[int]) -> None:
-        self.params = params
-        self.seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item())
-        self.device = device
-        self.counts = torch.zeros(1, vocab, dtype=torch.int32, device=device) if params.has_penalties else None
-        self.seen = torch.zeros(1, vocab, dtype=torch.bool, device=device) if params.has_penalties else None
-        if self.seen is not None:
-            ids = torch.as_tensor([i for i in prompt_ids if 0 <= i < vocab], dtype=torch.long, device=device)
-            self.seen[0, ids] = True
-
-    def observe(self, token: int) -> None:
-        if self.counts is not None and self.seen is not None:
-            self.counts[0, token] += 1
-            self.seen[0, token] = True
-
-    def sample(self, logits: torch.Tensor, step: int) -> torch.Tensor:  # (1, V)
-        p, dev = self.params, self.device
-        logits = logits.float()
-        if self.counts is not None and self.seen is not None:
-            logits = apply_penalties(
-                logits, self.counts, self.seen, torch.tensor([p.repetition_penalty], device=dev),
-                torch.tensor([p.presence_penalty], device=dev), torch.tensor([p.frequency_penalty], device=dev),
-            )
-        return sample(
-            logits,
-            temperature=torch.tensor([p.temperature], device=dev),
-            top_k=torch.tensor([p.top_k], device=dev),
-            top_p=torch.tensor([p.top_p], device=dev),
-            seeds=torch.tensor([self.seed], device=dev),
-            steps=torch.tensor([step], device=dev),
-            filter_needed=p.needs_filter,
-        )[0]
+        batch, positions = single_sequence_batch(cache, pos, 1, device, windows)
+        ids = torch.tensor([[token]], device=device)  # (1, 1)
+        logits = lm(ids, positions=positions, paged=batch)[:, 0]  # (1, V)

@@ -2,7 +2,7 @@
 
 Qwen2 adds a bias to the q/k/v projections; Mistral adds a sliding window. The forward takes token ids or input
 embeddings, explicit positions (one per token, so sequences of different lengths and offsets share a batch) and,
-optionally, a preallocated `KVCache` addressed by slot.
+optionally, a paged batch (model/attention.py) whose keys and values live in the paged KV cache.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cache import KVCache
+from .attention import AttentionContext, DenseAttention, PagedBatch
 from .config import RopeConfig, TextConfig
 
 
@@ -32,7 +32,8 @@ class RMSNorm(nn.Module):
 
 def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
     """Inverse frequencies (head_dim // 2,) for the configured rope type, in float32."""
-    inv_freq = 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    exps = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim  # on the CPU, never meta
+    inv_freq = 1.0 / (rope.theta**exps)
     if rope.rope_type == "linear":
         return inv_freq / rope.factor
     if rope.rope_type == "llama3":
@@ -54,18 +55,16 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, rope: RopeConfig, head_dim: int, max_positions: int) -> None:
         super().__init__()
         self.rope, self.head_dim, self.max_positions = rope, head_dim, max_positions
-        self.register_buffer("cos", torch.empty(max_positions, head_dim), persistent=False)
-        self.register_buffer("sin", torch.empty(max_positions, head_dim), persistent=False)
+        cos, sin = self.tables("cpu")  # computed here, on the CPU even when the model is built on the meta device
+        self.register_buffer("cos", cos, persistent=False)  # (P, Dh)
+        self.register_buffer("sin", sin, persistent=False)  # (P, Dh)
 
-    @torch.no_grad()
-    def reset_tables(self) -> None:
-        """(Re)compute the tables on the buffers' device, e.g. after building on the meta device."""
-        device = self.cos.device
-        inv_freq = rope_inv_freq(self.rope, self.head_dim).to(device)  # (D/2,)
-        freqs = torch.arange(self.max_positions, device=device).float()[:, None] * inv_freq  # (P, D/2)
-        emb = torch.cat((freqs, freqs), dim=-1)  # (P, D)
-        self.cos = emb.cos()
-        self.sin = emb.sin()
+    def tables(self, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cos and sin tables (P, Dh), computed on `device` in float32."""
+        inv_freq = rope_inv_freq(self.rope, self.head_dim).to(device)  # (Dh/2,)
+        freqs = torch.arange(self.max_positions, device=device).float()[:, None] * inv_freq  # (P, Dh/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (P, Dh)
+        return emb.cos(), emb.sin()
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         return self.cos[positions].to(dtype), self.sin[positions].to(dtype)  # (B, T, D) each
@@ -83,12 +82,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
-    """Grouped-query self-attention with rotary positions and an optional slot-addressed KV cache."""
+    """Grouped-query self-attention with rotary positions; what the queries see is the context's business."""
 
     def __init__(self, config: TextConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
         self.n_heads, self.n_kv, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.window = config.sliding_window  # keys further back than this are not seen (None: all)
         d = config.hidden_size
         self.q_proj = nn.Linear(d, self.n_heads * self.head_dim, bias=config.qkv_bias)
         self.k_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=config.qkv_bias)
@@ -101,11 +101,7 @@ class Attention(nn.Module):
         x: torch.Tensor,  # (B, T, D)
         cos: torch.Tensor,  # (B, T, Dh)
         sin: torch.Tensor,  # (B, T, Dh)
-        mask: torch.Tensor | None,  # (B, 1, T, S) bool, True = attend; None = plain causal over T
-        cache: KVCache | None,
-        positions: torch.Tensor,  # (B, T)
-        slots: torch.Tensor | None,  # (B,)
-        kv_len: int,
+        attn: AttentionContext,
     ) -> torch.Tensor:
         b, t, _ = x.shape
         h, h_kv = self.n_heads, self.n_kv
@@ -118,39 +114,8 @@ class Attention(nn.Module):
             k = self.k_proj(x).view(b, t, h_kv, self.head_dim)  # (B, T, H_kv, Dh)
             v = self.v_proj(x).view(b, t, h_kv, self.head_dim)  # (B, T, H_kv, Dh)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v, positions, slots, kv_len)  # (B, S, H_kv, Dh)
-        q, k, v = (z.transpose(1, 2) for z in (q, k, v))  # (B, H, T|S, Dh)
-        if t == 1 and x.device.type == "cpu" and x.dtype != torch.float32:
-            # PyTorch's CPU attention kernel is ~5x slower for a one-token query in bf16 than in fp32 (2.0 vs 0.4 ms
-            # at 16 x 111 keys): a decode step attends in fp32, which is also the more exact.
-            q, k, v = q.float(), k.float(), v.float()
-        gqa = self.n_kv != self.n_heads
-        if mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, enable_gqa=gqa)  # (B, H, T, Dh)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)  # (B, H, T, Dh)
-        out = out.to(x.dtype).transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)  # (B, T, H * Dh)
-        return self.o_proj(out)  # (B, T, D)
-
-
-def attention_mask_for(
-    positions: torch.Tensor,  # (B, T) query positions
-    key_positions: torch.Tensor,  # (B, S)
-    key_valid: torch.Tensor | None = None,  # (B, S) bool
-    window: int | None = None,
-) -> torch.Tensor:
-    """Boolean (B, 1, T, S) mask: a query sees keys at or before its own position (and inside the window)."""
-    mask = key_positions[:, None, :] <= positions[:, :, None]  # (B, T, S)
-    if window is not None:
-        mask &= key_positions[:, None, :] > positions[:, :, None] - window
-    if key_valid is not None:
-        mask &= key_valid[:, None, :]
-        if mask.shape[1] == mask.shape[2]:
-            # A padding query sees at least itself, so no row is fully masked (which would give NaN that later
-            # layers' values would carry); real queries already see themselves.
-            mask |= torch.eye(mask.shape[1], dtype=torch.bool, device=mask.device)
-    return mask[:, None]  # (B, 1, T, S)
+        out = attn.attend(self.layer_idx, q, k, v, window=self.window)  # (B, T, H, Dh)
+        return self.o_proj(out.reshape(b, t, h * self.head_dim))  # (B, T, D)
 
 
 class SwiGLU(nn.Module):
@@ -177,8 +142,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.mlp = SwiGLU(config)
 
-    def forward(self, x: torch.Tensor, *attn_args: object) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), *attn_args)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionContext) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn)  # (B, T, D)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -206,42 +171,34 @@ class TextModel(nn.Module):
         *,
         inputs_embeds: torch.Tensor | None = None,  # (B, T, D)
         positions: torch.Tensor | None = None,  # (B, T)
-        attention_mask: torch.Tensor | None = None,  # (B, T) 1 for real tokens; cache-less path only
-        cache: KVCache | None = None,
-        slots: torch.Tensor | None = None,  # (B,)
-        kv_len: int | None = None,
+        attention_mask: torch.Tensor | None = None,  # (B, T) 1 for real tokens, 0 for padding
+        mask: torch.Tensor | None = None,  # (B, 1, T, T) bool, True = attend: replaces the causal mask
+        paged: PagedBatch | None = None,
         logits: bool = True,
-        unmasked: bool = False,
     ) -> torch.Tensor:
         """Return logits (B, T, V), or the final hidden states (B, T, D) with `logits=False`.
 
-        With a cache, `kv_len` bounds the keys attended to (the longest sequence in the batch after this step);
-        it is a host-side integer so that the step needs no device sync. `unmasked` says that every query may see
-        all `kv_len` keys (one token per sequence, all at position kv_len - 1: a decode step of equal lengths), so
-        no mask is built (a sliding window still gets one).
+        Without `paged`, the batch attends within itself: causally by `positions` (default 0..T-1), skipping padding
+        (`attention_mask`), or under an explicit `mask` (training's packed rows). With `paged` (a serving step: B = 1,
+        the step's tokens side by side), keys and values go to the paged cache and each token attends to its own
+        sequence's cached keys; `positions` then come from the caller, one per token.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, D)
         b, t, _ = x.shape
-        window = self.config.sliding_window
-        mask: torch.Tensor | None = None
-        if cache is not None:
+        attn: AttentionContext
+        if paged is not None:
             if positions is None:
-                raise ValueError("a cached forward needs explicit positions")
-            kv_len = int(positions.max()) + 1 if kv_len is None else kv_len
-            if not (unmasked and t == 1 and (window is None or kv_len <= window)):
-                key_pos = torch.arange(kv_len, device=x.device)[None, :].expand(b, kv_len)  # (B, S)
-                mask = attention_mask_for(positions, key_pos, None, window)
-        elif positions is not None or attention_mask is not None or window is not None:
-            if positions is None:
-                positions = torch.arange(t, device=x.device)[None, :].expand(b, t)  # (B, T)
+                raise ValueError("a paged forward needs explicit positions")
+            attn = paged
+        else:
             valid = attention_mask.bool() if attention_mask is not None else None
-            mask = attention_mask_for(positions, positions, valid, window)
+            attn = DenseAttention(positions, valid, mask)
         if positions is None:
             positions = torch.arange(t, device=x.device)[None, :].expand(b, t)  # (B, T)
         cos, sin = self.rotary(positions, x.dtype)  # (B, T, Dh) each
         for layer in self.layers:
-            x = layer(x, cos, sin, mask, cache, positions, slots, kv_len or t)
+            x = layer(x, cos, sin, attn)  # (B, T, D)
         x = self.norm(x)  # (B, T, D)
         return self.lm_head(x) if logits else x

@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .cache import KVCache
 from .config import VLMConfig
 from .projector import build_projector
 from .text import TextModel
@@ -72,9 +71,6 @@ class VisionLanguageModel(nn.Module):
         pixel_values: torch.Tensor | None = None,  # (B_img, C, H, W)
         attention_mask: torch.Tensor | None = None,  # (B, T)
         positions: torch.Tensor | None = None,  # (B, T)
-        cache: KVCache | None = None,
-        slots: torch.Tensor | None = None,
-        kv_len: int | None = None,
     ) -> torch.Tensor:
         """Logits (B, T_total, V), where T_total = N_vis + T when the visual tokens are prepended, else T.
 
@@ -85,10 +81,7 @@ class VisionLanguageModel(nn.Module):
             raise ValueError("pass vision_features or pixel_values, not both")
         embeds = self.embed_tokens(input_ids)  # (B, T, D)
         if vision_features is None and pixel_values is None:
-            return self.language_model(
-                inputs_embeds=embeds, positions=positions, attention_mask=attention_mask, cache=cache, slots=slots,
-                kv_len=kv_len,
-            )
+            return self.language_model(inputs_embeds=embeds, positions=positions, attention_mask=attention_mask)
         if pixel_values is not None:
             vision_features = self.select_features(pixel_values)  # (B_img, P, Dv)
         visual = self.project(vision_features)  # (B_img, N_vis, D)
@@ -96,10 +89,7 @@ class VisionLanguageModel(nn.Module):
             embeds = self.merge_at_placeholders(input_ids, embeds, visual)
         else:
             embeds, attention_mask, positions = self._prepend(embeds, visual, attention_mask, positions)
-        return self.language_model(
-            inputs_embeds=embeds, positions=positions, attention_mask=attention_mask, cache=cache, slots=slots,
-            kv_len=kv_len,
-        )
+        return self.language_model(inputs_embeds=embeds, positions=positions, attention_mask=attention_mask)
 
     @staticmethod
     def _prepend(

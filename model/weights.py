@@ -166,17 +166,9 @@ def _check_shapes(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> Non
 
 
 def _materialize_buffers(model: torch.nn.Module, device: torch.device) -> None:
-    """Non-persistent buffers (rotary tables) are not in the checkpoint: allocate and compute them on `device`."""
+    """Non-persistent buffers (the rotary tables, computed at construction) are not in the checkpoint: move them."""
     rotary = model.language_model.rotary
-    rotary.cos = torch.empty(rotary.cos.shape, device=device)
-    rotary.sin = torch.empty(rotary.sin.shape, device=device)
-    rotary.reset_tables()
-
-
-def init_buffers(model: VisionLanguageModel) -> VisionLanguageModel:
-    """Compute derived buffers of a freshly constructed (not loaded) model; returns it for chaining."""
-    model.language_model.rotary.reset_tables()
-    return model
+    rotary.cos, rotary.sin = rotary.cos.to(device), rotary.sin.to(device)
 
 
 def checkpoint_state(model: VisionLanguageModel) -> dict[str, torch.Tensor]:

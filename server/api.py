@@ -7,6 +7,7 @@ and check the context -> decode and preprocess images in a thread pool -> submit
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import logging
 import time
@@ -33,6 +34,7 @@ from .schemas import (
     GenerateResponse,
     ModelCard,
     ModelList,
+    PromptTokensDetails,
     ResponseMessage,
     Usage,
 )
@@ -101,6 +103,14 @@ def _routes(app: FastAPI, state: ServerState) -> None:
 
     auth = [Depends(authorize)]
 
+    def cache_salt(request: Request, salt: str | None) -> str:
+        """The salt a request's cached prefixes and visual tokens are keyed with: the request's own, and with API
+        keys the caller's key too, so that one tenant cannot probe another's prompts or images by timing."""
+        if not settings.api_keys:
+            return salt or ""
+        key = request.headers.get("authorization", "").partition(" ")[2].strip()
+        return hashlib.sha256(f"{key}\x00{salt or ''}".encode()).hexdigest()
+
     def check_model(name: str | None) -> None:
         if name and name != state.model_id:
             raise APIError(404, f"the model {name!r} does not exist; this server serves {state.model_id!r}",
@@ -140,16 +150,17 @@ def _routes(app: FastAPI, state: ServerState) -> None:
         if len(body.stop) > settings.max_stop_sequences:
             raise APIError(400, f"at most {settings.max_stop_sequences} stop sequences", param="stop")
         engine, _ = state.require_ready()
+        salt = cache_salt(request, body.cache_salt)
         with _admission(engine):
             chat = chat_input(body.messages, settings)
             encoded = await _encode(state, chat.messages)
             max_tokens = _max_tokens(engine, len(encoded.input_ids), body.max_completion_tokens or body.max_tokens)
-            images = await _load_images(state, [(url, param) for url, param in chat.image_urls])
+            images = await _load_images(state, [(url, param) for url, param in chat.image_urls], salt)
             sampling = state.sampling(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
                                       seed=body.seed, presence=body.presence_penalty,
                                       frequency=body.frequency_penalty, repetition=body.repetition_penalty)
             req = EngineRequest(rid, encoded.input_ids, images, sampling, max_tokens, body.stop,
-                                ignore_eos=body.ignore_eos)
+                                ignore_eos=body.ignore_eos, cache_salt=salt)
             log.info("%s: %d prompt tokens, %d images, max_tokens %d, stream=%s, user=%s", rid,
                      len(encoded.input_ids), len(images), max_tokens, body.stream, body.user)
             stream = _submit(engine, req)
@@ -187,14 +198,18 @@ def _routes(app: FastAPI, state: ServerState) -> None:
                                   repetition=None)
         stream_flag = fields.boolean("stream")
         requested = fields.integer("max_tokens", 1)
+        salt_field = fields.text("cache_salt")
+        if salt_field is not None and len(salt_field) > 256:
+            raise APIError(400, "cache_salt: at most 256 characters", param="cache_salt", code="invalid_value")
+        salt = cache_salt(request, salt_field)
         engine, _ = state.require_ready()
         with _admission(engine):
             content: list[dict[str, Any]] = [{"type": "image"} for _ in uploads] + [{"type": "text", "text": prompt}]
             encoded = await _encode(state, [{"role": "user", "content": content}])
             max_tokens = _max_tokens(engine, len(encoded.input_ids), requested)
             datas = [await u.read() for u in uploads]
-            images = await _prepare_images(state, [(d, f"image.{i}") for i, d in enumerate(datas)])
-            req = EngineRequest(rid, encoded.input_ids, images, sampling, max_tokens, stops)
+            images = await _prepare_images(state, [(d, f"image.{i}") for i, d in enumerate(datas)], salt)
+            req = EngineRequest(rid, encoded.input_ids, images, sampling, max_tokens, stops, cache_salt=salt)
             log.info("%s: %d prompt tokens, %d images, max_tokens %d", rid, len(encoded.input_ids), len(images),
                      max_tokens)
             stream = _submit(engine, req)
@@ -204,7 +219,8 @@ def _routes(app: FastAPI, state: ServerState) -> None:
         if final is None:
             return Response(status_code=499)
         return JSONResponse(GenerateResponse(id=rid, model=state.model_id, text=final.text,
-                                             finish_reason=final.finish_reason, usage=_usage(final)).model_dump(),
+                                             finish_reason=final.finish_reason, usage=_usage(final)).model_dump(
+                                                 exclude={"usage": {"prompt_tokens_details"}}),
                             headers={"X-Request-Id": rid})
 
 
@@ -221,7 +237,8 @@ async def _final(stream: EventStream, request: Request) -> Finished | None:
 
 def _usage(final: Finished) -> Usage:
     u = final.usage
-    return Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens, total_tokens=u.total_tokens)
+    return Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens, total_tokens=u.total_tokens,
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=u.cached_tokens))
 
 
 @contextmanager
@@ -249,7 +266,6 @@ def _submit(engine: Any, req: EngineRequest) -> EventStream:
     try:
         return EventStream(engine, req)
     except EngineError as e:
-        release_pins(engine, req.images)
         raise APIError.from_exception(e) from e
 
 
@@ -262,22 +278,23 @@ async def _encode(state: ServerState, messages: list[dict[str, Any]]) -> Any:
         raise APIError(400, str(e), param="messages", code="invalid_value") from e
 
 
-async def _load_images(state: ServerState, urls: Sequence[tuple[str, str]]) -> list[ImageInput]:
+async def _load_images(state: ServerState, urls: Sequence[tuple[str, str]], salt: str) -> list[ImageInput]:
     datas = await asyncio.gather(*(image_bytes(url, param, state.settings) for url, param in urls))
-    return await _prepare_images(state, list(zip(datas, [p for _, p in urls], strict=True)))
+    return await _prepare_images(state, list(zip(datas, [p for _, p in urls], strict=True)), salt)
 
 
-async def _prepare_images(state: ServerState, items: Sequence[tuple[bytes, str]]) -> list[ImageInput]:
+async def _prepare_images(state: ServerState, items: Sequence[tuple[bytes, str]], salt: str) -> list[ImageInput]:
     """Decode and preprocess in the thread pool, never on the event loop. An image whose visual tokens are cached
-    is not decoded at all: its cache entry is pinned instead (and unpinned by the engine, or here on failure)."""
+    is not decoded at all: the request leases the cached tokens instead."""
     assert state.preparer is not None and state.engine is not None
     preparer, engine = state.preparer, state.engine
     loop = asyncio.get_running_loop()
 
     def one(data: bytes, param: str) -> ImageInput:
         digest = image_hash(data)
-        if engine.pin_image(digest):
-            return ImageInput(digest, None)
+        leased = preparer.leased(digest, engine.lease_image(preparer.image_key(digest), salt))
+        if leased is not None:
+            return leased
         t0 = time.perf_counter()
         try:
             return preparer.image(data, digest)
@@ -290,22 +307,14 @@ async def _prepare_images(state: ServerState, items: Sequence[tuple[bytes, str]]
                                    return_exceptions=True)
     error = next((r for r in results if isinstance(r, BaseException)), None)
     if error is not None:
-        release_pins(engine, [r for r in results if isinstance(r, ImageInput)])
         raise error
     return list(results)  # type: ignore[arg-type]
-
-
-def release_pins(engine: Any, images: Sequence[ImageInput]) -> None:
-    """Unpin the cached images of a request that will not reach the engine."""
-    for img in images:
-        if img.pixel_values is None:
-            engine.unpin_image(img.content_hash)
 
 
 async def _chat_sse(stream: EventStream, rid: str, model: str, include_usage: bool) -> AsyncIterator[str]:
     created = int(time.time())
 
-    def chunk(delta: dict[str, Any], finish: str | None = None, usage: dict[str, int] | None = None) -> str:
+    def chunk(delta: dict[str, Any], finish: str | None = None, usage: dict[str, Any] | None = None) -> str:
         choices = [] if usage is not None else [{"index": 0, "delta": delta, "finish_reason": finish,
                                                   "logprobs": None}]
         body: dict[str, Any] = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
@@ -321,9 +330,7 @@ async def _chat_sse(stream: EventStream, rid: str, model: str, include_usage: bo
         elif isinstance(event, Finished):
             yield chunk({}, event.finish_reason)
             if include_usage:
-                u = event.usage
-                yield chunk({}, usage={"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
-                                       "total_tokens": u.total_tokens})
+                yield chunk({}, usage=_usage(event).model_dump())
         elif isinstance(event, Failed):
             yield sse(APIError.from_exception(event.error).response().body.decode())
     yield sse("[DONE]")
@@ -334,10 +341,8 @@ async def _generate_sse(stream: EventStream, rid: str) -> AsyncIterator[str]:
         if isinstance(event, TextDelta):
             yield sse({"id": rid, "text": event.text})
         elif isinstance(event, Finished):
-            u = event.usage
             yield sse({"id": rid, "finish_reason": event.finish_reason,
-                       "usage": {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
-                                 "total_tokens": u.total_tokens}})
+                       "usage": _usage(event).model_dump(exclude={"prompt_tokens_details"})})
         elif isinstance(event, Failed):
             yield sse(APIError.from_exception(event.error).response().body.decode())
     yield sse("[DONE]")

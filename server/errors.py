@@ -30,6 +30,16 @@ _TYPES = {
 }
 
 
+# What each engine error code answers with (the engine itself knows no HTTP).
+ENGINE_STATUS = {
+    "queue_full": 429,
+    "unavailable": 503,
+    "context_length_exceeded": 400,
+    "invalid_request": 400,
+    "internal_error": 500,
+}
+
+
 class APIError(Exception):
     """An error answer: status, message, and optionally the offending parameter, a code and a Retry-After."""
 
@@ -51,7 +61,7 @@ class APIError(Exception):
         if isinstance(exc, APIError):
             return exc
         if isinstance(exc, EngineError):
-            return cls(exc.status, str(exc), code=exc.code, retry_after=exc.retry_after,
+            return cls(ENGINE_STATUS.get(exc.code, 500), str(exc), code=exc.code, retry_after=exc.retry_after,
                        param="max_tokens" if exc.code == "context_length_exceeded" else param)
         if isinstance(exc, ImageError):
             return cls(exc.status_code, str(exc), code=exc.code, param=param)

@@ -47,6 +47,13 @@ class Metrics(Observer):
         self.images = Counter("vlmserve:vision_images_encoded", "Images run through the encoder", registry=r)
         self.cache_hits = Counter("vlmserve:vision_cache_hits", "Visual-token cache hits", registry=r)
         self.cache_misses = Counter("vlmserve:vision_cache_misses", "Visual-token cache misses", registry=r)
+        self.kv_usage = Gauge("vlmserve:kv_cache_usage_perc", "Share of KV blocks in use (1 = full)", registry=r)
+        self.prefix_queries = Counter("vlmserve:prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
+                                      registry=r)
+        self.prefix_hits = Counter("vlmserve:prefix_cache_hits", "Prompt tokens found in the prefix cache",
+                                   registry=r)
+        self.preemptions = Counter("vlmserve:num_preemptions", "Sequences preempted for want of KV blocks",
+                                   registry=r)
 
     # -- engine hooks (engine thread) ----------------------------------------------------------------------------
     def request_queued(self, queue_seconds: float) -> None:
@@ -88,3 +95,12 @@ class Metrics(Observer):
         self.images.inc(images)
         self.cache_hits.inc(hits)
         self.cache_misses.inc(misses)
+
+    def kv_cache(self, usage: float, prefix_queries: int, prefix_hits: int, preemptions: int) -> None:
+        self.kv_usage.set(usage)
+        if prefix_queries:
+            self.prefix_queries.inc(prefix_queries)
+        if prefix_hits:
+            self.prefix_hits.inc(prefix_hits)
+        if preemptions:
+            self.preemptions.inc(preemptions)

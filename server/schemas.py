@@ -62,6 +62,10 @@ class ChatCompletionRequest(_Lenient):
     top_k: int | None = Field(None, ge=0, lt=2**63, json_schema_extra=EXTRA)
     repetition_penalty: float | None = Field(None, gt=0, le=10, json_schema_extra=EXTRA)
     ignore_eos: bool = Field(False, description="keep generating past EOS (benchmarks)", json_schema_extra=EXTRA)
+    cache_salt: str | None = Field(
+        None, max_length=256, json_schema_extra=EXTRA,
+        description="requests share cached prompt prefixes and visual tokens only with the same salt (vLLM's field)",
+    )
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -76,10 +80,15 @@ class ChatCompletionRequest(_Lenient):
         return value
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0  # prompt tokens whose keys/values came from the prefix cache
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class ResponseMessage(BaseModel):

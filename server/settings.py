@@ -34,9 +34,15 @@ class Settings(BaseSettings):
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="allowed CORS origins, comma separated (empty: CORS off)"
     )
-    max_running: int = Field(16, ge=1, description="sequences decoded together (KV slots)")
+    max_running: int = Field(64, ge=1, description="most sequences in one step (reserves no memory)")
     max_waiting: int = Field(64, ge=0, description="requests queued beyond the free slots; past it: 429")
     max_model_len: int | None = Field(None, ge=16, description="context per sequence (default: model's, capped 4096)")
+    kv_cache_mb: int | None = Field(
+        None, ge=1, description="KV block pool in MB (default: 1024 on CPU, 80% of free memory on CUDA)"
+    )
+    block_size: int = Field(16, ge=1, le=1024, description="tokens per KV block")
+    max_num_batched_tokens: int = Field(2048, ge=16, description="tokens in one step: decodes plus prefill chunks")
+    enable_prefix_caching: bool = Field(True, description="reuse cached KV blocks of equal prompt prefixes and images")
     max_tokens_default: int = Field(1024, ge=1, description="max_tokens when a request omits it (capped by context)")
     max_body_bytes: int = Field(32 * 1024**2, ge=1024, description="request body cap; past it: 413")
     max_body_buffer_mb: int = Field(512, ge=1, description="request bodies held at once, all together; past it: 503")

@@ -79,7 +79,9 @@ class ServerState:
             config = EngineConfig(
                 max_running=s.max_running, max_waiting=s.max_waiting, max_model_len=s.max_model_len,
                 default_max_tokens=s.max_tokens_default, vision_cache_bytes=s.vision_cache_mb * 1024**2,
-                compile_decode=s.compile, weight_layout=s.weight_layout,
+                compile_decode=s.compile, weight_layout=s.weight_layout, kv_cache_mb=s.kv_cache_mb,
+                block_size=s.block_size, max_num_batched_tokens=s.max_num_batched_tokens,
+                enable_prefix_caching=s.enable_prefix_caching,
             )
             self.engine = Engine(model, tokenizer, config, model_id=self.model_id, observer=self.metrics).start()
             self._warm_up()
@@ -88,7 +90,7 @@ class ServerState:
             log.exception("loading %s failed", s.model)
             raise
         self.ready = True
-        log.info("model %s ready on %s (%s) in %.1fs; context %d, %d slots", self.model_id, device, dtype,
+        log.info("model %s ready on %s (%s) in %.1fs; context %d, %d rows", self.model_id, device, dtype,
                  time.perf_counter() - t0, self.engine.max_model_len, s.max_running)
 
     def _warm_up(self) -> None:

@@ -100,6 +100,7 @@ class TinySpec:
     init_scale: float = 0.25
     seed: int = 0
     processor_extra: dict = field(default_factory=dict)
+    max_positions: int = 256
 
 
 SPECS = {
@@ -164,7 +165,7 @@ def build_checkpoint(spec: TinySpec, out_dir: Path) -> Path:
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=256,
+        max_position_embeddings=spec.max_positions,
         rope_parameters=spec.rope,
         initializer_range=spec.init_scale,
         tie_word_embeddings=spec.tie_word_embeddings,

@@ -157,9 +157,9 @@ def test_seeded_sampling_is_reproducible_in_any_company(harness: Harness) -> Non
 
 def test_penalties_steer_sampling_per_slot() -> None:
     """Frequency/presence penalties count generated tokens per slot; the repetition penalty covers the prompt."""
-    from vlmserve.server.engine.sampler_state import SamplerState
+    from vlmserve.model.sampler import SamplerState
 
-    state = SamplerState(num_slots=3, vocab=4, device=torch.device("cpu"))
+    state = SamplerState(num_rows=3, vocab=4, device=torch.device("cpu"))
     state.assign(0, SamplingParams(temperature=0.0, frequency_penalty=0.5), prompt_ids=[])
     state.assign(1, SamplingParams(temperature=0.0), prompt_ids=[])
     state.assign(2, SamplingParams(temperature=0.0, repetition_penalty=2.0), prompt_ids=[0])
@@ -193,15 +193,29 @@ def test_cancelling_mid_stream_frees_the_slot(checkpoint_factory) -> None:
 
 
 def test_repeated_image_skips_the_encoder(harness: Harness) -> None:
+    """The same image again: its keys and values come from the prefix cache, so neither encoder nor prefill runs."""
     counters = harness.engine.counters
     first = _alone(harness, harness.request(42, max_tokens=6))
-    encoded, hits = counters.images_encoded, counters.vision_cache_hits
+    encoded = counters.images_encoded
     second = _alone(harness, harness.request(42, max_tokens=6))
     assert counters.images_encoded == encoded  # no encoder work for the same bytes
-    assert counters.vision_cache_hits == hits + 1
+    assert second.usage.cached_tokens >= 16  # at least the image's visual tokens (16 here) were reused
     assert second.token_ids == first.token_ids
     _alone(harness, harness.request(43, max_tokens=6))  # a new image is encoded
     assert counters.images_encoded == encoded + 1
+
+
+def test_repeated_image_without_prefix_caching_hits_the_visual_token_cache(checkpoint_factory) -> None:
+    h = Harness(checkpoint_factory("clip-llama"), max_running=4, enable_prefix_caching=False)
+    try:
+        counters = h.engine.counters
+        first = _alone(h, h.request(42, max_tokens=6))
+        encoded, hits = counters.images_encoded, counters.vision_cache_hits
+        second = _alone(h, h.request(42, max_tokens=6))
+        assert counters.images_encoded == encoded and counters.vision_cache_hits == hits + 1
+        assert second.usage.cached_tokens == 0 and second.token_ids == first.token_ids
+    finally:
+        h.engine.shutdown(timeout=5)
 
 
 def _boundary_stop(h: Harness) -> tuple[int, str, Finished]:
@@ -250,7 +264,7 @@ def test_stop_matcher_holds_back_partial_matches() -> None:
 def test_a_bad_image_fails_only_its_request(harness: Harness) -> None:
     good = [harness.request(i, max_tokens=6) for i in range(3)]
     bad = harness.request(7, max_tokens=6)
-    bad.images = [ImageInput(content_hash="broken-shape", pixel_values=torch.zeros(3, 5, 5))]
+    bad.images = [ImageInput(key="broken-shape", pixel_values=torch.zeros(3, 5, 5), num_tokens=16)]
     results: dict[str, object] = {}
 
     def run(req: EngineRequest) -> None:
@@ -301,30 +315,37 @@ def test_admission_refuses_fast_with_reasons(checkpoint_factory) -> None:
         h.engine.shutdown(timeout=10)
 
 
-def test_pinned_cached_image_needs_no_pixels(harness: Harness) -> None:
-    """The HTTP layer skips decoding an image whose tokens are cached: it pins the entry and sends no pixels."""
-    data = _png(77)
-    first = _alone(harness, harness.request(77, max_tokens=6))  # encodes and caches the image
-    digest = harness.preparer.image(data).content_hash
-    assert harness.engine.pin_image(digest)
-    req = harness.request(77, max_tokens=6)
-    req.images = [ImageInput(digest, None)]
-    again = _alone(harness, req)
-    assert again.token_ids == first.token_ids
-    assert not harness.engine.vision_cache._pins  # the engine released the pin
-    assert not harness.engine.pin_image("never-seen")
+def test_leased_cached_image_needs_no_pixels(checkpoint_factory) -> None:
+    """The HTTP layer skips decoding an image whose tokens are cached: it leases them and sends no pixels."""
+    from vlmserve.server.engine.prepare import image_hash
+
+    h = Harness(checkpoint_factory("clip-llama"), max_running=4, enable_prefix_caching=False)
+    try:
+        data = _png(77)
+        first = _alone(h, h.request(77, max_tokens=6))  # encodes and caches the image
+        digest = image_hash(data)
+        tokens = h.engine.lease_image(h.preparer.image_key(digest))
+        assert tokens is not None and tokens.shape == (16, h.model.config.text.hidden_size)
+        assert h.engine.lease_image(h.preparer.image_key(digest), "another-salt") is None
+        req = h.request(77, max_tokens=6)
+        req.images = [h.preparer.leased(digest, tokens)]
+        encoded = h.engine.counters.images_encoded
+        again = _alone(h, req)
+        assert again.token_ids == first.token_ids and h.engine.counters.images_encoded == encoded
+        assert h.engine.lease_image(h.preparer.image_key("never-seen")) is None
+    finally:
+        h.engine.shutdown(timeout=5)
 
 
-def test_vision_cache_is_bounded_in_bytes_and_respects_pins() -> None:
+def test_vision_cache_is_bounded_in_bytes() -> None:
     from vlmserve.server.engine.vision_cache import VisionCache
 
     cache = VisionCache(max_bytes=3 * 400)  # three (10, 10) float32 entries
     for i in range(3):
         cache.put(("m", str(i)), torch.zeros(10, 10))
-    assert cache.pin(("m", "0"))
-    cache.put(("m", "3"), torch.zeros(10, 10))  # over budget: the oldest unpinned entry ("1") goes
+    assert cache.get(("m", "0")) is not None  # now the most recently used
+    cache.put(("m", "3"), torch.zeros(10, 10))  # over budget: the least recently used entry ("1") goes
     assert ("m", "0") in cache and ("m", "1") not in cache and cache.bytes <= cache.max_bytes
-    cache.unpin(("m", "0"))
     cache.put(("m", "4"), torch.zeros(10, 10))
     assert len(cache) == 3 and cache.bytes == 1200
     assert cache.get(("m", "missing")) is None and cache.misses == 1

@@ -9,7 +9,6 @@ from vlmserve.model.config import ProjectorConfig, TextConfig, VisionConfig, VLM
 from vlmserve.model.projector import LinearProjector, PerceiverResampler, VisionProjector, build_projector
 from vlmserve.model.sampling import SamplingParams, sample, uniform_noise
 from vlmserve.model.vlm import VisionLanguageModel
-from vlmserve.model.weights import init_buffers
 
 
 def _config(kind: str = "mlp", **projector: int) -> VLMConfig:
@@ -25,7 +24,7 @@ def _config(kind: str = "mlp", **projector: int) -> VLMConfig:
 
 def _model(kind: str = "mlp", **projector: int) -> VisionLanguageModel:
     torch.manual_seed(0)
-    return init_buffers(VisionLanguageModel(_config(kind, **projector)))
+    return VisionLanguageModel(_config(kind, **projector))
 
 
 def test_vision_projector_is_the_seeds_mlp() -> None:

@@ -43,7 +43,7 @@ LOOP_FAULT_MAX_TOKENS = 173  # a request with this max_tokens kills the engine l
 
 LAUNCHER = f"""
 import os, sys, time
-from vlmserve.server.engine import core, prepare
+from vlmserve.server.engine import core, output_processor, prepare
 
 original_image = prepare.RequestPreparer.image
 def image(self, data, digest=None):
@@ -52,22 +52,22 @@ def image(self, data, digest=None):
     return original_image(self, data, digest)
 prepare.RequestPreparer.image = image
 
-original_accept_one = core.Engine._accept_one
-def accept_one(self, seq, token, now):
+original_accept = output_processor.OutputProcessor.accept
+def accept(self, seq, token, now, events):
     if seq.max_tokens == {ACCEPT_FAULT_MAX_TOKENS}:
         raise RuntimeError("injected fault while streaming one request")
-    return original_accept_one(self, seq, token, now)
-core.Engine._accept_one = accept_one
+    return original_accept(self, seq, token, now, events)
+output_processor.OutputProcessor.accept = accept
 
 delay = float(os.environ.get("FAULT_STEP_DELAY", "0"))
-original_step = core.Engine._step
+original_step = core.EngineCore.step
 def step(self):
-    if any(s.max_tokens == {LOOP_FAULT_MAX_TOKENS} for s in self._running.values()):
+    if any(s.max_tokens == {LOOP_FAULT_MAX_TOKENS} for s in self.scheduler.running):
         raise RuntimeError("injected engine loop death")
     if delay:
         time.sleep(delay)
     return original_step(self)
-core.Engine._step = step
+core.EngineCore.step = step
 
 fatal_delay = float(os.environ.get("FAULT_FATAL_DELAY", "0"))
 if fatal_delay:  # hold the exit a moment after the engine dies, so that a poller surely sees /ready answer 503

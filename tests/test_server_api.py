@@ -258,7 +258,10 @@ def test_openai_non_stream_and_stream_agree(client: openai.OpenAI) -> None:
     assert finishes == [choice.finish_reason]
     last = chunks[-1]
     assert last.choices == [] and last.usage is not None
-    assert last.usage.model_dump() == full.usage.model_dump()
+    details = {"prompt_tokens_details"}
+    assert last.usage.model_dump(exclude=details) == full.usage.model_dump(exclude=details)
+    # The same prompt again: its image and text come from the prefix cache (whole 16-token blocks, short of the end).
+    assert last.usage.prompt_tokens_details.cached_tokens >= (full.usage.prompt_tokens - 17) // 16 * 16 > 0
     assert all(c.usage is None for c in chunks[:-1])
 
 
@@ -393,7 +396,9 @@ def test_generate_json_answer_shape(live_server: LiveServer) -> None:
     # the prompt is one user turn after the images: the same answer as the chat API gives
     chat = answer(live_server, chat_body("What color is the circle?", RED, max_tokens=30))
     assert chat["choices"][0]["message"]["content"] == body["text"]
+    details = chat["usage"].pop("prompt_tokens_details")
     assert chat["usage"] == body["usage"]
+    assert details["cached_tokens"] > 0  # the same prompt and image as the multipart request: a prefix-cache hit
 
 
 def test_generate_sse_matches_json(live_server: LiveServer) -> None:

@@ -13,7 +13,7 @@ from transformers import LlavaForConditionalGeneration
 
 from vlmserve.model.config import ConfigError, ProjectorConfig, VLMConfig
 from vlmserve.model.vlm import VisionLanguageModel
-from vlmserve.model.weights import CheckpointError, init_buffers, load_model, map_checkpoint_key, save_model
+from vlmserve.model.weights import CheckpointError, load_model, map_checkpoint_key, save_model
 
 
 def _inputs(model: VisionLanguageModel) -> tuple[torch.Tensor, torch.Tensor]:
@@ -167,7 +167,7 @@ def test_resampler_checkpoint_round_trip(tmp_path: Path, clip_llama: Path) -> No
         image_token_index=base.image_token_index, vision_feature_layer=-2,
     )
     torch.manual_seed(0)
-    model = init_buffers(VisionLanguageModel(config)).eval()
+    model = VisionLanguageModel(config).eval()
     save_model(model, tmp_path / "resampler")
     saved = json.loads((tmp_path / "resampler" / "config.json").read_text())
     assert saved["projector_type"] == "resampler" and saved["vlmserve_projector"]["num_queries"] == 6

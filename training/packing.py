@@ -14,7 +14,6 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from vlmserve.model.text import TextModel
 from vlmserve.model.vlm import VisionLanguageModel
 
 
@@ -65,14 +64,7 @@ def packed_logits(
     """Logits (B, T, V) of packed rows: visual tokens merged at the slots, the LM run under the segment mask."""
     embeds = model.embed_tokens(ids)  # (B, T, D)
     embeds = model.merge_at_placeholders(ids, embeds, model.project(vision_features))  # (B, T, D)
-    return _lm_masked(model.language_model, embeds, positions, mask)
-
-
-def _lm_masked(lm: TextModel, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    cos, sin = lm.rotary(positions, x.dtype)  # (B, T, Dh) each
-    for layer in lm.layers:
-        x = layer(x, cos, sin, mask, None, positions, None, x.shape[1])  # (B, T, D)
-    return lm.lm_head(lm.norm(x))  # (B, T, V)
+    return model.language_model(inputs_embeds=embeds, positions=positions, mask=mask)  # (B, T, V)
 
 
 def packed_loss(model: VisionLanguageModel, batch: tuple[torch.Tensor, ...], features: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ from vlmserve.model.text import TextModel
 from vlmserve.model.tokenizer import ChatTokenizer
 from vlmserve.model.vision import VisionTransformer
 from vlmserve.model.vlm import VisionLanguageModel
-from vlmserve.model.weights import init_buffers, save_model
+from vlmserve.model.weights import save_model
 
 from .heads import PatchHeads
 from .loop import train_loop
@@ -89,7 +89,7 @@ class Run:
 
     def model(self) -> VisionLanguageModel:
         torch.manual_seed(self.recipe.seed)
-        return init_buffers(VisionLanguageModel(self.config))
+        return VisionLanguageModel(self.config)
 
     def step_rng(self, stage: str, step: int) -> random.Random:
         """Batch randomness from (seed, stage, step) alone, so that a resumed run sees the same batches."""
@@ -142,7 +142,7 @@ def _pad(rows: list[list[int]], pad: int) -> torch.Tensor:
 def train_lm(run: Run) -> dict:
     """Pretrain the LM on chat-formatted questions and answers about random scenes, without image slots."""
     torch.manual_seed(run.recipe.seed)
-    lm = init_buffers_lm(TextModel(run.config.text))
+    lm = TextModel(run.config.text)
     codec, budget = run.codec, run.recipe.lm
     weights = dict.fromkeys(KINDS, 1.0)
 
@@ -162,11 +162,6 @@ def train_lm(run: Run) -> dict:
     out = train_loop("lm", run.dir, {"lm": lm}, [{"params": list(lm.parameters())}], budget, step, resume=run.resume)
     torch.save(lm.state_dict(), run.dir / "lm.pt")
     return out
-
-
-def init_buffers_lm(lm: TextModel) -> TextModel:
-    lm.rotary.reset_tables()
-    return lm
 
 
 # ------------------------------------------------------------------------------------------------ stages 2, 3

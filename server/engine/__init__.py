@@ -1,6 +1,7 @@
 """The generation engine: continuous batching over one model, free of any web framework."""
 
-from .core import Engine, EngineConfig
+from .core import EngineConfig, EngineCore
+from .engine import Engine
 from .observer import EngineCounters, Observer
 from .requests import (
     BadRequest,
@@ -23,6 +24,7 @@ __all__ = [
     "ContextTooLong",
     "Engine",
     "EngineConfig",
+    "EngineCore",
     "EngineCounters",
     "EngineError",
     "EngineRequest",

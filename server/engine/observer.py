@@ -20,6 +20,8 @@ class Observer:
         self, running: int, waiting: int, batch_size: int, prefill_seconds: float, decode_seconds: float
     ) -> None: ...
     def vision(self, encoder_seconds: float, images: int, hits: int, misses: int) -> None: ...
+    def kv_cache(self, usage: float, prefix_queries: int, prefix_hits: int, preemptions: int) -> None:
+        """After each step: the share of KV blocks in use, and the increments since the last call."""
 
 
 @dataclass

@@ -10,6 +10,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from vlmserve.model.images import ImageProcessor, open_image
 from vlmserve.model.sampling import SamplingParams
 from vlmserve.model.tokenizer import ChatTokenizer, EncodedPrompt
@@ -43,6 +45,19 @@ class RequestPreparer:
         self.processor = processor
         self.num_visual_tokens = num_visual_tokens
         self.limits = limits or ImageLimits()
+        # The processing settings that turn bytes into pixels: part of every image's key, so that cached visual
+        # tokens (and KV blocks over them) are reused only for the same bytes processed the same way.
+        self.processing = hashlib.blake2b(repr(processor.config).encode(), digest_size=8).hexdigest()
+
+    def image_key(self, digest: str) -> str:
+        """The content key of an image with bytes hash `digest`, processed by this preparer."""
+        return f"{digest}-{self.processing}"
+
+    def leased(self, digest: str, visual_tokens: torch.Tensor | None) -> ImageInput | None:
+        """An image the engine already holds visual tokens for (Engine.lease_image), needing no decoding."""
+        if visual_tokens is None:
+            return None
+        return ImageInput(self.image_key(digest), None, self.num_visual_tokens, visual_tokens=visual_tokens)
 
     def encode(self, messages: Sequence[Mapping[str, Any]]) -> EncodedPrompt:
         """Token ids of the chat, each image part expanded to its visual-token slots (cheap: no image work)."""
@@ -51,7 +66,8 @@ class RequestPreparer:
     def image(self, data: bytes, digest: str | None = None) -> ImageInput:
         """Decode (header-checked against the limits first) and preprocess one image. Raises ImageError."""
         rgb = open_image(data, max_pixels=self.limits.max_image_pixels, max_bytes=self.limits.max_image_bytes)
-        return ImageInput(content_hash=digest or image_hash(data), pixel_values=self.processor.preprocess_one(rgb))
+        pixels = self.processor.preprocess_one(rgb)  # (C, H, W)
+        return ImageInput(self.image_key(digest or image_hash(data)), pixels, self.num_visual_tokens)
 
     def request(
         self,

@@ -1,4 +1,9 @@
-"""What goes into the engine (a prepared request) and what comes out of it (events), and why it may refuse."""
+"""What goes into the engine (a prepared request) and what comes out of it (events), and why it may refuse.
+
+All of it is plain data that pickles, so the engine core can run in another process (server/engine/process.py):
+tensors, strings, numbers and tuples; errors carry a code and a message, never an HTTP status (server/errors.py
+maps codes to statuses).
+"""
 
 from __future__ import annotations
 
@@ -11,47 +16,62 @@ from vlmserve.model.sampling import SamplingParams
 
 
 class EngineError(Exception):
-    """Base of the engine's refusals and failures; `status` is the HTTP status the server should answer with."""
+    """Base of the engine's refusals and failures: a stable `code`, a message, and maybe when to retry."""
 
-    status = 500
     code = "internal_error"
-    retry_after: float | None = None
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return type(self), (str(self), self.retry_after)
 
 
 class QueueFull(EngineError):
-    status, code = 429, "queue_full"
+    code = "queue_full"
 
-    def __init__(self, message: str, retry_after: float = 1.0) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
+    def __init__(self, message: str, retry_after: float | None = 1.0) -> None:
+        super().__init__(message, retry_after)
 
 
 class Unavailable(EngineError):
-    status, code = 503, "unavailable"
+    code = "unavailable"
 
-    def __init__(self, message: str, retry_after: float = 5.0) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
+    def __init__(self, message: str, retry_after: float | None = 5.0) -> None:
+        super().__init__(message, retry_after)
 
 
 class ContextTooLong(EngineError):
-    status, code = 400, "context_length_exceeded"
+    code = "context_length_exceeded"
 
 
 class BadRequest(EngineError):
-    status, code = 400, "invalid_request"
+    code = "invalid_request"
 
 
 class InternalError(EngineError):
-    status, code = 500, "internal_error"
+    code = "internal_error"
 
 
 @dataclass(frozen=True)
 class ImageInput:
-    """One image, already decoded and preprocessed off the engine's loop."""
+    """One image, already decoded and preprocessed off the engine's loop.
 
-    content_hash: str  # hash of the image bytes; keys the visual-token cache
-    pixel_values: torch.Tensor | None  # (C, H, W); None when the caller pinned the cached tokens (Engine.pin_image)
+    `key` names what the image's visual tokens are a pure function of: its bytes and the processing settings that
+    made its pixels (RequestPreparer builds it). It keys the visual-token cache and, with the offset inside the
+    image, every prefix-cache block that covers the image's tokens. `visual_tokens` is set instead of
+    `pixel_values` when the caller already holds the image's encoded tokens (a lease from `Engine.lease_image`).
+    """
+
+    key: str
+    pixel_values: torch.Tensor | None  # (C, H, W)
+    num_tokens: int  # placeholder slots this image fills in the prompt
+    visual_tokens: torch.Tensor | None = None  # (num_tokens, D), from a lease; then pixel_values may be None
+
+    def __post_init__(self) -> None:
+        if self.num_tokens < 1:
+            raise ValueError("an image fills at least one placeholder slot")
 
 
 @dataclass
@@ -66,12 +86,14 @@ class EngineRequest:
     stop: Sequence[str] = ()
     stop_token_ids: Sequence[int] = ()  # in addition to the checkpoint's EOS ids
     ignore_eos: bool = False
+    cache_salt: str = ""  # requests share cached prefixes (and visual tokens) only with equal salts
 
 
 @dataclass(frozen=True)
 class Usage:
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens whose keys/values came from the prefix cache
 
     @property
     def total_tokens(self) -> int:

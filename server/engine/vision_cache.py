@@ -2,8 +2,9 @@
 
 The key is (model id, hash of the image's bytes): two requests that send the same image share the encoder's work,
 and an image never borrows another image's tokens (a prompt-id keyed cache would, since every image's placeholder
-ids are identical). The HTTP layer may *pin* an entry before it skips decoding an image it knows is cached; a pinned
-entry is never evicted until the engine has used it and unpinned it. Thread-safe.
+ids are identical). The key also carries the request's cache salt, so tenants never share visual tokens. The HTTP
+layer may take an entry's tokens (a lease: `Engine.lease_image`) before it skips decoding the image; the request then
+holds the tensor itself, so a later eviction cannot take it away. Thread-safe.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ class VisionCache:
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
         self._entries: OrderedDict[Key, torch.Tensor] = OrderedDict()
-        self._pins: dict[Key, int] = {}
         self._lock = threading.Lock()
         self.bytes = 0
         self.hits = 0
@@ -44,25 +44,8 @@ class VisionCache:
             self.hits += 1
             return tokens
 
-    def pin(self, key: Key) -> bool:
-        """Keep `key` from eviction if it is cached; returns whether it was (then `unpin` it once used)."""
-        with self._lock:
-            if key not in self._entries:
-                return False
-            self._pins[key] = self._pins.get(key, 0) + 1
-            return True
-
-    def unpin(self, key: Key) -> None:
-        with self._lock:
-            n = self._pins.get(key, 0) - 1
-            if n > 0:
-                self._pins[key] = n
-            else:
-                self._pins.pop(key, None)
-            self._evict()
-
     def put(self, key: Key, tokens: torch.Tensor) -> None:
-        """Store (N_vis, D) tokens, evicting the least recently used unpinned entries past the byte budget."""
+        """Store (N_vis, D) tokens, evicting the least recently used entries past the byte budget."""
         size = tokens.numel() * tokens.element_size()
         if size > self.max_bytes:
             return
@@ -80,8 +63,6 @@ class VisionCache:
         for key in list(self._entries):
             if self.bytes <= self.max_bytes:
                 break
-            if key in self._pins:
-                continue
             evicted = self._entries.pop(key)
             self.bytes -= evicted.numel() * evicted.element_size()
             self.evictions += 1

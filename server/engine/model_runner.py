@@ -1,0 +1,232 @@
+"""A step's tensors and the model call: encoder for the images the step needs, one LM forward over every scheduled
+token (decodes and prefill chunks side by side on one flat axis), and sampling of the sequences that reach their end.
+
+The runner turns the scheduler's plan into: token ids (placeholders embed as 0, then the visual tokens are copied
+into their rows), positions (one per token; families with other rotary schemes supply their own), flat cache slots,
+the decodes' block tables and lengths, and one `Segment` per multi-token chunk. Only the last token of a sequence
+that reaches its end goes through the output head. Reading the sampled ids back is the step's one host sync.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass, field
+
+import torch
+
+from vlmserve.model.attention import PagedBatch, Segment
+from vlmserve.model.kv_cache import PagedKVCache
+from vlmserve.model.sampler import SamplerState
+from vlmserve.model.vlm import VisionLanguageModel
+
+from .observer import EngineCounters, Observer
+from .scheduler import ScheduledBatch
+from .sequence import Sequence
+from .vision_cache import VisionCache
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StepOutput:
+    sampled: list[tuple[Sequence, int]] = field(default_factory=list)  # (sequence, its new token)
+    failed: list[tuple[Sequence, str]] = field(default_factory=list)  # (sequence, why): failed alone
+    computed: list[tuple[Sequence, int]] = field(default_factory=list)  # (sequence, tokens now in the cache)
+    seconds: float = 0.0  # the forward and the sampling
+    prefill: bool = False  # whether the step computed any multi-token chunk
+
+
+class ModelRunner:
+    def __init__(self, model: VisionLanguageModel, cache: PagedKVCache, vision_cache: VisionCache, *,
+                 max_rows: int, max_images_per_encode: int, counters: EngineCounters, observer: Observer,
+                 compile_decode: bool = False) -> None:
+        self.model, self.cache, self.vision_cache = model, cache, vision_cache
+        lm = model.language_model
+        param = next(lm.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.sampler = SamplerState(max_rows, lm.lm_head.out_features, self.device)
+        self.windows = {layer.self_attn.window for layer in lm.layers}
+        self.bidirectional_images = bool(getattr(model, "bidirectional_images", False))
+        self.max_images_per_encode = max_images_per_encode
+        self.counters, self.observer = counters, observer
+        # Decode-only steps through torch.compile (dynamic shapes); eager if compiling fails (no C++ compiler, ...).
+        self._compiled = torch.compile(lm.forward, dynamic=True) if compile_decode else None
+
+    def assign(self, seq: Sequence) -> None:
+        """Load a newly admitted sequence's sampling settings into its row."""
+        seq.seed = self.sampler.assign(seq.row, seq.req.sampling, seq.req.prompt_ids)
+
+    # ------------------------------------------------------------------------------------------------- execute
+    def execute(self, batch: ScheduledBatch) -> StepOutput:
+        out = StepOutput()
+        failed = self._resolve_images(batch, out)
+        items = [(s, n) for s, n in batch.items if id(s) not in failed]
+        if not items:
+            return out
+        t0 = time.perf_counter()
+        try:
+            sampled = self._forward(items)
+        except Exception as e:
+            log.exception("model step failed for %d sequences", len(items))
+            out.failed += [(s, f"the model step failed: {type(e).__name__}") for s, _ in items]
+            return out
+        out.computed = items
+        out.sampled = sampled
+        n_decodes = sum(1 for _, n in items if n == 1)
+        self.counters.steps += 1
+        self.counters.decode_tokens += n_decodes
+        self.counters.decode_forwards += n_decodes > 0
+        self.counters.prefill_forwards += n_decodes < len(items)
+        self.counters.max_batch_size = max(self.counters.max_batch_size, len(items))
+        out.seconds, out.prefill = time.perf_counter() - t0, n_decodes < len(items)
+        return out
+
+    def _forward(self, items: list[tuple[Sequence, int]]) -> list[tuple[Sequence, int]]:
+        bs = self.cache.block_size
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        image_rows: list[int] = []
+        image_parts: list[torch.Tensor] = []
+        decode_tables: list[list[int]] = []
+        decode_lens: list[int] = []
+        segments: list[tuple[int, int, int, list[int], tuple[tuple[int, int], ...]]] = []
+        last: list[int] = []  # flat index of the last token of each sequence that samples
+        samplers: list[Sequence] = []
+        for seq, n in items:
+            start, lo = len(ids), seq.num_computed
+            hi = lo + n
+            ids += seq.token_ids[lo:hi]
+            positions += range(lo, hi)
+            table = seq.block_table
+            slots += [table[p // bs] * bs + p % bs for p in range(lo, hi)]
+            for span in seq.spans_in(lo, hi):
+                a, b = max(lo, span.start), min(hi, span.end)
+                image_rows += range(start + a - lo, start + b - lo)
+                image_parts.append(seq.visual[span.index][a - span.start : b - span.start])  # (b - a, D)
+            n_blocks = -(-hi // bs)
+            if n == 1:
+                decode_tables.append(table[:n_blocks])
+                decode_lens.append(hi)
+            else:
+                spans = tuple((s.start, s.end) for s in seq.spans) if self.bidirectional_images else ()
+                segments.append((start, n, hi, table[:n_blocks], spans))
+            if hi == seq.num_tokens:
+                last.append(start + n - 1)
+                samplers.append(seq)
+        lm = self.model.language_model
+        ids_t = self._tensor(ids)  # (N,)
+        embeds = self.model.embed_tokens(ids_t[None])[0]  # (N, D)
+        if image_rows:
+            visual = torch.cat(image_parts).to(embeds.dtype)  # (N_img_rows, D)
+            embeds = embeds.index_copy(0, self._tensor(image_rows), visual)  # (N, D)
+        paged = PagedBatch(self.cache, self._tensor(slots), num_decodes=len(decode_lens))
+        if decode_lens:
+            width = max(len(t) for t in decode_tables)
+            paged.decode_tables = self._tensor([t + [0] * (width - len(t)) for t in decode_tables])  # (B_d, nb)
+            paged.decode_lens = self._tensor(decode_lens)  # (B_d,)
+            paged.decode_max_len = max(decode_lens)
+            equal = all(n == paged.decode_max_len for n in decode_lens)
+            paged.decode_masks = PagedBatch.decode_masks_for(paged.decode_lens, paged.decode_max_len, self.windows,
+                                                             equal=equal)
+        paged.segments = [Segment(s, n, c, self._tensor(t), sp) for s, n, c, t, sp in segments]
+        pos_t = self._tensor(positions)[None]  # (1, N)
+        forward = self._compiled if self._compiled is not None and not segments else lm
+        try:
+            hidden = forward(inputs_embeds=embeds[None], positions=pos_t, paged=paged, logits=False)[0]  # (N, D)
+        except Exception as e:
+            if forward is lm:
+                raise
+            log.warning("torch.compile of the decode step failed (%s: %s); decoding eagerly", type(e).__name__, e)
+            self._compiled = None
+            hidden = lm(inputs_embeds=embeds[None], positions=pos_t, paged=paged, logits=False)[0]  # (N, D)
+        if not samplers:
+            return []
+        logits = lm.lm_head(hidden[self._tensor(last)])  # (S, V)
+        rows = self._tensor([s.row for s in samplers])  # (S,)
+        tokens = self.sampler.sample(logits, rows, [s.num_generated for s in samplers],
+                                     [s.req.sampling for s in samplers])
+        return list(zip(samplers, tokens, strict=True))
+
+    # -------------------------------------------------------------------------------------------------- images
+    def _resolve_images(self, batch: ScheduledBatch, out: StepOutput) -> set[int]:
+        """Make sure every image span the step computes has its visual tokens in `seq.visual`; return the ids of
+        sequences that failed (an image that could not be encoded fails its request alone)."""
+        t0 = time.perf_counter()
+        todo: dict[tuple[str, str], list[tuple[Sequence, int]]] = {}
+        pixels: dict[tuple[str, str], torch.Tensor] = {}
+        hits = 0
+        for seq, n in batch.items:
+            for span in seq.spans_in(seq.num_computed, seq.num_computed + n):
+                if span.index in seq.visual:
+                    continue
+                img = seq.req.images[span.index]
+                key = (seq.req.cache_salt, img.key)
+                tokens = img.visual_tokens if img.visual_tokens is not None else self.vision_cache.get(key)
+                if tokens is None and key in todo:
+                    hits += 1  # the same image twice in this step: encoded once
+                if tokens is not None:
+                    seq.visual[span.index] = tokens
+                    hits += 1
+                elif img.pixel_values is not None:
+                    todo.setdefault(key, []).append((seq, span.index))
+                    pixels[key] = img.pixel_values
+                else:
+                    todo.setdefault(key, []).append((seq, span.index))
+        encoded: dict[tuple[str, str], torch.Tensor] = {}
+        by_shape: dict[tuple[int, ...], list[tuple[str, str]]] = {}
+        for key in pixels:
+            by_shape.setdefault(tuple(pixels[key].shape), []).append(key)
+        for keys in by_shape.values():
+            step = self.max_images_per_encode
+            for i in range(0, len(keys), step):
+                encoded.update(self._encode([*keys[i : i + step]], pixels))
+        failed: set[int] = set()
+        for key, users in todo.items():
+            tokens = encoded.get(key)
+            for seq, index in users:
+                if tokens is None or tokens.shape[0] != seq.spans[index].length:
+                    if id(seq) not in failed:
+                        failed.add(id(seq))
+                        why = "an image of this request could not be encoded" if tokens is None else (
+                            f"image {index} gave {tokens.shape[0]} visual tokens for {seq.spans[index].length} slots")
+                        out.failed.append((seq, why))
+                else:
+                    seq.visual[index] = tokens
+        self.counters.vision_cache_hits += hits
+        self.counters.vision_cache_misses += len(pixels)
+        if pixels or hits:
+            self.observer.vision(time.perf_counter() - t0, len(pixels), hits, len(pixels))
+        return failed
+
+    def _encode(self, keys: Seq[tuple[str, str]], pixels: dict[tuple[str, str], torch.Tensor]
+                ) -> dict[tuple[str, str], torch.Tensor]:
+        """Encode images in one call; on failure retry one by one so that only the bad image is lost."""
+        try:
+            batch = torch.stack([pixels[k].to(self.device, self.dtype, non_blocking=True) for k in keys])  # (N,C,H,W)
+            tokens = self.model.encode_images(batch)  # (N, N_vis, D)
+        except Exception:
+            if len(keys) == 1:
+                log.exception("encoding image %s failed", keys[0][1][:12])
+                return {}
+            out: dict[tuple[str, str], torch.Tensor] = {}
+            for k in keys:
+                out.update(self._encode([k], pixels))
+            return out
+        self.counters.encoder_calls += 1
+        self.counters.images_encoded += len(keys)
+        out = {}
+        for k, t in zip(keys, tokens, strict=True):
+            t = t.clone()  # a clone: a slice would pin the whole batch's memory in the cache
+            self.vision_cache.put(k, t)
+            out[k] = t
+        return out
+
+    def _tensor(self, values: Seq[int] | Seq[Seq[int]]) -> torch.Tensor:
+        """A small int64 tensor on the device, copied without blocking the host on CUDA."""
+        t = torch.tensor(values, dtype=torch.long)
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t.to(self.device)
