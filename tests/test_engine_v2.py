@@ -4,6 +4,8 @@ separate process, and the metrics that report them. Each behaviour is checked ag
 from __future__ import annotations
 
 import io
+import queue
+import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -202,14 +204,33 @@ def test_sixty_four_short_requests_share_one_batch_in_a_pool_smaller_than_their_
 
     ckpt = build_checkpoint(replace(SPECS["clip-llama"], name="clip-llama-4k", max_positions=4096), tmp_path)
     # 64 x 4096 tokens x 512 bytes = 128 MB of KV if contexts were reserved; the pool has 16.
-    h = Harness(ckpt, max_running=64, max_waiting=64, max_model_len=4096, kv_cache_mb=16)
+    h = Harness(ckpt, max_running=64, max_waiting=64, max_model_len=4096, kv_cache_mb=16,
+                max_num_batched_tokens=4096)
     try:
         assert h.engine.core.kv.nbytes <= 16 * 2**20 < 64 * 4096 * 512
         reqs = [h.request(i, max_tokens=8) for i in range(64)]
         for r in reqs:
             r.ignore_eos = True
-        done = h.run_concurrently(reqs)
-        assert all(isinstance(d, Finished) and d.usage.completion_tokens == 8 for d in done)
+        # Hold the engine loop in a sink while all 64 are submitted, so that they arrive together.
+        release, stalled = threading.Event(), threading.Event()
+
+        def stall(event: object) -> None:
+            stalled.set()
+            release.wait(10)
+
+        h.engine.submit(h.request(99, max_tokens=1), stall)
+        assert stalled.wait(10)
+        done: list[queue.Queue] = []
+        for r in reqs:
+            done.append(queue.Queue())
+            h.engine.submit(r, done[-1].put)
+        release.set()
+        finals = []
+        for q in done:
+            while not isinstance(event := q.get(timeout=60), Finished):
+                pass
+            finals.append(event)
+        assert all(f.usage.completion_tokens == 8 for f in finals)
         assert h.engine.counters.max_batch_size == 64
     finally:
         h.engine.shutdown(timeout=10)

@@ -50,17 +50,19 @@ class Scheduler:
         self.running: list[Sequence] = []  # in admission order: the last is the youngest
         self.free_rows = list(range(max_running - 1, -1, -1))  # a stack: lowest row on top
         self.num_preemptions = 0
+        self._new_waiting = 0  # waiting sequences without a row: a plain int, read from other threads
 
     @property
     def num_new_waiting(self) -> int:
         """Waiting sequences that hold no row yet (preempted ones do)."""
-        return sum(1 for s in self.waiting if s.row < 0)
+        return self._new_waiting
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
+        self._new_waiting += seq.row < 0
 
     # ------------------------------------------------------------------------------------------------ schedule
     def schedule(self) -> ScheduledBatch:
@@ -141,6 +143,7 @@ class Scheduler:
             out.admitted.append(seq)
         if seq.row < 0:
             seq.row = self.free_rows.pop()
+            self._new_waiting -= 1
         seq.status = Status.RUNNING
         self.running.append(seq)
         return True
@@ -172,6 +175,7 @@ class Scheduler:
             self.running.remove(seq)
         elif seq.status is Status.WAITING and seq in self.waiting:
             self.waiting.remove(seq)
+            self._new_waiting -= seq.row < 0
         if seq.block_table:
             self.blocks.free(seq.block_table)
             seq.block_table = []
