@@ -178,8 +178,7 @@ class EngineCore:
         events: list[Event] = []
         now = time.monotonic()
         if out is not None:
-            for seq, why in out.failed:
-                error = InternalError(why) if why.startswith("the model step failed") else BadRequest(why)
+            for seq, error in out.failed:
                 self._fail(seq, error, events)
             for seq, n in out.computed:
                 self.scheduler.advance(seq, n)

@@ -22,6 +22,7 @@ from vlmserve.model.sampler import SamplerState
 from vlmserve.model.vlm import VisionLanguageModel
 
 from .observer import EngineCounters, Observer
+from .requests import BadRequest, EngineError, InternalError
 from .scheduler import ScheduledBatch
 from .sequence import Sequence
 from .vision_cache import VisionCache
@@ -32,7 +33,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class StepOutput:
     sampled: list[tuple[Sequence, int]] = field(default_factory=list)  # (sequence, its new token)
-    failed: list[tuple[Sequence, str]] = field(default_factory=list)  # (sequence, why): failed alone
+    failed: list[tuple[Sequence, EngineError]] = field(default_factory=list)  # (sequence, why): failed alone
     computed: list[tuple[Sequence, int]] = field(default_factory=list)  # (sequence, tokens now in the cache)
     seconds: float = 0.0  # the forward and the sampling
     prefill: bool = False  # whether the step computed any multi-token chunk
@@ -70,7 +71,7 @@ class ModelRunner:
             sampled = self._forward(items)
         except Exception as e:
             log.exception("model step failed for %d sequences", len(items))
-            out.failed += [(s, f"the model step failed: {type(e).__name__}") for s, _ in items]
+            out.failed += [(s, InternalError(f"the model step failed: {type(e).__name__}")) for s, _ in items]
             return out
         out.computed = items
         out.sampled = sampled
@@ -192,7 +193,7 @@ class ModelRunner:
                         failed.add(id(seq))
                         why = "an image of this request could not be encoded" if tokens is None else (
                             f"image {index} gave {tokens.shape[0]} visual tokens for {seq.spans[index].length} slots")
-                        out.failed.append((seq, why))
+                        out.failed.append((seq, BadRequest(why)))
                 else:
                     seq.visual[index] = tokens
         self.counters.vision_cache_hits += hits

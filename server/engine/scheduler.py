@@ -90,10 +90,10 @@ class Scheduler:
                 seq = self.waiting[0]
                 if seq.row < 0 and not self.free_rows:
                     break
-                if not self._admit(seq, budget, out):
+                n = self._admit(seq, budget, out)
+                if not n:
                     break
                 self.waiting.popleft()
-                n = self._chunk(seq, budget)
                 out.items.append((seq, n))
                 budget -= n
         out.items.sort(key=lambda item: item[1] != 1)  # decodes first (stable: oldest first within each group)
@@ -118,8 +118,9 @@ class Scheduler:
         seq.block_table += self.blocks.allocate(need)
         return True
 
-    def _admit(self, seq: Sequence, budget: int, out: ScheduledBatch) -> bool:
-        """Bring a waiting sequence in: prefix blocks from the cache, fresh blocks for its first chunk, a row."""
+    def _admit(self, seq: Sequence, budget: int, out: ScheduledBatch) -> int:
+        """Bring a waiting sequence in: prefix blocks from the cache, fresh blocks for its first chunk, a row.
+        Returns the chunk's token count, or 0 if it cannot come in now."""
         bs = self.blocks.block_size
         if not seq.block_table:
             # Reuse cached full blocks, but leave at least the last token to compute: its logits give the sample.
@@ -135,7 +136,7 @@ class Scheduler:
         if need > self.blocks.num_free - (self.watermark_blocks if self.running else 0):
             self.blocks.free(seq.block_table)  # not now: give the prefix back (it stays cached)
             seq.block_table, seq.registered, seq.num_computed = [], 0, 0
-            return False
+            return 0
         seq.block_table += self.blocks.allocate(need)
         if seq.num_cached < 0:
             seq.num_cached = seq.num_computed
@@ -146,7 +147,7 @@ class Scheduler:
             self._new_waiting -= 1
         seq.status = Status.RUNNING
         self.running.append(seq)
-        return True
+        return n
 
     def _preempt(self, seq: Sequence, out: ScheduledBatch) -> None:
         """Free seq's blocks and send it back to the front of the queue: it recomputes what it had."""
