@@ -85,10 +85,10 @@ _SYLLABLES = [c + v for c in "bcdfghjklmnprstvwz" for v in "aeiou"] + ["th", "sh
 _PROMPT_WORDS = ["describe", "the", "picture", "number", "what", "color", "is", "this", "image", "shape"]
 
 
-def _corpus(seed: int, lines: int = 6000) -> list[str]:
+def _corpus(seed: int, lines: int = 6000, num_words: int = 3000) -> list[str]:
     """ASCII pseudo-words (so that every merged token is plain ASCII) plus the words of the benchmark prompts."""
     rng = random.Random(seed)
-    words = ["".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(1, 4))) for _ in range(3000)]
+    words = ["".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(1, 4))) for _ in range(num_words)]
     words += _PROMPT_WORDS * 30 + [str(i) for i in range(100)]
     return [" ".join(rng.choice(words) for _ in range(rng.randint(4, 16))) + rng.choice(".?!,") for _ in range(lines)]
 
@@ -102,7 +102,9 @@ def train_tokenizer(vocab_size: int, seed: int = 0) -> PreTrainedTokenizerFast:
         vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_corpus(seed), trainer=trainer)
+    # a vocabulary past ~6k merges needs more distinct words than the 3000 the smaller checkpoints were built with
+    num_words = 3000 if vocab_size <= 4096 else 2 * vocab_size
+    tok.train_from_iterator(_corpus(seed, lines=max(6000, 2 * num_words), num_words=num_words), trainer=trainer)
     bos = tok.token_to_id("<s>")
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
                                                        special_tokens=[("<s>", bos)])

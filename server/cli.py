@@ -27,7 +27,7 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
         info = fields[name]
         flag = "--" + name.replace("_", "-")
         env = f"VLMSERVE_{name.upper()}"
-        help_text = f"{info.description} [env {env}]"
+        help_text = f"{info.description} [env {env}]".replace("%", "%%")  # argparse formats help with %
         annotation = info.annotation
         if annotation is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,

@@ -41,6 +41,21 @@ def test_configuration_table_is_generated_from_settings() -> None:
     assert table.strip() == settings_table().strip()
 
 
+@pytest.mark.parametrize("command", ["serve", "ask", "bench", "train", "eval"])
+def test_every_command_prints_its_help(command: str) -> None:
+    """`--help` of each command exits 0 and names every settings flag of `serve` (a help text with a bare `%` once
+    crashed argparse's formatter)."""
+    out = subprocess.run([sys.executable, "-m", "vlmserve.server.cli", command, "--help"], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "usage:" in out.stdout
+    if command == "serve":
+        from vlmserve.server.settings import Settings
+
+        for name in Settings.model_fields:
+            assert "--" + name.replace("_", "-") in out.stdout
+
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder holding circle.png (a red circle), where the examples run."""
