@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     CLIPImageProcessor,
@@ -158,6 +159,7 @@ def build(spec: BenchSpec, out_dir: Path) -> Path:
     gen.do_sample = False
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
+    classic_keys(out_dir)
     crop = {"height": spec.image_size, "width": spec.image_size}
     processor = LlavaProcessor(
         image_processor=CLIPImageProcessor(size={"shortest_edge": spec.image_size}, crop_size=crop),
@@ -176,6 +178,17 @@ def build(spec: BenchSpec, out_dir: Path) -> Path:
          "silent_token_ids": len(silent)}, indent=1))
     log.info("built %s in %s: %s", spec.name, out_dir, params)
     return out_dir
+
+
+def classic_keys(out_dir: Path) -> None:
+    """Rename the vision tower's tensors to the hub's classic llava-hf names (`vision_tower.vision_model.*`): recent
+    transformers saves `vision_tower.*`, which vLLM 0.32 cannot load; transformers and vlmserve read both."""
+    path = out_dir / "model.safetensors"
+    tensors = load_file(path)
+    renamed = {("vision_tower.vision_model." + k.removeprefix("vision_tower."))
+               if k.startswith("vision_tower.") and not k.startswith("vision_tower.vision_model.") else k: v
+               for k, v in tensors.items()}
+    save_file(renamed, path, metadata={"format": "pt"})
 
 
 @torch.inference_mode()

@@ -55,6 +55,10 @@ class PagedKVCache:
     def gather(self, layer: int, tables: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values (B, length, Hkv, Dh) of the sequences whose block tables are `tables` (B, n_blocks)."""
         b = tables.shape[0]
-        k = self.k[layer][tables].view(b, -1, self.num_kv_heads, self.head_dim)  # (B, n_blocks * BS, Hkv, Dh)
-        v = self.v[layer][tables].view(b, -1, self.num_kv_heads, self.head_dim)  # (B, n_blocks * BS, Hkv, Dh)
-        return k[:, :length], v[:, :length]
+        flat = tables.reshape(-1)  # (B * n_blocks,)
+        # index_select over whole blocks (rows of block_size * Hkv * Dh): one memcpy per block, 2-7x faster on a CPU
+        # than advanced indexing's element-wise kernel (0.16 vs 1.0 ms for 16 decodes x 233 keys, keys and values)
+        k = self.k[layer].view(self.num_blocks, -1).index_select(0, flat)  # (B * n_blocks, BS * Hkv * Dh)
+        v = self.v[layer].view(self.num_blocks, -1).index_select(0, flat)  # (B * n_blocks, BS * Hkv * Dh)
+        shape = (b, -1, self.num_kv_heads, self.head_dim)
+        return k.view(shape)[:, :length], v.view(shape)[:, :length]  # (B, length, Hkv, Dh) each

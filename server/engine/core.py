@@ -60,7 +60,7 @@ class EngineCore:
     def __init__(self, model: VisionLanguageModel, tokenizer: ChatTokenizer, config: EngineConfig | None = None, *,
                  model_id: str = "model", observer: Observer | None = None) -> None:
         self.config = config = config or EngineConfig()
-        self.model = model.eval()
+        self.model = model.eval().requires_grad_(False)  # serving only: no step ever records autograd
         self.tokenizer = tokenizer
         self.model_id = model_id
         self.observer = observer or Observer()
@@ -165,6 +165,7 @@ class EngineCore:
         return len(self.scheduler.running)
 
     # ----------------------------------------------------------------------------------------------------- step
+    @torch.inference_mode()
     def step(self) -> list[Event]:
         batch = self.scheduler.schedule()
         now = time.monotonic()
