@@ -25,7 +25,7 @@ def load(path: Path, image_offset: int) -> dict[str, Any]:
     if not found:
         raise SystemExit(f"{path}: no `asyncio.run(main())` entry point")
     namespace: dict[str, Any] = {"__name__": "loadtest", "__file__": str(path)}
-    exec(compile(head, str(path), "exec"), namespace)  # noqa: S102 - our own tool, read from disk
+    exec(compile(head, str(path), "exec"), namespace)  # the shared tool, read from disk
     original: Callable[..., str] = namespace["image_url"]
     namespace["image_url"] = lambda seed, *a, **k: original(seed + image_offset, *a, **k)
     return namespace
