@@ -1,13 +1,12 @@
-"""Tokenizer + chat template wrapper and the incremental detokenizer.
+"""Tokenizer + chat template wrapper, with image-span aware chat encoding.
 
 `ChatTokenizer.encode_chat` turns OpenAI-style messages into token ids with one span of visual-token slots per image
 part. Image positions come from image *parts* only: every special-token string a client writes in text (`<image>`,
 `</s>`, ...) is swapped for a private sentinel before the template is rendered and tokenized as ordinary text
 afterwards, so typed text can never become an image slot or a control token (the trap of vLLM #57740).
 
-`IncrementalDetokenizer` streams text deltas from token ids with the prefix/read offset algorithm (TGI
-`decode_token`, vLLM `detokenize_incrementally`): it decodes a small window of recent tokens per step and holds back
-output while the window ends in an incomplete UTF-8 character.
+The message types are in model/messages.py, the template lookup in model/chat_template.py and the incremental
+detokenizer (`ChatTokenizer.detokenizer`) in model/detokenizer.py.
 """
 
 from __future__ import annotations
@@ -18,139 +17,21 @@ import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from jinja2 import TemplateError
 from tokenizers import Tokenizer
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from .chat_template import LLAVA_15_CHAT_TEMPLATE, read_json, template_from_checkpoint, template_from_tokenizer
+from .detokenizer import IncrementalDetokenizer
+from .messages import ChatMessage, TextPart, parse_messages
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_IMAGE_TOKEN = "<image>"
 
-# llava-1.5's prompt, "USER: <image>\n{text} ASSISTANT:", over OpenAI-style content parts: a system turn first, one
-# `<image>\n` per image part at the start of its user turn, assistant turns closed by the EOS token.
-LLAVA_15_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% set content = message['content'] %}"
-    "{% if content is string %}{% set text = content %}"
-    "{% else %}{% set text = content | selectattr('type', 'equalto', 'text') | map(attribute='text') | join(' ') %}"
-    "{% endif %}"
-    "{% if message['role'] == 'system' %}{{ text }}\n"
-    "{% elif message['role'] == 'user' %}USER: "
-    "{% if content is not string %}{% for part in content %}{% if part['type'] == 'image' %}<image>\n"
-    "{% endif %}{% endfor %}{% endif %}{{ text }} "
-    "{% elif message['role'] == 'assistant' %}ASSISTANT: {{ text }}{{ eos_token }}"
-    "{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
-)
-
-_ROLES = frozenset({"system", "user", "assistant"})
-_IMAGE_PART_TYPES = frozenset({"image", "image_url", "input_image"})
 _PRIVATE_USE = range(0xE000, 0xF900)  # Unicode private use area: sentinel characters come from here
-
-
-# ----------------------------------------------------------------------------------------------------------- messages
-
-
-def clean_text(text: str) -> str:
-    """`text` as valid Unicode: JSON can carry lone surrogates (\\ud800), which no tokenizer accepts; each becomes
-    U+FFFD, while proper surrogate pairs are joined into their character."""
-    try:
-        text.encode("utf-8")
-        return text
-    except UnicodeEncodeError:
-        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
-
-
-@dataclass(frozen=True)
-class TextPart:
-    """A text content part (lone surrogates replaced, see `clean_text`)."""
-
-    text: str
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "text", clean_text(self.text))
-
-
-@dataclass(frozen=True)
-class ImagePart:
-    """Marks where an image sits in a message; the pixels are handled elsewhere (model/images.py)."""
-
-    url: str | None = None
-
-
-Part = TextPart | ImagePart
-
-
-@dataclass(frozen=True)
-class ChatMessage:
-    """One chat turn; `content` is a plain string or a sequence of parts."""
-
-    role: str
-    content: str | tuple[Part, ...]
-
-    def __post_init__(self) -> None:
-        if self.role not in _ROLES:
-            raise ValueError(f"unsupported message role {self.role!r}; expected one of {sorted(_ROLES)}")
-        if isinstance(self.content, str):
-            object.__setattr__(self, "content", clean_text(self.content))
-        else:
-            object.__setattr__(self, "content", tuple(self.content))
-
-    @property
-    def num_images(self) -> int:
-        """Image parts in this message."""
-        return 0 if isinstance(self.content, str) else sum(isinstance(p, ImagePart) for p in self.content)
-
-
-def parse_part(part: Part | Mapping[str, Any]) -> Part:
-    """One OpenAI content part (`{"type": "text", "text": ...}`, `{"type": "image_url", ...}`) as a typed part."""
-    if isinstance(part, TextPart | ImagePart):
-        return part
-    if not isinstance(part, Mapping):
-        raise ValueError(f"content part must be an object, got {type(part).__name__}")
-    kind = part.get("type")
-    if kind == "text":
-        text = part.get("text")
-        if not isinstance(text, str):
-            raise ValueError("text content part needs a string 'text'")
-        return TextPart(text)
-    if kind in _IMAGE_PART_TYPES:
-        ref = part.get("image_url", part.get("url"))
-        if isinstance(ref, Mapping):
-            ref = ref.get("url")
-        return ImagePart(url=ref if isinstance(ref, str) else None)
-    raise ValueError(f"unsupported content part type {kind!r}")
-
-
-def parse_message(message: ChatMessage | Mapping[str, Any]) -> ChatMessage:
-    """An OpenAI-style message dict (or a `ChatMessage`) as a `ChatMessage`."""
-    if isinstance(message, ChatMessage):
-        return message
-    if not isinstance(message, Mapping):
-        raise ValueError(f"message must be an object, got {type(message).__name__}")
-    content = message.get("content")
-    if content is None:
-        content = ""
-    if not isinstance(content, str):
-        if isinstance(content, Mapping) or not isinstance(content, Sequence):
-            raise ValueError("message content must be a string or a list of parts")
-        content = tuple(parse_part(p) for p in content)
-    return ChatMessage(role=str(message.get("role")), content=content)
-
-
-def parse_messages(messages: Sequence[ChatMessage | Mapping[str, Any]]) -> list[ChatMessage]:
-    """Parse a whole conversation; it must not be empty."""
-    if not messages:
-        raise ValueError("a conversation needs at least one message")
-    return [parse_message(m) for m in messages]
-
-
-def count_images(messages: Sequence[ChatMessage | Mapping[str, Any]]) -> int:
-    """Number of image parts in a conversation, in the order `encode_chat` places them."""
-    return sum(m.num_images for m in parse_messages(messages))
 
 
 # ----------------------------------------------------------------------------------------------------------- encoding
@@ -221,7 +102,7 @@ class ChatTokenizer:
         self._backend_inner = _without_first_prepend(self._backend_plain)
 
         if chat_template is None:
-            chat_template = _template_from_tokenizer(tokenizer)
+            chat_template = template_from_tokenizer(tokenizer)
         if chat_template is None:
             logger.info("no chat template in the checkpoint; using the llava-1.5 default")
             chat_template = LLAVA_15_CHAT_TEMPLATE
@@ -274,15 +155,15 @@ class ChatTokenizer:
     def from_pretrained(cls, path: str | os.PathLike[str]) -> ChatTokenizer:
         """Load the tokenizer, chat template, EOS ids and image token of a checkpoint directory (or hub id)."""
         tokenizer = AutoTokenizer.from_pretrained(path)
-        generation = _read_json(path, "generation_config.json") or {}
-        config = _read_json(path, "config.json") or {}
-        processor = _read_json(path, "processor_config.json") or {}
+        generation = read_json(path, "generation_config.json") or {}
+        config = read_json(path, "config.json") or {}
+        processor = read_json(path, "processor_config.json") or {}
         eos = generation.get("eos_token_id")
         eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
         image_token_id = config.get("image_token_index", config.get("image_token_id"))
         return cls(
             tokenizer,
-            chat_template=_template_from_checkpoint(path, tokenizer),
+            chat_template=template_from_checkpoint(path, tokenizer),
             image_token=processor.get("image_token"),
             image_token_id=int(image_token_id) if image_token_id is not None else None,
             eos_token_ids=eos_ids,
@@ -453,72 +334,6 @@ class ChatTokenizer:
         return out
 
 
-# ------------------------------------------------------------------------------------------------------- detokenizer
-
-
-class _Decoder(Protocol):
-    def decode(self, ids: list[int], *, skip_special_tokens: bool = ...) -> str: ...
-
-
-class IncrementalDetokenizer:
-    """Token ids in, text deltas out; never emits half a character; special tokens are skipped.
-
-    Invariant: the joined deltas of `push` for every id, plus `flush()`, equal
-    `decode(ids, skip_special_tokens=True)` of all ids. Each step decodes only the tokens since the previous
-    emission (`prefix_offset`) twice: without and with the unread ones (`read_offset`).
-
-    The invariant holds for any ids with byte-level BPE. With SentencePiece byte-fallback tokens it holds whenever
-    the bytes form valid UTF-8; for invalid byte runs (garbage output) only the number of U+FFFD may differ, since
-    that decoder replaces a whole run after the fact.
-    """
-
-    def __init__(self, tokenizer: _Decoder, *, context_ids: Sequence[int] = ()) -> None:
-        self._tok = tokenizer
-        # Up to a few prompt tokens give the first generated token its left context (a SentencePiece "▁word"
-        # keeps its space); they are never emitted.
-        context = list(context_ids)[-5:]
-        self._ids: list[int] = context  # only the window from prefix_offset on is kept
-        self._prefix_offset = 0
-        self._read_offset = len(context)
-        self._num_generated = 0
-
-    @property
-    def num_tokens(self) -> int:
-        """Ids pushed so far."""
-        return self._num_generated
-
-    def push(self, token_id: int) -> str:
-        """Add one generated id; return the text it completes ("" while a character is incomplete)."""
-        self._ids.append(int(token_id))
-        self._num_generated += 1
-        return self._advance(final=False)
-
-    def push_many(self, token_ids: Sequence[int]) -> str:
-        """Add several ids at once; return their joined delta."""
-        return "".join(self.push(t) for t in token_ids)
-
-    def flush(self) -> str:
-        """Whatever is still held back at the end of the sequence (an incomplete character decodes as U+FFFD)."""
-        return self._advance(final=True)
-
-    def _advance(self, *, final: bool) -> str:
-        if self._read_offset >= len(self._ids):
-            return ""
-        window = self._ids[self._prefix_offset :]
-        read = self._read_offset - self._prefix_offset
-        prefix_text = self._tok.decode(window[:read], skip_special_tokens=True)
-        new_text = self._tok.decode(window, skip_special_tokens=True)
-        if len(new_text) <= len(prefix_text) or (new_text.endswith("\ufffd") and not final):
-            if final:
-                self._prefix_offset = self._read_offset = len(self._ids)
-            return ""
-        delta = new_text[len(prefix_text) :]
-        # The emitted tokens become the next window's left context; older ids are dropped.
-        del self._ids[: self._read_offset]
-        self._prefix_offset, self._read_offset = 0, len(self._ids)
-        return delta
-
-
 # ----------------------------------------------------------------------------------------------------- internals
 
 
@@ -607,57 +422,3 @@ def _image_token_counts(num_image_tokens: int | Sequence[int], n_images: int) ->
     if any(n <= 0 for n in counts):
         raise ValueError("every image needs a positive number of visual tokens")
     return counts
-
-
-def _local_file(path: str | os.PathLike[str], name: str) -> Path | None:
-    if Path(path).is_dir():
-        candidate = Path(path) / name
-        return candidate if candidate.is_file() else None
-    try:  # a hub id: the files are cached (or fetched) next to the tokenizer's
-        from transformers.utils import cached_file
-
-        resolved = cached_file(
-            str(path),
-            name,
-            _raise_exceptions_for_missing_entries=False,
-            _raise_exceptions_for_connection_errors=False,
-        )
-    except OSError:
-        return None
-    return Path(resolved) if resolved else None
-
-
-def _read_json(path: str | os.PathLike[str], name: str) -> dict[str, Any] | None:
-    file = _local_file(path, name)
-    if file is None:
-        return None
-    with file.open(encoding="utf-8") as f:
-        data = json.load(f)
-    return data if isinstance(data, dict) else None
-
-
-def _pick_template(template: Any) -> str | None:
-    """A template string, or the default one of a dict / list of named templates."""
-    if isinstance(template, str):
-        return template or None
-    if isinstance(template, list):  # tokenizer_config's [{"name": ..., "template": ...}] form
-        template = {t.get("name"): t.get("template") for t in template if isinstance(t, Mapping)}
-    if isinstance(template, Mapping):
-        return _pick_template(template.get("default") or next(iter(template.values()), None))
-    return None
-
-
-def _template_from_tokenizer(tokenizer: PreTrainedTokenizerBase) -> str | None:
-    return _pick_template(getattr(tokenizer, "chat_template", None))
-
-
-def _template_from_checkpoint(path: str | os.PathLike[str], tokenizer: PreTrainedTokenizerBase) -> str | None:
-    """The multimodal (processor) template first, as transformers' processor uses it, then the tokenizer's."""
-    for name in ("chat_template.json", "processor_config.json"):
-        template = _pick_template((_read_json(path, name) or {}).get("chat_template"))
-        if template:
-            return template
-    jinja = _local_file(path, "chat_template.jinja")
-    if jinja is not None:
-        return jinja.read_text(encoding="utf-8")
-    return _template_from_tokenizer(tokenizer)

@@ -9,7 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from vlmserve.model.images import ImageError
+from vlmserve.model.image_decode import ImageError
 
 from .engine import EngineError
 from .remote_images import RemoteImageError

@@ -1,5 +1,6 @@
-"""model/images.py: safe ingestion (bombs, garbage, every Pillow mode) and pixel parity with transformers'
-PIL-backend image processors (CLIP, SigLIP, LLaVA pad-to-square), checked against transformers itself."""
+"""model/image_decode.py, image_config.py, images.py: safe ingestion (bombs, garbage, every Pillow mode) and pixel
+parity with transformers' PIL-backend image processors (CLIP, SigLIP, LLaVA pad-to-square), checked against
+transformers itself."""
 
 from __future__ import annotations
 
@@ -19,15 +20,9 @@ from PIL import Image, ImageFile, ImageOps
 from transformers import AutoImageProcessor, CLIPImageProcessorPil, LlavaImageProcessorPil, SiglipImageProcessorPil
 
 from vlmserve.model import images as images_module
-from vlmserve.model.images import (
-    CLIP_STD,
-    ImageError,
-    ImageProcessor,
-    ImageProcessorConfig,
-    SizeSpec,
-    open_image,
-    to_rgb,
-)
+from vlmserve.model.image_config import CLIP_STD, ImageProcessorConfig, SizeSpec
+from vlmserve.model.image_decode import ImageError, open_image, to_rgb
+from vlmserve.model.images import ImageProcessor
 
 BIG = 50_000_000  # a pixel cap no test image comes near
 

@@ -1,5 +1,6 @@
-"""model/tokenizer.py: chat encoding with image spans (parity with transformers' LlavaProcessor, placeholder safety)
-and the incremental detokenizer (joined stream == full decode)."""
+"""model/tokenizer.py (with messages.py, chat_template.py): chat encoding with image spans (parity with transformers'
+LlavaProcessor, placeholder safety) and model/detokenizer.py, the incremental detokenizer (joined stream == full
+decode)."""
 
 from __future__ import annotations
 
@@ -15,18 +16,10 @@ from PIL import Image
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, LlavaProcessor, PreTrainedTokenizerFast
 
-from vlmserve.model.tokenizer import (
-    LLAVA_15_CHAT_TEMPLATE,
-    ChatMessage,
-    ChatTokenizer,
-    EncodedPrompt,
-    ImagePart,
-    ImageSpan,
-    IncrementalDetokenizer,
-    TextPart,
-    count_images,
-    parse_messages,
-)
+from vlmserve.model.chat_template import LLAVA_15_CHAT_TEMPLATE
+from vlmserve.model.detokenizer import IncrementalDetokenizer
+from vlmserve.model.messages import ChatMessage, ImagePart, TextPart, count_images, parse_messages
+from vlmserve.model.tokenizer import ChatTokenizer, EncodedPrompt, ImageSpan
 
 N_IMG = 16  # (32 / 8) ** 2 patches, CLS dropped ("default" strategy): what LlavaProcessor expands <image> to
 HYPOTHESIS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

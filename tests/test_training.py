@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from vlmserve.model.generation import generate
-from vlmserve.model.images import open_image
+from vlmserve.model.image_decode import open_image
 from vlmserve.model.weights import load_model
 from vlmserve.training import world
 from vlmserve.training.cli import eval_main, train_main

@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from vlmserve.model.generation import generate
-from vlmserve.model.images import ImageProcessor, open_image
+from vlmserve.model.image_decode import open_image
+from vlmserve.model.images import ImageProcessor
 from vlmserve.model.tokenizer import ChatTokenizer
 from vlmserve.model.vlm import VisionLanguageModel
 from vlmserve.model.weights import load_model

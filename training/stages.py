@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from vlmserve.model.images import ImageProcessor, ImageProcessorConfig
+from vlmserve.model.image_config import ImageProcessorConfig
+from vlmserve.model.images import ImageProcessor
 from vlmserve.model.text import TextModel
 from vlmserve.model.tokenizer import ChatTokenizer
 from vlmserve.model.vision import VisionTransformer

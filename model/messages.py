@@ -1,0 +1,118 @@
+"""Chat messages: the typed form of an OpenAI-style conversation and its parsing from request JSON.
+
+A conversation is a list of `ChatMessage`s (role system / user / assistant), each with a plain string or a tuple of
+`TextPart` and `ImagePart` content parts. `parse_messages` turns request dicts into them, refusing unknown roles and
+part types, and cleans text of lone surrogates on the way (`clean_text`). An image part only marks where an image
+sits; the images of a conversation are numbered in message order, as `ChatTokenizer.encode_chat` places them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+_ROLES = frozenset({"system", "user", "assistant"})
+_IMAGE_PART_TYPES = frozenset({"image", "image_url", "input_image"})
+
+
+# ----------------------------------------------------------------------------------------------------------- messages
+
+
+def clean_text(text: str) -> str:
+    """`text` as valid Unicode: JSON can carry lone surrogates (\\ud800), which no tokenizer accepts; each becomes
+    U+FFFD, while proper surrogate pairs are joined into their character."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
+@dataclass(frozen=True)
+class TextPart:
+    """A text content part (lone surrogates replaced, see `clean_text`)."""
+
+    text: str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "text", clean_text(self.text))
+
+
+@dataclass(frozen=True)
+class ImagePart:
+    """Marks where an image sits in a message; the pixels are handled elsewhere (model/images.py)."""
+
+    url: str | None = None
+
+
+Part = TextPart | ImagePart
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    """One chat turn; `content` is a plain string or a sequence of parts."""
+
+    role: str
+    content: str | tuple[Part, ...]
+
+    def __post_init__(self) -> None:
+        if self.role not in _ROLES:
+            raise ValueError(f"unsupported message role {self.role!r}; expected one of {sorted(_ROLES)}")
+        if isinstance(self.content, str):
+            object.__setattr__(self, "content", clean_text(self.content))
+        else:
+            object.__setattr__(self, "content", tuple(self.content))
+
+    @property
+    def num_images(self) -> int:
+        """Image parts in this message."""
+        return 0 if isinstance(self.content, str) else sum(isinstance(p, ImagePart) for p in self.content)
+
+
+def parse_part(part: Part | Mapping[str, Any]) -> Part:
+    """One OpenAI content part (`{"type": "text", "text": ...}`, `{"type": "image_url", ...}`) as a typed part."""
+    if isinstance(part, TextPart | ImagePart):
+        return part
+    if not isinstance(part, Mapping):
+        raise ValueError(f"content part must be an object, got {type(part).__name__}")
+    kind = part.get("type")
+    if kind == "text":
+        text = part.get("text")
+        if not isinstance(text, str):
+            raise ValueError("text content part needs a string 'text'")
+        return TextPart(text)
+    if kind in _IMAGE_PART_TYPES:
+        ref = part.get("image_url", part.get("url"))
+        if isinstance(ref, Mapping):
+            ref = ref.get("url")
+        return ImagePart(url=ref if isinstance(ref, str) else None)
+    raise ValueError(f"unsupported content part type {kind!r}")
+
+
+def parse_message(message: ChatMessage | Mapping[str, Any]) -> ChatMessage:
+    """An OpenAI-style message dict (or a `ChatMessage`) as a `ChatMessage`."""
+    if isinstance(message, ChatMessage):
+        return message
+    if not isinstance(message, Mapping):
+        raise ValueError(f"message must be an object, got {type(message).__name__}")
+    content = message.get("content")
+    if content is None:
+        content = ""
+    if not isinstance(content, str):
+        if isinstance(content, Mapping) or not isinstance(content, Sequence):
+            raise ValueError("message content must be a string or a list of parts")
+        content = tuple(parse_part(p) for p in content)
+    return ChatMessage(role=str(message.get("role")), content=content)
+
+
+def parse_messages(messages: Sequence[ChatMessage | Mapping[str, Any]]) -> list[ChatMessage]:
+    """Parse a whole conversation; it must not be empty."""
+    if not messages:
+        raise ValueError("a conversation needs at least one message")
+    return [parse_message(m) for m in messages]
+
+
+def count_images(messages: Sequence[ChatMessage | Mapping[str, Any]]) -> int:
+    """Number of image parts in a conversation, in the order `encode_chat` places them."""
+    return sum(m.num_images for m in parse_messages(messages))
