@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from vlmserve.model.tokenizer import IncrementalDetokenizer
+from vlmserve.model.detokenizer import IncrementalDetokenizer
 
 from .kv_cache_manager import BlockKey, block_key
 from .requests import EngineRequest
