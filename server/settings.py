@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from .engine.config import CPU_KV_CACHE_MB, CUDA_KV_CACHE_SHARE, EngineConfig, ImageLimits
+
+C = TypeVar("C", EngineConfig, ImageLimits)
 
 
 def default_model_path() -> str:
@@ -34,24 +39,47 @@ class Settings(BaseSettings):
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="allowed CORS origins, comma separated (empty: CORS off)"
     )
-    max_running: int = Field(64, ge=1, description="most sequences in one step (reserves no memory)")
-    max_waiting: int = Field(64, ge=0, description="requests queued beyond the free slots; past it: 429")
-    max_model_len: int | None = Field(None, ge=16, description="context per sequence (default: model's, capped 4096)")
-    kv_cache_mb: int | None = Field(
-        None, ge=1, description="KV block pool in MB (default: 1024 on CPU, 80% of free memory on CUDA)"
+    # A setting named like an EngineConfig (or ImageLimits) field takes its default from it, and `engine_config()`
+    # (`image_limits()`) passes it on by that name: here, and vision_cache_mb, compile and weight_layout below.
+    max_running: int = Field(
+        EngineConfig.max_running, ge=1, description="most sequences in one step (reserves no memory)"
     )
-    block_size: int = Field(16, ge=1, le=1024, description="tokens per KV block")
-    max_num_batched_tokens: int = Field(2048, ge=16, description="tokens in one step: decodes plus prefill chunks")
-    enable_prefix_caching: bool = Field(True, description="reuse cached KV blocks of equal prompt prefixes and images")
-    max_tokens_default: int = Field(1024, ge=1, description="max_tokens when a request omits it (capped by context)")
+    max_waiting: int = Field(
+        EngineConfig.max_waiting, ge=0, description="requests queued beyond the free slots; past it: 429"
+    )
+    max_model_len: int | None = Field(
+        EngineConfig.max_model_len, ge=16,
+        description=f"context per sequence (default: model's, capped {EngineConfig.max_model_len_cap})",
+    )
+    kv_cache_mb: int | None = Field(
+        EngineConfig.kv_cache_mb, ge=1,
+        description=f"KV block pool in MB (default: {CPU_KV_CACHE_MB} on CPU, {CUDA_KV_CACHE_SHARE:.0%} of free "
+                    "memory on CUDA)",
+    )
+    block_size: int = Field(EngineConfig.block_size, ge=1, le=1024, description="tokens per KV block")
+    max_num_batched_tokens: int = Field(
+        EngineConfig.max_num_batched_tokens, ge=16, description="tokens in one step: decodes plus prefill chunks"
+    )
+    enable_prefix_caching: bool = Field(
+        EngineConfig.enable_prefix_caching, description="reuse cached KV blocks of equal prompt prefixes and images"
+    )
+    max_tokens_default: int = Field(
+        EngineConfig.max_tokens_default, ge=1, description="max_tokens when a request omits it (capped by context)"
+    )
     max_body_bytes: int = Field(32 * 1024**2, ge=1024, description="request body cap; past it: 413")
     max_body_buffer_mb: int = Field(512, ge=1, description="request bodies held at once, all together; past it: 503")
     body_timeout: float = Field(60.0, gt=0, description="seconds a client gets to send its whole body; past it: 408")
-    max_image_bytes: int = Field(20 * 1024**2, ge=1, description="one image's encoded bytes cap; past it: 413")
-    max_image_pixels: int = Field(40_000_000, ge=1, description="one image's pixels (from its header); past it: 400")
-    max_images_per_request: int = Field(8, ge=0, description="images in one request; past it: 400")
+    max_image_bytes: int = Field(
+        ImageLimits.max_image_bytes, ge=1, description="one image's encoded bytes cap; past it: 413"
+    )
+    max_image_pixels: int = Field(
+        ImageLimits.max_image_pixels, ge=1, description="one image's pixels (from its header); past it: 400"
+    )
+    max_images_per_request: int = Field(
+        ImageLimits.max_images_per_request, ge=0, description="images in one request; past it: 400"
+    )
     max_stop_sequences: int = Field(8, ge=0, description="stop strings in one request; past it: 400")
-    vision_cache_mb: int = Field(256, ge=0, description="visual-token cache size")
+    vision_cache_mb: int = Field(EngineConfig.vision_cache_mb, ge=0, description="visual-token cache size")
     preprocess_workers: int = Field(4, ge=1, description="threads that decode and preprocess images")
     allow_remote_images: bool = Field(False, description="fetch http(s) image URLs (off: data URLs only)")
     remote_image_hosts: Annotated[list[str], NoDecode] = Field(
@@ -60,10 +88,11 @@ class Settings(BaseSettings):
     remote_image_timeout: float = Field(5.0, gt=0, description="seconds for one remote image fetch")
     drain_timeout: float = Field(30.0, ge=0, description="seconds running requests get to finish on SIGTERM")
     compile: bool = Field(
-        False, description="torch.compile the decode step, at start (before /ready); eager if compiling fails"
+        EngineConfig.compile,
+        description="torch.compile the decode step, at start (before /ready); eager if compiling fails",
     )
     weight_layout: Literal["auto", "standard", "input-major", "packed"] = Field(
-        "auto",
+        EngineConfig.weight_layout,
         description="CPU weight layout: packed (oneDNN) suits batches, input-major one stream; auto: by max-running"
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
@@ -84,6 +113,19 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [v.strip() for v in value.split(",") if v.strip()]
         return value
+
+    def engine_config(self) -> EngineConfig:
+        """The engine's config: every EngineConfig field that is also a setting, from it; the rest at defaults."""
+        return self._by_name(EngineConfig)
+
+    def image_limits(self) -> ImageLimits:
+        """The preprocessing limits, each from the setting of the same name."""
+        return self._by_name(ImageLimits)
+
+    def _by_name(self, cls: type[C]) -> C:
+        names = type(self).model_fields
+        given: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(cls) if f.name in names}
+        return cls(**given)
 
     def model_id(self) -> str:
         """The name clients use in `model`."""

@@ -19,8 +19,8 @@ from vlmserve.model.sampling import SamplingParams
 from vlmserve.model.tokenizer import ChatTokenizer
 from vlmserve.model.weights import load_model, resolve_checkpoint
 
-from .engine import Engine, EngineConfig, Finished
-from .engine.prepare import ImageLimits, RequestPreparer
+from .engine import Engine, Finished
+from .engine.prepare import RequestPreparer
 from .errors import APIError
 from .metrics import Metrics
 from .settings import Settings
@@ -73,16 +73,9 @@ class ServerState:
             model = load_model(path, device=device, dtype=dtype)
             tokenizer = ChatTokenizer.from_pretrained(path)
             processor = ImageProcessor.from_pretrained(path)
-            limits = ImageLimits(s.max_image_bytes, s.max_image_pixels, s.max_images_per_request)
-            self.preparer = RequestPreparer(tokenizer, processor, model.config.num_visual_tokens, limits)
+            self.preparer = RequestPreparer(tokenizer, processor, model.config.num_visual_tokens, s.image_limits())
             self.generation_defaults = _generation_defaults(path)
-            config = EngineConfig(
-                max_running=s.max_running, max_waiting=s.max_waiting, max_model_len=s.max_model_len,
-                default_max_tokens=s.max_tokens_default, vision_cache_bytes=s.vision_cache_mb * 1024**2,
-                compile_decode=s.compile, weight_layout=s.weight_layout, kv_cache_mb=s.kv_cache_mb,
-                block_size=s.block_size, max_num_batched_tokens=s.max_num_batched_tokens,
-                enable_prefix_caching=s.enable_prefix_caching,
-            )
+            config = s.engine_config()
             self.engine = Engine(model, tokenizer, config, model_id=self.model_id, observer=self.metrics).start()
             self._warm_up()
         except BaseException as e:

@@ -352,9 +352,9 @@ def test_vision_cache_is_bounded_in_bytes() -> None:
 
 
 def test_compiled_decode_step_gives_the_same_tokens(checkpoint_factory) -> None:
-    """`compile_decode` (torch.compile of the decode step) changes speed, not tokens."""
+    """`compile` (torch.compile of the decode step) changes speed, not tokens."""
     eager = Harness(checkpoint_factory("clip-llama"), max_running=4, weight_layout="input-major")  # as compiled's
-    compiled = Harness(checkpoint_factory("clip-llama"), max_running=4, compile_decode=True)
+    compiled = Harness(checkpoint_factory("clip-llama"), max_running=4, compile=True)
     try:
         for i in range(3):
             a = eager.request(i, max_tokens=24)
@@ -377,7 +377,7 @@ def test_a_failing_compile_falls_back_to_eager(checkpoint_factory, monkeypatch: 
         return compiled
 
     monkeypatch.setattr(core.torch, "compile", broken_compile)
-    h = Harness(checkpoint_factory("clip-llama"), max_running=2, compile_decode=True)
+    h = Harness(checkpoint_factory("clip-llama"), max_running=2, compile=True)
     eager = Harness(checkpoint_factory("clip-llama"), max_running=2)
     try:
         got = _alone(h, h.request(5, max_tokens=12))

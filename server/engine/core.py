@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 
 import torch
 
 from vlmserve.model.kv_cache import PagedKVCache, bytes_per_block
-from vlmserve.model.serving_weights import Layout, prepare_for_serving
+from vlmserve.model.serving_weights import prepare_for_serving
 from vlmserve.model.tokenizer import ChatTokenizer
 from vlmserve.model.vlm import VisionLanguageModel
 
+from .config import CPU_KV_CACHE_MB, CUDA_KV_CACHE_SHARE, EngineConfig
 from .kv_cache_manager import KVCacheManager, root_key
 from .model_runner import ModelRunner, StepOutput
 from .observer import EngineCounters, Observer
@@ -32,26 +32,6 @@ from .sequence import Sequence, image_spans
 from .vision_cache import VisionCache
 
 log = logging.getLogger(__name__)
-
-CPU_KV_CACHE_MB = 1024  # the KV pool on a CPU when --kv-cache-mb is not given
-CUDA_KV_CACHE_SHARE = 0.8  # on CUDA: this share of the memory free once the model is loaded
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    max_running: int = 64  # most sequences in one step (sampler rows; no memory reserved per sequence)
-    max_waiting: int = 64  # admitted requests waiting beyond the free rows; past it, QueueFull (429)
-    max_model_len: int | None = None  # context per sequence; None: the model's max_position_embeddings, capped
-    max_model_len_cap: int = 4096  # cap on the default above
-    default_max_tokens: int = 1024  # when a request omits max_tokens: the rest of the context, at most this
-    max_num_batched_tokens: int = 2048  # tokens in one step: decodes plus prefill chunks
-    kv_cache_mb: float | None = None  # the KV block pool; None: CPU_KV_CACHE_MB, or a share of free CUDA memory
-    block_size: int = 16  # tokens per KV block
-    enable_prefix_caching: bool = True
-    max_images_per_encode: int = 32  # images per vision encoder call
-    vision_cache_bytes: int = 256 * 1024**2
-    compile_decode: bool = False  # torch.compile the decode-only step
-    weight_layout: Layout = "auto"  # how the weights are laid out for serving (model/serving_weights.py)
 
 
 class EngineCore:
@@ -88,10 +68,10 @@ class EngineCore:
                                      enable_prefix_caching=config.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, max_running=config.max_running,
                                    max_num_batched_tokens=config.max_num_batched_tokens)
-        self.vision_cache = VisionCache(config.vision_cache_bytes)
+        self.vision_cache = VisionCache(int(config.vision_cache_mb * 2**20))
         self.runner = ModelRunner(model, self.kv, self.vision_cache, max_rows=config.max_running,
                                   max_images_per_encode=config.max_images_per_encode, counters=self.counters,
-                                  observer=self.observer, compile_decode=config.compile_decode)
+                                  observer=self.observer, compile_decode=config.compile)
         self.output = OutputProcessor(tokenizer, max_model_len=self.max_model_len, counters=self.counters,
                                       observer=self.observer)
         self._by_id: dict[str, Sequence] = {}
@@ -117,7 +97,7 @@ class EngineCore:
                 raise ContextTooLong(
                     f"the prompt has {prompt_len} tokens (text and images) but the context is {self.max_model_len}"
                 )
-            return min(room, self.config.default_max_tokens)
+            return min(room, self.config.max_tokens_default)
         if max_tokens < 1:
             raise BadRequest("max_tokens must be at least 1")
         if prompt_len + max_tokens > self.max_model_len:

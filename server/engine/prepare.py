@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -16,14 +15,8 @@ from vlmserve.model.images import ImageProcessor, open_image
 from vlmserve.model.sampling import SamplingParams
 from vlmserve.model.tokenizer import ChatTokenizer, EncodedPrompt
 
+from .config import ImageLimits
 from .requests import EngineRequest, ImageInput
-
-
-@dataclass(frozen=True)
-class ImageLimits:
-    max_image_bytes: int = 20 * 1024**2
-    max_image_pixels: int = 40_000_000
-    max_images: int = 8
 
 
 def image_hash(data: bytes) -> str:

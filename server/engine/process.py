@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .core import EngineConfig
+from .config import EngineConfig
 from .requests import EngineError, EngineRequest, Event, Failed, Finished, Unavailable
 
 log = logging.getLogger(__name__)
