@@ -144,19 +144,25 @@ class Server:
             self.process.wait(10)
 
 
-def server_env(threads: int) -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1",
-            "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+def server_env(threads: int | None, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """A server's environment: offline, and `threads` intra-op threads (None: the machine's default, as users run
+    it: every thread variable of ours removed)."""
+    ours = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+    env = {k: v for k, v in os.environ.items() if threads is not None or k not in ours}
+    if threads is not None:
+        env |= {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    return {**env, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+            "PYTHONUNBUFFERED": "1", **(extra or {})}
 
 
 @contextmanager
-def running_server(name: str, cmd: list[str], port: int, ready_path: str, log_dir: Path, threads: int,
-                   timeout: float) -> Iterator[Server]:
+def running_server(name: str, cmd: list[str], port: int, ready_path: str, log_dir: Path, threads: int | None,
+                   timeout: float, env: dict[str, str] | None = None) -> Iterator[Server]:
     """Start `cmd`, wait until GET `ready_path` answers 200 (bounded by `timeout`), always stop it afterwards."""
     log_path = log_dir / f"{name}-{port}.log"
     log.info("starting %s: %s", name, " ".join(cmd))
     with open(log_path, "wb") as out:
-        process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=server_env(threads),
+        process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=server_env(threads, env),
                                    start_new_session=True, cwd=log_dir)
     server = Server(name, f"http://127.0.0.1:{port}", process, log_path)
     try:
@@ -516,7 +522,7 @@ class InProcess:
         model = load_model(ckpt, device=torch.device("cpu"), dtype=getattr(torch, dtype))
         tokenizer = ChatTokenizer.from_pretrained(ckpt)
         preparer = RequestPreparer(tokenizer, ImageProcessor.from_pretrained(ckpt), model.config.num_visual_tokens)
-        config = EngineConfig(max_running=max_running, compile_decode=compile_decode)
+        config = EngineConfig(max_running=max_running, compile=compile_decode)
         engine = Engine(model, tokenizer, config, model_id=ckpt.name).start()
         return cls(engine, preparer)
 

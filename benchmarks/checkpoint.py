@@ -81,6 +81,12 @@ SMALL = {  # the dry-run pair: same shapes of problem, a fraction of the math
                              text_kv_heads=2, vocab_size=1024),
 }
 FULL = {"main": MAIN, "encoder-heavy": ENCODER_HEAVY}
+# The checkpoint of the vLLM comparison (bench_vllm.py): CLIP 224/16 6 x 384 (196 visual tokens), Llama 12 x 512,
+# GQA 8/4, MLP 1536, vocabulary 8192: 58 M parameters, the LM most of them.
+PEER = BenchSpec(name="bench-peer", image_size=224, patch_size=16, vision_hidden=384, vision_layers=6, vision_heads=6,
+                 text_hidden=512, text_layers=12, text_heads=8, text_kv_heads=4, vocab_size=8192, max_positions=4096,
+                 seed=2)
+PEER_SMALL = replace(PEER, name="bench-peer-small", image_size=112, vision_layers=2, text_layers=2, vocab_size=1024)
 
 _SYLLABLES = [c + v for c in "bcdfghjklmnprstvwz" for v in "aeiou"] + ["th", "sh", "ch", "st", "ng", "qu"]
 _PROMPT_WORDS = ["describe", "the", "picture", "number", "what", "color", "is", "this", "image", "shape"]
@@ -208,20 +214,21 @@ def verify_eos_unreachable(model: LlavaForConditionalGeneration, silent: list[in
     return margin
 
 
+def ensure(spec: BenchSpec, out_root: Path) -> Path:
+    """The checkpoint of `spec` under `out_root`, built and verified if missing."""
+    path = out_root / spec.name
+    if not (path / "bench_spec.json").is_file():
+        build(spec, path)
+        model = LlavaForConditionalGeneration.from_pretrained(path).eval()
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
+        margin = verify_eos_unreachable(model, silent_token_ids(tokenizer))
+        log.info("%s: EOS unreachable (smallest max allowed logit %.3f)", spec.name, margin)
+    return path
+
+
 def build_all(out_root: Path, *, small: bool = False) -> dict[str, Path]:
     """Both variants under `out_root` (rebuilt only if missing), verified; returns {variant: directory}."""
-    specs = SMALL if small else FULL
-    out: dict[str, Path] = {}
-    for variant, spec in specs.items():
-        path = out_root / spec.name
-        if not (path / "bench_spec.json").is_file():
-            build(spec, path)
-            model = LlavaForConditionalGeneration.from_pretrained(path).eval()
-            tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
-            margin = verify_eos_unreachable(model, silent_token_ids(tokenizer))
-            log.info("%s: EOS unreachable (smallest max allowed logit %.3f)", spec.name, margin)
-        out[variant] = path
-    return out
+    return {variant: ensure(spec, out_root) for variant, spec in (SMALL if small else FULL).items()}
 
 
 def main() -> None:

@@ -24,7 +24,6 @@ from PIL import Image
 
 from .image_config import ImageProcessorConfig
 from .image_decode import ImageError, to_rgb
-from .image_decode import open_image as open_image  # still imported from here by server/engine/prepare.py
 
 logger = logging.getLogger(__name__)
 

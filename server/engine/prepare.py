@@ -11,7 +11,8 @@ from typing import Any
 
 import torch
 
-from vlmserve.model.images import ImageProcessor, open_image
+from vlmserve.model.image_decode import open_image
+from vlmserve.model.images import ImageProcessor
 from vlmserve.model.sampling import SamplingParams
 from vlmserve.model.tokenizer import ChatTokenizer, EncodedPrompt
 
