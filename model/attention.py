@@ -135,6 +135,8 @@ class PagedBatch:
         """q (1, N, H, Dh), k/v (1, N, Hkv, Dh) -> (1, N, H, Dh), after writing k/v into the cache."""
         q, k, v = q[0], k[0], v[0]  # (N, H, Dh), (N, Hkv, Dh)
         self.cache.write(layer, self.slots, k, v)
+        if not self.segments:  # a decode-only step: no output buffer to assemble
+            return self._decodes(layer, q, window, scale)[None]  # (1, N, H, Dh)
         out = torch.empty_like(q)  # (N, H, Dh)
         nd = self.num_decodes
         if nd:
