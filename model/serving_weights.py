@@ -1,11 +1,8 @@
-"""The weights rearranged for serving: fewer, larger matmuls, in the memory layout the device multiplies fastest.
+"""The weights laid out for serving: in the memory layout the device multiplies fastest.
 
-Training and saving use the modules as loaded; a model that only serves can trade that for speed. Two steps:
-
-- **Fusion** (every device). q/k/v become one `qkv_proj` and gate/up one `gate_up_proj`: per layer five matmuls
-  become two, and the rotary embedding turns queries and keys in one pass. Fewer launches on a GPU, fewer dispatches
-  on a CPU.
-- **Layout** (CPU only; a GPU keeps PyTorch's (out, in) layout, which cuBLAS reads at full speed either way):
+Training and saving use the modules as loaded (q/k/v and gate/up are already one matmul each, from load on:
+model/weights.py); a model that only serves can trade its plain layout for speed. On a CPU (a GPU keeps PyTorch's
+(out, in) layout, which cuBLAS reads at full speed either way):
   - `packed`: the weight is reordered once into oneDNN's blocked format and multiplied by oneDNN's kernels, as
     inductor's freezing and IPEX do. From 4 rows up it is the fastest: 1.8x PyTorch's default at a batch-16 decode
     step, 1.1-1.3x at prefill sizes.
@@ -17,8 +14,8 @@ Training and saving use the modules as loaded; a model that only serves can trad
   (a 1-row GEMV: 311 us default, 188 input-major, 227 packed; 16 rows: 593, 569, 312 us).
 
 Everything stays float-for-float the same computation up to rounding (logits move by ~1e-5 in float32). The change is
-one-way: the fused and packed modules replace the originals and carry no `weight` to save or train, so call it on a
-model that serves (the engine does, once, when it starts), not on one that trains or saves. It is idempotent.
+one-way: packed modules replace the originals and carry no `weight` to save or train, so call it on a model that
+serves (the engine does, once, when it starts), not on one that trains or saves. It is idempotent.
 """
 
 from __future__ import annotations
@@ -33,7 +30,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .text import Attention, SwiGLU, TextModel
 from .vlm import VisionLanguageModel
 
 log = logging.getLogger(__name__)
@@ -81,34 +77,6 @@ class PackedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
-
-
-def fuse_linears(linears: list[nn.Linear]) -> nn.Linear:
-    """One Linear whose output is the outputs of `linears` side by side (they share the input)."""
-    first = linears[0]
-    out_features = sum(lin.out_features for lin in linears)
-    fused = nn.Linear(first.in_features, out_features, bias=any(lin.bias is not None for lin in linears),
-                      device=first.weight.device, dtype=first.weight.dtype)
-    with torch.no_grad():
-        fused.weight.copy_(torch.cat([lin.weight for lin in linears], dim=0))  # (sum out, in)
-        if fused.bias is not None:
-            fused.bias.copy_(torch.cat([
-                lin.bias if lin.bias is not None else lin.weight.new_zeros(lin.out_features) for lin in linears
-            ]))  # (sum out,)
-    return fused.requires_grad_(False)
-
-
-def fuse_projections(model: TextModel) -> None:
-    """q/k/v into `qkv_proj` and gate/up into `gate_up_proj`, in every layer that is not fused yet."""
-    for layer in model.layers:
-        attn: Attention = layer.self_attn
-        if attn.qkv_proj is None:
-            attn.qkv_proj = fuse_linears([attn.q_proj, attn.k_proj, attn.v_proj])
-            del attn.q_proj, attn.k_proj, attn.v_proj
-        mlp: SwiGLU = layer.mlp
-        if mlp.gate_up_proj is None:
-            mlp.gate_up_proj = fuse_linears([mlp.gate_proj, mlp.up_proj])
-            del mlp.gate_proj, mlp.up_proj
 
 
 def store_input_major(linear: nn.Linear) -> None:
@@ -166,14 +134,13 @@ def _relayout(module: nn.Module, layout: str, skip: nn.Linear | None = None) -> 
 
 
 def prepare_for_serving(model: VisionLanguageModel, *, layout: Layout = "auto", max_batch: int = 16) -> str:
-    """Fuse the language model's projections and lay every Linear out for the device; return the layout applied.
+    """Lay every Linear out for the device; return the layout applied.
 
     `max_batch`: the most sequences decoded together (what `auto` decides by). A tied output head keeps its
     weight shared with the embedding table, laid out as it is. On a CPU the vision encoder and the projector are
     packed whatever the language model's layout (they multiply many rows at once), unless `standard` was asked for.
     """
     lm = model.language_model
-    fuse_projections(lm)
     device, dtype = lm.embed_tokens.weight.device, lm.embed_tokens.weight.dtype
     chosen = resolve_layout(layout, device, dtype, max_batch)
     tied = lm.lm_head.weight is lm.embed_tokens.weight if isinstance(lm.lm_head, nn.Linear) else False

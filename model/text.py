@@ -92,11 +92,9 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
         self.window = config.sliding_window  # keys further back than this are not seen (None: all)
         d = config.hidden_size
-        self.q_proj = nn.Linear(d, self.n_heads * self.head_dim, bias=config.qkv_bias)
-        self.k_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=config.qkv_bias)
-        self.v_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=config.qkv_bias)
+        # q, k and v in one matmul (checkpoints keep them apart: model/weights.py merges them on load, splits on save)
+        self.qkv_proj = nn.Linear(d, (self.n_heads + 2 * self.n_kv) * self.head_dim, bias=config.qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=config.o_bias)
-        self.qkv_proj: nn.Linear | None = None  # q, k, v in one matmul once fused (serving_weights.py)
 
     def forward(
         self,
@@ -107,15 +105,9 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         b, t, _ = x.shape
         h, h_kv = self.n_heads, self.n_kv
-        if self.qkv_proj is not None:
-            qkv = self.qkv_proj(x).view(b, t, h + 2 * h_kv, self.head_dim)  # (B, T, H + 2 H_kv, Dh)
-            qk = apply_rope(qkv[:, :, : h + h_kv], cos, sin)  # (B, T, H + H_kv, Dh): one rotation for both
-            q, k, v = qk[:, :, :h], qk[:, :, h:], qkv[:, :, h + h_kv :]
-        else:
-            q = self.q_proj(x).view(b, t, h, self.head_dim)  # (B, T, H, Dh)
-            k = self.k_proj(x).view(b, t, h_kv, self.head_dim)  # (B, T, H_kv, Dh)
-            v = self.v_proj(x).view(b, t, h_kv, self.head_dim)  # (B, T, H_kv, Dh)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        qkv = self.qkv_proj(x).view(b, t, h + 2 * h_kv, self.head_dim)  # (B, T, H + 2 H_kv, Dh)
+        qk = apply_rope(qkv[:, :, : h + h_kv], cos, sin)  # (B, T, H + H_kv, Dh): one rotation for both
+        q, k, v = qk[:, :, :h], qk[:, :, h:], qkv[:, :, h + h_kv :]
         out = attn.attend(self.layer_idx, q, k, v, window=self.window)  # (B, T, H, Dh)
         return self.o_proj(out.reshape(b, t, h * self.head_dim))  # (B, T, D)
 
@@ -124,16 +116,12 @@ class SwiGLU(nn.Module):
     def __init__(self, config: TextConfig) -> None:
         super().__init__()
         d, h = config.hidden_size, config.intermediate_size
-        self.gate_proj = nn.Linear(d, h, bias=config.mlp_bias)
-        self.up_proj = nn.Linear(d, h, bias=config.mlp_bias)
+        self.gate_up_proj = nn.Linear(d, 2 * h, bias=config.mlp_bias)  # gate and up in one matmul (as q/k/v)
         self.down_proj = nn.Linear(h, d, bias=config.mlp_bias)
-        self.gate_up_proj: nn.Linear | None = None  # gate and up in one matmul, once fused for serving
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, D)
-        if self.gate_up_proj is not None:
-            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (B, T, F) each
-            return self.down_proj(F.silu(gate) * up)
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (B, T, F) each
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):

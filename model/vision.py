@@ -48,17 +48,13 @@ class VisionAttention(nn.Module):
         super().__init__()
         d = config.hidden_size
         self.n_heads, self.head_dim = config.num_attention_heads, config.head_dim
-        self.q_proj = nn.Linear(d, d)
-        self.k_proj = nn.Linear(d, d)
-        self.v_proj = nn.Linear(d, d)
+        self.qkv_proj = nn.Linear(d, 3 * d)  # q, k and v in one matmul (merged on load, split on save)
         self.out_proj = nn.Linear(d, d)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, T, D)
         n, t, d = x.shape
-        q, k, v = (
-            proj(x).view(n, t, self.n_heads, self.head_dim).transpose(1, 2)  # (N, H, T, Dh)
-            for proj in (self.q_proj, self.k_proj, self.v_proj)
-        )
+        qkv = self.qkv_proj(x).view(n, t, 3, self.n_heads, self.head_dim).transpose(1, 3)  # (N, H, 3, T, Dh)
+        q, k, v = qkv.unbind(2)  # (N, H, T, Dh) each
         out = F.scaled_dot_product_attention(q, k, v)  # (N, H, T, Dh)
         return self.out_proj(out.transpose(1, 2).reshape(n, t, d))  # (N, T, D)
 

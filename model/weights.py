@@ -7,6 +7,10 @@ Key layouts accepted on load (all map onto our module names):
   `model.multi_modal_projector.*` (with or without `vision_model.` under the tower).
 We save the classic layout, which every transformers release since LLaVA's introduction loads.
 
+Our modules hold q/k/v (language model and vision tower) and gate/up as one matrix each, as nano-vllm's packed
+modules do; checkpoints keep them apart. `_FUSED` names the parts: on load they are concatenated in order into the
+fused tensor, on save the fused tensor is split back, so a checkpoint round-trips key for key.
+
 The model is built on the meta device and the checkpoint's tensors are assigned into it as they are read, already on
 the target device and in the target dtype: no randomly initialised copy is ever allocated.
 """
@@ -52,6 +56,16 @@ _SAVE_RULES: tuple[tuple[str, str], ...] = (
     ("multi_modal_projector.", "multi_modal_projector."),
 )
 _CHECKPOINT_FILES = ("*.json", "*.safetensors", "*.jinja", "*.model", "*.txt")
+# (our module path, the checkpoint's parts in order, the fused module): q/k/v and gate/up, one matmul each.
+_FUSED: tuple[tuple[re.Pattern[str], tuple[str, ...], str], ...] = (
+    (re.compile(r"^(language_model\.layers\.\d+\.self_attn\.)(q|k|v)_proj\.(weight|bias)$"), ("q", "k", "v"),
+     "qkv_proj"),
+    (re.compile(r"^(language_model\.layers\.\d+\.mlp\.)(gate|up)_proj\.(weight|bias)$"), ("gate", "up"),
+     "gate_up_proj"),
+    (re.compile(r"^(vision_tower\.encoder\.layers\.\d+\.self_attn\.)(q|k|v)_proj\.(weight|bias)$"), ("q", "k", "v"),
+     "qkv_proj"),
+)
+_FUSED_NAME = re.compile(r"^(.*\.)(qkv_proj|gate_up_proj)\.(weight|bias)$")
 
 
 class CheckpointError(ValueError):
@@ -65,6 +79,33 @@ def map_checkpoint_key(key: str) -> str | None:
             ours = pattern.sub(repl, key, count=1)
             return None if _IGNORED.search(ours) else ours
     return None if _IGNORED.search(key) else key
+
+
+def fused_part(name: str) -> tuple[str, int, int] | None:
+    """For one part of a fused projection (`...self_attn.k_proj.weight`): (the fused tensor's name, the part's
+    index, the number of parts); None for any other tensor."""
+    for pattern, parts, fused in _FUSED:
+        if m := pattern.match(name):
+            prefix, part, kind = m.groups()
+            return f"{prefix}{fused}.{kind}", parts.index(part), len(parts)
+    return None
+
+
+def split_fused(name: str, tensor: torch.Tensor, config: VLMConfig) -> list[tuple[str, torch.Tensor]]:
+    """A fused projection's tensor as the checkpoint's parts (names and slices); any other tensor as itself."""
+    m = _FUSED_NAME.match(name)
+    if m is None:
+        return [(name, tensor)]
+    prefix, fused, kind = m.groups()
+    if fused == "gate_up_proj":
+        parts, sizes = ("gate", "up"), [tensor.shape[0] // 2] * 2
+    elif prefix.startswith("language_model."):
+        text = config.text
+        q, kv = text.num_attention_heads * text.head_dim, text.num_key_value_heads * text.head_dim
+        parts, sizes = ("q", "k", "v"), [q, kv, kv]
+    else:
+        parts, sizes = ("q", "k", "v"), [tensor.shape[0] // 3] * 3
+    return [(f"{prefix}{part}_proj.{kind}", piece) for part, piece in zip(parts, tensor.split(sizes), strict=True)]
 
 
 def resolve_checkpoint(path_or_id: str | os.PathLike[str]) -> Path:
@@ -137,12 +178,21 @@ def load_model(
     expected = {k for k in model.state_dict() if not (config.text.tie_word_embeddings and k.endswith("lm_head.weight"))}
     state: dict[str, torch.Tensor] = {}
     unexpected: list[str] = []
+    pending: dict[str, dict[int, torch.Tensor]] = {}  # fused name -> the parts read so far
     for name, tensor in iter_checkpoint_tensors(ckpt, device=device, dtype=dtype):
-        if name in expected:
+        if (fused := fused_part(name)) is not None and fused[0] in expected:
+            target, index, count = fused
+            parts = pending.setdefault(target, {})
+            parts[index] = tensor
+            if len(parts) == count:
+                state[target] = torch.cat([parts[i] for i in range(count)])  # (sum of outs, in) or (sum of outs,)
+                del pending[target]
+        elif name in expected:
             state[name] = tensor
         elif not name.endswith("lm_head.weight"):
             unexpected.append(name)
-    missing = sorted(expected - state.keys())
+    missing = sorted(expected - state.keys() - pending.keys())
+    missing += [f"{target} (the checkpoint has {len(parts)} of its parts)" for target, parts in pending.items()]
     if missing or unexpected:
         raise CheckpointError(
             f"{ckpt}: the checkpoint does not match its config.json: missing {missing[:8]}"
@@ -175,13 +225,14 @@ def checkpoint_state(model: VisionLanguageModel) -> dict[str, torch.Tensor]:
     """The model's tensors under the hub's classic LLaVA key names (tied output embeddings stored once)."""
     out: dict[str, torch.Tensor] = {}
     tied = model.config.text.tie_word_embeddings
-    for name, tensor in model.state_dict().items():
-        if tied and name == "language_model.lm_head.weight":
+    for fused_name, fused_tensor in model.state_dict().items():
+        if tied and fused_name == "language_model.lm_head.weight":
             continue
-        for prefix, target in _SAVE_RULES:
-            if name.startswith(prefix):
-                out[target + name[len(prefix) :]] = tensor.detach().contiguous().cpu()
-                break
+        for name, tensor in split_fused(fused_name, fused_tensor, model.config):
+            for prefix, target in _SAVE_RULES:
+                if name.startswith(prefix):
+                    out[target + name[len(prefix) :]] = tensor.detach().contiguous().cpu()
+                    break
     return out
 
 

@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoProcessor
 
 from vlmserve.model.serving_weights import PackedLinear, packing_works, prepare_for_serving, resolve_layout
-from vlmserve.model.weights import load_model
+from vlmserve.model.weights import checkpoint_state, load_model, map_checkpoint_key, save_model
 
 CPU = torch.device("cpu")
 
@@ -46,9 +47,6 @@ def test_serving_layouts_keep_the_logits(tiny_checkpoint: Path, layout: str) -> 
     assert (got[real] - expected[real]).abs().max() <= 1e-4 * expected[real].abs().max()
 
     lm = model.language_model
-    for layer in lm.layers:
-        assert layer.self_attn.qkv_proj is not None and not hasattr(layer.self_attn, "q_proj")
-        assert layer.mlp.gate_up_proj is not None and not hasattr(layer.mlp, "gate_proj")
     if model.config.text.tie_word_embeddings:
         assert lm.lm_head.weight is lm.embed_tokens.weight  # a tied head stays tied, untouched
     down = lm.layers[0].mlp.down_proj
@@ -65,13 +63,26 @@ def test_serving_layouts_keep_the_logits(tiny_checkpoint: Path, layout: str) -> 
     assert torch.equal(_logits(model, inputs), got)
 
 
-def test_fused_biases_carry_over(checkpoint_factory) -> None:
-    """Qwen2's q/k/v biases land in the fused projection, in q, k, v order."""
-    model = load_model(checkpoint_factory("siglip-qwen2"))
+def test_fused_projections_are_the_checkpoint_parts_in_order(checkpoint_factory, tmp_path: Path) -> None:
+    """q/k/v (with Qwen2's biases) and gate/up load as one matrix each, the checkpoint's parts in order, and save back
+    as the same parts, key for key."""
+    ckpt = checkpoint_factory("siglip-qwen2")
+    raw = load_file(next(ckpt.glob("*.safetensors")))
+    model = load_model(ckpt)
+    prefix = next(k for k in raw if k.endswith("layers.0.self_attn.q_proj.bias")).removesuffix("q_proj.bias")
     attn = model.language_model.layers[0].self_attn
-    biases = [attn.q_proj.bias.clone(), attn.k_proj.bias.clone(), attn.v_proj.bias.clone()]
-    prepare_for_serving(model, layout="standard")
-    assert torch.equal(attn.qkv_proj.bias, torch.cat(biases))
+    for kind in ("weight", "bias"):
+        parts = [raw[f"{prefix}{p}_proj.{kind}"] for p in ("q", "k", "v")]
+        assert torch.equal(getattr(attn.qkv_proj, kind), torch.cat(parts))
+    mlp_prefix = prefix.replace("self_attn.", "mlp.")
+    gate_up = torch.cat([raw[f"{mlp_prefix}gate_proj.weight"], raw[f"{mlp_prefix}up_proj.weight"]])
+    assert torch.equal(model.language_model.layers[0].mlp.gate_up_proj.weight, gate_up)
+    saved = load_file(save_model(model, tmp_path / "out") / "model.safetensors")
+    ours = {map_checkpoint_key(k): v for k, v in raw.items() if map_checkpoint_key(k) is not None}
+    assert sorted(saved) == sorted(checkpoint_state(model))
+    assert {map_checkpoint_key(k) for k in saved} == set(ours)  # the same parts under the same names
+    for key, tensor in saved.items():
+        assert torch.equal(tensor, ours[map_checkpoint_key(key)]), key
 
 
 def test_auto_layout_choice() -> None:
