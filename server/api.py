@@ -7,14 +7,12 @@ and check the context -> decode and preprocess images in a thread pool -> submit
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import hmac
 import logging
-import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
@@ -41,37 +39,10 @@ from .schemas import (
     Usage,
 )
 from .settings import Settings
-from .state import ServerState
+from .state import ServerState, in_fresh_thread
 from .streaming import EventStream, collect, sse
 
 log = logging.getLogger(__name__)
-
-
-async def in_fresh_thread(fn: Callable[[], None], name: str) -> None:
-    """Run `fn` in a thread of its own that ends with it (not in the event loop's pool, whose threads live on).
-
-    The model loads this way because OpenMP keeps one thread team per thread that ever ran parallel torch work, for
-    as long as that thread lives; with more team threads than cores, libgomp's idle workers stop spinning and every
-    parallel op of the engine thread pays a futex wake-up (on 2 cores a decode step went from 13 to 19 ms). A thread
-    that exits takes its team with it, leaving the engine thread's team alone."""
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[None] = loop.create_future()
-
-    def settle(error: BaseException | None) -> None:
-        if not done.done():
-            done.set_result(None) if error is None else done.set_exception(error)
-
-    def run() -> None:
-        error: BaseException | None = None
-        try:
-            fn()
-        except BaseException as e:
-            error = e
-        with contextlib.suppress(RuntimeError):  # the loop closed first (shutdown during loading)
-            loop.call_soon_threadsafe(settle, error)
-
-    threading.Thread(target=run, name=name, daemon=True).start()
-    await done
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
