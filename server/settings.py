@@ -76,7 +76,7 @@ class Settings(BaseSettings):
         ImageLimits.max_image_pixels, ge=1, description="one image's pixels (from its header); past it: 400"
     )
     max_images_per_request: int = Field(
-        ImageLimits.max_images_per_request, ge=0, description="images in one request; past it: 400"
+        8, ge=0, description="images in one request; past it: 400"
     )
     max_stop_sequences: int = Field(8, ge=0, description="stop strings in one request; past it: 400")
     vision_cache_mb: int = Field(EngineConfig.vision_cache_mb, ge=0, description="visual-token cache size")

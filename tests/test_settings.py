@@ -77,11 +77,11 @@ def test_environment_names_reach_the_engine(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setenv("VLMSERVE_MAX_TOKENS_DEFAULT", "77")
     monkeypatch.setenv("VLMSERVE_VISION_CACHE_MB", "3")
     monkeypatch.setenv("VLMSERVE_COMPILE", "true")
-    monkeypatch.setenv("VLMSERVE_MAX_IMAGES_PER_REQUEST", "2")
+    monkeypatch.setenv("VLMSERVE_MAX_IMAGE_PIXELS", "2000")
     s = Settings()
     config, limits = s.engine_config(), s.image_limits()
     assert (config.max_tokens_default, config.vision_cache_mb, config.compile) == (77, 3, True)
-    assert limits.max_images_per_request == 2
+    assert limits.max_image_pixels == 2000
 
 
 def test_server_state_builds_the_engine_from_settings(checkpoint_factory) -> None:

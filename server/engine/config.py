@@ -37,6 +37,7 @@ class EngineConfig:
 
 @dataclass(frozen=True)
 class ImageLimits:
+    """What `RequestPreparer` checks of each image (the number of images is the routes' business)."""
+
     max_image_bytes: int = 20 * 1024**2  # one image's encoded bytes
     max_image_pixels: int = 40_000_000  # one image's pixels, read from its header before decoding
-    max_images_per_request: int = 8
