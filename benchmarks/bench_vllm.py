@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> None:
         log.info("%s headline: %s", dtype, result[dtype]["headline"])
     line = json.dumps(result)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(line + "\n")
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(line)
 
 
