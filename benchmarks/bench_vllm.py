@@ -22,8 +22,6 @@ stdout and to benchmarks/results/vllm.json; per-round ratios are in it.
 from __future__ import annotations
 
 import argparse
-import base64
-import io
 import json
 import logging
 import os
@@ -31,18 +29,22 @@ import random
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import torch
-from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from benchmarks import arithmetic_bound  # noqa: E402
-from benchmarks.bench_serving import free_port, machine, running_server  # noqa: E402
+from benchmarks.bench_serving import (  # noqa: E402
+    data_url,
+    free_port,
+    machine,
+    noise_png,
+    running_server,
+    stream_messages,
+)
 from benchmarks.checkpoint import PEER, PEER_SMALL, ensure  # noqa: E402
 
 log = logging.getLogger("bench_vllm")
@@ -71,36 +73,13 @@ def shifted_load(args: argparse.Namespace, url: str, model: str, offset: int, co
     return result
 
 
-def noise_png(seed: int, size: tuple[int, int] = (160, 120)) -> str:
-    rng = random.Random(seed)
-    img = Image.frombytes("RGB", size, bytes(rng.randrange(256) for _ in range(size[0] * size[1] * 3)))
-    buf = io.BytesIO()
-    img.save(buf, "PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-_CLIENT = httpx.Client(timeout=300)  # one client for every request: `httpx.stream` builds a client (and its TLS
-# context) per call, ~30 ms of client time that would land in every TTFT
+def image_url(seed: int) -> str:
+    """A photo-like image of the load test's size, as a data URL."""
+    return data_url(noise_png(seed, (160, 120)))
 
 
 def stream(url: str, model: str, messages: list[dict[str, Any]], max_tokens: int) -> dict[str, Any]:
-    """One streaming chat; TTFT to the first content delta, the text and the usage."""
-    body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "ignore_eos": True, "stream_options": {"include_usage": True}}
-    t0, first, text, usage = time.perf_counter(), None, [], None
-    with _CLIENT.stream("POST", url + "/v1/chat/completions", json=body) as r:
-        if r.status_code != 200:
-            raise RuntimeError(f"{url}: HTTP {r.status_code}: {r.read()[:300]!r}")
-        for line in r.iter_lines():
-            if not line.startswith("data:") or line.endswith("[DONE]"):
-                continue
-            chunk = json.loads(line[5:])
-            usage = chunk.get("usage") or usage
-            for choice in chunk.get("choices", []):
-                if piece := (choice.get("delta") or {}).get("content"):
-                    first = first if first is not None else time.perf_counter() - t0
-                    text.append(piece)
-    return {"ttft": first, "text": "".join(text), "usage": usage}
+    return stream_messages(url, model, messages, max_tokens, ignore_eos=True)
 
 
 def system_prompt(ckpt: Path, tokens: int = 150) -> str:
@@ -118,7 +97,7 @@ def turns(url: str, model: str, system: str, offset: int, pairs: int) -> dict[st
     """TTFT of the first turn about a new image and of the second turn of the same chat, `pairs` times."""
     out = []
     for i in range(pairs):
-        user = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": noise_png(offset + i)}},
+        user = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url(offset + i)}},
                                             {"type": "text", "text": "what color is this shape"}]}
         messages = [{"role": "system", "content": system}, user]
         first = stream(url, model, messages, 8)
@@ -156,7 +135,7 @@ def measure(system: str, args: argparse.Namespace, ckpt: Path, dtype: str, rnd: 
                                      args.max_tokens),
                "turns": turns(server.url, ckpt.name, system_text, base + 2000, args.pairs)}
         probe = stream(server.url, ckpt.name, [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": noise_png(base + 3000)}},
+            {"type": "image_url", "image_url": {"url": image_url(base + 3000)}},
             {"type": "text", "text": "describe the picture number 12"}]}], 2)
         out["prompt_tokens"] = probe["usage"]["prompt_tokens"]
     for key in ("load16", "load1"):
