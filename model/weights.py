@@ -65,7 +65,8 @@ _FUSED: tuple[tuple[re.Pattern[str], tuple[str, ...], str], ...] = (
     (re.compile(r"^(vision_tower\.encoder\.layers\.\d+\.self_attn\.)(q|k|v)_proj\.(weight|bias)$"), ("q", "k", "v"),
      "qkv_proj"),
 )
-_FUSED_NAME = re.compile(r"^(.*\.)(qkv_proj|gate_up_proj)\.(weight|bias)$")
+_PARTS = {fused: parts for _, parts, fused in _FUSED}  # fused module -> the checkpoint's parts, in order
+_FUSED_NAME = re.compile(rf"^(.*\.)({'|'.join(_PARTS)})\.(weight|bias)$")
 
 
 class CheckpointError(ValueError):
@@ -97,14 +98,12 @@ def split_fused(name: str, tensor: torch.Tensor, config: VLMConfig) -> list[tupl
     if m is None:
         return [(name, tensor)]
     prefix, fused, kind = m.groups()
-    if fused == "gate_up_proj":
-        parts, sizes = ("gate", "up"), [tensor.shape[0] // 2] * 2
-    elif prefix.startswith("language_model."):
-        text = config.text
+    parts = _PARTS[fused]
+    sizes = [tensor.shape[0] // len(parts)] * len(parts)  # gate/up, and the vision tower's q/k/v: equal parts
+    if fused == "qkv_proj" and prefix.startswith("language_model."):
+        text = config.text  # grouped-query attention: k and v are narrower than q
         q, kv = text.num_attention_heads * text.head_dim, text.num_key_value_heads * text.head_dim
-        parts, sizes = ("q", "k", "v"), [q, kv, kv]
-    else:
-        parts, sizes = ("q", "k", "v"), [tensor.shape[0] // 3] * 3
+        sizes = [q, kv, kv]
     return [(f"{prefix}{part}_proj.{kind}", piece) for part, piece in zip(parts, tensor.split(sizes), strict=True)]
 
 

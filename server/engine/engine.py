@@ -32,6 +32,10 @@ class Engine:
 
     The engine owns the model it is given: it lays the weights out for serving (`EngineConfig.weight_layout`,
     model/serving_weights.py), after which the model serves but no longer trains or saves.
+
+    On a CPU, do the torch work before `start()` (loading, building the engine) in a thread that then ends, as the
+    server does (`server/state.py: in_fresh_thread`): a thread that ran parallel torch work and lives on keeps its
+    own OpenMP team, and with more team threads than cores every parallel op of the engine's thread slows down.
     """
 
     def __init__(self, model: VisionLanguageModel, tokenizer: ChatTokenizer, config: EngineConfig | None = None, *,
