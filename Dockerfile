@@ -15,9 +15,10 @@ ENV PIP_EXTRA_INDEX_URL=${PIP_EXTRA_INDEX_URL} \
     MALLOC_MMAP_THRESHOLD_=131072 \
     HF_HOME=/home/vlmserve/.cache/huggingface
 
-RUN if ! command -v python3 >/dev/null; then \
-        apt-get update && apt-get install -y --no-install-recommends python3 python3-venv && rm -rf /var/lib/apt/lists/*; \
-    fi \
+# g++: torch.compile builds the compiled decode step's kernels with it (without one, the server decodes eagerly).
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends g++ $(command -v python3 >/dev/null || echo python3 python3-venv) \
+    && rm -rf /var/lib/apt/lists/* \
     && useradd --create-home --uid 10001 vlmserve
 
 WORKDIR /opt/vlmserve

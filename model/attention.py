@@ -108,6 +108,7 @@ class PagedBatch:
     decode_tables: torch.Tensor | None = None  # (B_d, n_blocks) int64, padded with any valid block id
     decode_lens: torch.Tensor | None = None  # (B_d,) int64 keys per decode, its own token included
     decode_max_len: int = 0  # max of decode_lens, known on the host
+    decode_run: int | None = None  # one decode whose blocks are consecutive: its first block (keys read in place)
     decode_masks: dict[int | None, torch.Tensor | None] = field(default_factory=dict)  # window -> (B, 1, 1, S)
     segments: list[Segment] = field(default_factory=list)
 
@@ -148,21 +149,19 @@ class PagedBatch:
 
     def _decodes(self, layer: int, q: torch.Tensor, window: int | None, scale: float | None) -> torch.Tensor:
         assert self.decode_tables is not None and self.decode_lens is not None
-        keys, values = self.cache.gather(layer, self.decode_tables, self.decode_max_len)  # (B, S, Hkv, Dh) each
+        if self.decode_run is not None:
+            keys, values = self.cache.run(layer, self.decode_run, self.decode_max_len)  # (1, S, Hkv, Dh) each
+        else:
+            keys, values = self.cache.gather(layer, self.decode_tables, self.decode_max_len)  # (B, S, Hkv, Dh) each
         b, h, dh = q.shape
         hkv = keys.shape[2]
         # The query heads that share a KV head attend as that head's rows: (B, Hkv, G, Dh) against (B, Hkv, S, Dh),
         # half the (batch, head) tasks of a grouped-query call and no key expansion.
         qd = q.view(b, hkv, h // hkv, dh)  # (B, Hkv, G, Dh)
         kd, vd = keys.transpose(1, 2), values.transpose(1, 2)  # (B, Hkv, S, Dh)
-        if b == 1 and q.device.type == "cpu" and q.dtype != torch.float32:
-            # One sequence in bf16: PyTorch's CPU kernel is faster on upcast inputs (a 9.2 vs 9.7 ms decode step
-            # here); from two sequences on, upcasting the gathered keys costs more than it saves (17.2 vs 19.2 ms
-            # at 16).
-            qd, kd, vd = qd.float(), kd.float(), vd.float()
         mask = self.decode_masks.get(window)  # (B, 1, 1, S) or None
         out = _sdpa(qd, kd, vd, mask, causal=False, scale=scale)  # (B, Hkv, G, Dh)
-        return out.reshape(b, h, dh).to(q.dtype)  # (B, H, Dh)
+        return out.reshape(b, h, dh)  # (B, H, Dh)
 
     def _segment(self, layer: int, seg: Segment, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  window: int | None, scale: float | None) -> torch.Tensor:

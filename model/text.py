@@ -15,6 +15,7 @@ from torch import nn
 
 from .attention import AttentionContext, DenseAttention, PagedBatch
 from .config import RopeConfig, TextConfig
+from .step_attention import StepAttention
 
 
 class RMSNorm(nn.Module):
@@ -101,7 +102,7 @@ class Attention(nn.Module):
         x: torch.Tensor,  # (B, T, D)
         cos: torch.Tensor,  # (B, T, Dh)
         sin: torch.Tensor,  # (B, T, Dh)
-        attn: AttentionContext,
+        attn: AttentionContext | StepAttention,
     ) -> torch.Tensor:
         b, t, _ = x.shape
         h, h_kv = self.n_heads, self.n_kv
@@ -132,7 +133,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.mlp = SwiGLU(config)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionContext) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                attn: AttentionContext | StepAttention) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn)  # (B, T, D)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -163,7 +165,7 @@ class TextModel(nn.Module):
         positions: torch.Tensor | None = None,  # (B, T)
         attention_mask: torch.Tensor | None = None,  # (B, T) 1 for real tokens, 0 for padding
         mask: torch.Tensor | None = None,  # (B, 1, T, T) bool, True = attend: replaces the causal mask
-        paged: PagedBatch | None = None,
+        paged: PagedBatch | StepAttention | None = None,
         logits: bool = True,
     ) -> torch.Tensor:
         """Return logits (B, T, V), or the final hidden states (B, T, D) with `logits=False`.
@@ -171,13 +173,14 @@ class TextModel(nn.Module):
         Without `paged`, the batch attends within itself: causally by `positions` (default 0..T-1), skipping padding
         (`attention_mask`), or under an explicit `mask` (training's packed rows). With `paged` (a serving step: B = 1,
         the step's tokens side by side), keys and values go to the paged cache and each token attends to its own
-        sequence's cached keys; `positions` then come from the caller, one per token.
+        sequence's cached keys; `positions` then come from the caller, one per token. A compiled serving forward
+        gets a `StepAttention` instead, which reaches the step's `PagedBatch` through an opaque op.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, D)
         b, t, _ = x.shape
-        attn: AttentionContext
+        attn: AttentionContext | StepAttention
         if paged is not None:
             if positions is None:
                 raise ValueError("a paged forward needs explicit positions")

@@ -89,7 +89,7 @@ class Settings(BaseSettings):
     drain_timeout: float = Field(30.0, ge=0, description="seconds running requests get to finish on SIGTERM")
     compile: bool = Field(
         EngineConfig.compile,
-        description="torch.compile the decode step, at start (before /ready); eager if compiling fails",
+        description="torch.compile the decode step at start, before /ready (needs a C++ compiler; eager without)",
     )
     weight_layout: Literal["auto", "standard", "input-major", "packed"] = Field(
         EngineConfig.weight_layout,

@@ -7,6 +7,7 @@ import contextlib
 import io
 import json
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable
@@ -22,13 +23,14 @@ from vlmserve.model.sampling import SamplingParams
 from vlmserve.model.tokenizer import ChatTokenizer
 from vlmserve.model.weights import load_model, resolve_checkpoint
 
-from .engine import Engine, Finished
+from .engine import Engine, Event, Failed, Finished
 from .engine.prepare import RequestPreparer
 from .errors import APIError
 from .metrics import Metrics
 from .settings import Settings
 
 log = logging.getLogger(__name__)
+WARM_UP_TIMEOUT_S = 900  # compiling the decode step on a slow machine takes minutes at worst
 
 
 def pick_device(setting: str) -> torch.device:
@@ -107,6 +109,8 @@ class ServerState:
             self.generation_defaults = _generation_defaults(path)
             config = s.engine_config()
             self.engine = Engine(model, tokenizer, config, model_id=self.model_id, observer=self.metrics).start()
+            if config.compile:
+                log.info("compiling the decode step (inductor keeps the result: later starts take seconds)")
             self._warm_up()
         except BaseException as e:
             self.load_error = e
@@ -117,16 +121,24 @@ class ServerState:
                  time.perf_counter() - t0, self.engine.max_model_len, s.max_running)
 
     def _warm_up(self) -> None:
-        """One short generation with an image: the first real request does not pay for lazy initialisation."""
+        """Two short generations with an image, side by side: the first real requests pay for no lazy
+        initialisation (with `compile`, the decode step compiles here: for one sequence, and for several)."""
         assert self.engine is not None and self.preparer is not None
         buf = io.BytesIO()
         Image.new("RGB", (64, 64), (128, 128, 128)).save(buf, "PNG")
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "warm up"}]}]
-        req = self.preparer.request("warmup", messages, [buf.getvalue()], sampling=SamplingParams(temperature=0),
-                                    max_tokens=2)
-        events = list(self.engine.generate(req))
-        if not isinstance(events[-1], Finished):
-            raise RuntimeError(f"warm-up generation failed: {events[-1]}")
+        sinks: list[queue.Queue[Event]] = []
+        side_by_side = (8, 4) if self.engine.config.max_running >= 2 else (8,)  # one row: one at a time
+        for i, max_tokens in enumerate(side_by_side):
+            req = self.preparer.request(f"warmup-{i}", messages, [buf.getvalue()],
+                                        sampling=SamplingParams(temperature=0), max_tokens=max_tokens)
+            req.ignore_eos = True  # every step runs, whatever the model answers
+            sinks.append(queue.Queue())
+            self.engine.submit(req, sinks[-1].put)
+        for sink in sinks:
+            while not isinstance(event := sink.get(timeout=WARM_UP_TIMEOUT_S), Finished):
+                if isinstance(event, Failed):
+                    raise RuntimeError(f"warm-up generation failed: {event}")
 
     # -- status ----------------------------------------------------------------------------------------------------
     def require_ready(self) -> tuple[Engine, RequestPreparer]:

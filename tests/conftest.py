@@ -11,6 +11,9 @@ from hypothesis import settings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# Servers started by tests decode eagerly (compiling costs seconds per server); the compiled step has its own
+# tests (tests/test_engine.py), which ask for it.
+os.environ.setdefault("VLMSERVE_COMPILE", "false")
 sys.path.insert(0, str(Path(__file__).parent))
 
 from checkpoints import SPECS, build_checkpoint

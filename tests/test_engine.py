@@ -53,6 +53,7 @@ class Harness:
         self.preparer = RequestPreparer(
             self.tokenizer, ImageProcessor.from_pretrained(ckpt), self.model.config.num_visual_tokens
         )
+        config.setdefault("compile", False)  # eager unless a test asks (compiling costs seconds per engine)
         self.engine = Engine(self.model, self.tokenizer, EngineConfig(**config), model_id=ckpt.name).start()
 
     def request(self, i: int, *, max_tokens: int = 32, seed: int | None = None, temperature: float = 0.0,
@@ -362,6 +363,24 @@ def test_compiled_decode_step_gives_the_same_tokens(checkpoint_factory) -> None:
             a.ignore_eos = b.ignore_eos = True
             assert _alone(compiled, b).token_ids == _alone(eager, a).token_ids
         assert compiled.engine.alive and compiled.engine.counters.decode_forwards >= 3 * 23
+    finally:
+        eager.engine.shutdown(timeout=5)
+        compiled.engine.shutdown(timeout=5)
+
+
+def test_compiled_decode_of_several_sequences_gives_the_same_tokens(checkpoint_factory) -> None:
+    """The compiled step's graph for two and more decodes (a dynamic size), against eager, batched."""
+    eager = Harness(checkpoint_factory("clip-llama"), max_running=4)
+    compiled = Harness(checkpoint_factory("clip-llama"), max_running=4, compile=True)
+    try:
+        runs = []
+        for h in (eager, compiled):
+            reqs = [h.request(i, max_tokens=8 + 4 * i) for i in range(4)]  # lengths differ: 4, 3, 2, 1 decodes
+            for r in reqs:
+                r.ignore_eos = True
+            runs.append([f.token_ids for f in h.run_concurrently(reqs)])
+        assert runs[1] == runs[0]
+        assert compiled.engine.core.runner._compiled is not None  # still compiled: it did not fall back
     finally:
         eager.engine.shutdown(timeout=5)
         compiled.engine.shutdown(timeout=5)

@@ -51,6 +51,33 @@ def test_free_blocks_keep_their_keys_until_reused_least_recent_first() -> None:
     assert m.num_free == 0 and m.blocks[blocks[0]].ref_count == 1
 
 
+def test_a_growing_sequence_takes_the_next_block_when_it_caches_nothing() -> None:
+    m = KVCacheManager(8, 2)
+    a = m.allocate(2)  # [0, 1]
+    b = m.allocate(1)  # [2]: now 2 follows a's last block, but it is taken
+    assert m.allocate(1, after=a[-1]) == [3]  # not the next block (held by b): LRU order
+    m.free(b)
+    assert m.allocate(2, after=1) == [2, 4]  # 2 is free and empty again: taken out of turn, then LRU order
+    c = m.allocate(1)  # [5]
+    m.register(c[0], b"cached")
+    m.free(c)  # 5 is free but caches a prefix: a sequence ending at 4 does not take it out of turn
+    assert m.allocate(1, after=4) == [6] and m.match([b"cached"]) == [5]
+
+
+def test_a_run_of_blocks_reads_the_same_keys_as_a_gather() -> None:
+    import torch
+
+    from vlmserve.model.kv_cache import PagedKVCache
+
+    cache = PagedKVCache(num_layers=2, num_blocks=6, block_size=4, num_kv_heads=2, head_dim=3)
+    for t in (*cache.k, *cache.v):
+        t.copy_(torch.randn(t.shape))
+    for layer in range(2):
+        got = cache.run(layer, 2, 10)  # blocks 2, 3, 4: ten keys
+        want = cache.gather(layer, torch.tensor([[2, 3, 4]]), 10)
+        assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True)) and got[0].shape == (1, 10, 2, 3)
+
+
 def test_block_keys_chain_tokens_images_and_salt() -> None:
     root = root_key("model", "")
     k1 = block_key(root, [1, 2, 3, 4])
@@ -241,7 +268,7 @@ def test_the_core_in_a_separate_process_gives_the_same_tokens(checkpoint_factory
 
     ckpt = checkpoint_factory("clip-llama")
     local = Harness(ckpt, max_running=4)
-    remote = EngineProcess(ckpt, EngineConfig(max_running=4), model_id=ckpt.name)
+    remote = EngineProcess(ckpt, EngineConfig(max_running=4, compile=False), model_id=ckpt.name)
     try:
         reqs = [local.request(i, max_tokens=12) for i in range(4)]
         events = remote.run(reqs)

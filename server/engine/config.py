@@ -31,7 +31,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     max_images_per_encode: int = 32  # images per vision encoder call
     vision_cache_mb: float = 256  # the visual-token cache (vision_cache.py)
-    compile: bool = False  # torch.compile the decode-only step
+    compile: bool = True  # torch.compile the decode-only steps (model/step_attention.py); eager if that fails
     weight_layout: Layout = "auto"  # how the weights are laid out for serving (model/serving_weights.py)
 
 

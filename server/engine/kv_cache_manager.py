@@ -101,13 +101,22 @@ class KVCacheManager:
     def can_allocate(self, n: int) -> bool:
         return n <= len(self._free)
 
-    def allocate(self, n: int) -> list[int]:
-        """`n` fresh blocks (forgetting whatever prefix they cached), or ValueError if there are not enough."""
+    def allocate(self, n: int, *, after: int | None = None) -> list[int]:
+        """`n` fresh blocks (forgetting whatever prefix they cached), or ValueError if there are not enough.
+
+        `after`: the sequence's last block. Where the block right after it is free and caches nothing, it is taken
+        out of turn (no cached prefix is lost by that), so that a sequence's blocks tend to lie in one run and
+        its keys can be read in place (model/kv_cache.py); otherwise blocks come in LRU order."""
         if n > len(self._free):
             raise ValueError(f"{n} blocks asked for, {len(self._free)} free")
         out = []
         for _ in range(n):
-            block_id, _ = self._free.popitem(last=False)
+            nxt = None if after is None else after + 1
+            if nxt is not None and nxt in self._free and self.blocks[nxt].key is None:
+                block_id = nxt
+                del self._free[nxt]
+            else:
+                block_id, _ = self._free.popitem(last=False)
             block = self.blocks[block_id]
             if block.key is not None:
                 if self._cached.get(block.key) == block_id:
@@ -115,6 +124,7 @@ class KVCacheManager:
                 block.key = None
             block.ref_count = 1
             out.append(block_id)
+            after = block_id
         return out
 
     def free(self, block_ids: Sequence[int]) -> None:

@@ -19,6 +19,7 @@ import torch
 from vlmserve.model.attention import PagedBatch, Segment
 from vlmserve.model.kv_cache import PagedKVCache
 from vlmserve.model.sampler import SamplerState
+from vlmserve.model.step_attention import StepAttention, stepping
 from vlmserve.model.vlm import VisionLanguageModel
 
 from .observer import EngineCounters, Observer
@@ -39,6 +40,11 @@ class StepOutput:
     prefill: bool = False  # whether the step computed any multi-token chunk
 
 
+def _consecutive(table: list[int]) -> bool:
+    """Whether the blocks follow one another in the pool (so that the keys are one slice of it)."""
+    return table[-1] - table[0] == len(table) - 1 and table == list(range(table[0], table[0] + len(table)))
+
+
 class ModelRunner:
     def __init__(self, model: VisionLanguageModel, cache: PagedKVCache, vision_cache: VisionCache, *,
                  max_rows: int, max_images_per_encode: int, counters: EngineCounters, observer: Observer,
@@ -52,8 +58,11 @@ class ModelRunner:
         self.bidirectional_images = bool(getattr(model, "bidirectional_images", False))
         self.max_images_per_encode = max_images_per_encode
         self.counters, self.observer = counters, observer
-        # Decode-only steps through torch.compile (dynamic shapes); eager if compiling fails (no C++ compiler, ...).
-        self._compiled = torch.compile(lm.forward, dynamic=True) if compile_decode else None
+        # Decode-only steps through torch.compile: the layers are traced, the attention is one opaque op per layer
+        # (model/step_attention.py), so the graph's one varying size is the number of decodes (one graph for a
+        # single decode, one for two and more). Eager if compiling fails (no C++ compiler, ...).
+        self._compiled = torch.compile(lm.forward) if compile_decode else None
+        self._step_attention = StepAttention()
 
     def assign(self, seq: Sequence) -> None:
         """Load a newly admitted sequence's sampling settings into its row."""
@@ -129,19 +138,17 @@ class ModelRunner:
             paged.decode_tables = self._tensor([t + [0] * (width - len(t)) for t in decode_tables])  # (B_d, nb)
             paged.decode_lens = self._tensor(decode_lens)  # (B_d,)
             paged.decode_max_len = max(decode_lens)
+            if len(decode_tables) == 1 and _consecutive(decode_tables[0]):
+                paged.decode_run = decode_tables[0][0]
             equal = all(n == paged.decode_max_len for n in decode_lens)
             paged.decode_masks = PagedBatch.decode_masks_for(paged.decode_lens, paged.decode_max_len, self.windows,
                                                              equal=equal)
         paged.segments = [Segment(s, n, c, self._tensor(t), sp) for s, n, c, t, sp in segments]
         pos_t = self._tensor(positions)[None]  # (1, N)
-        forward = self._compiled if self._compiled is not None and not segments else lm
-        try:
-            hidden = forward(inputs_embeds=embeds[None], positions=pos_t, paged=paged, logits=False)[0]  # (N, D)
-        except Exception as e:
-            if forward is lm:
-                raise
-            log.warning("torch.compile of the decode step failed (%s: %s); decoding eagerly", type(e).__name__, e)
-            self._compiled = None
+        hidden = None
+        if self._compiled is not None and not segments:
+            hidden = self._compiled_forward(embeds[None], pos_t, paged)  # (N, D), or None if compiling failed
+        if hidden is None:
             hidden = lm(inputs_embeds=embeds[None], positions=pos_t, paged=paged, logits=False)[0]  # (N, D)
         if not samplers:
             return []
@@ -150,6 +157,23 @@ class ModelRunner:
         tokens = self.sampler.sample(logits, rows, [s.num_generated for s in samplers],
                                      [s.req.sampling for s in samplers])
         return list(zip(samplers, tokens, strict=True))
+
+    def _compiled_forward(self, embeds: torch.Tensor, positions: torch.Tensor, paged: PagedBatch
+                          ) -> torch.Tensor | None:
+        """The decode-only forward through the compiled graph: hidden states (N, D), or None (and eager from now
+        on) if compiling fails."""
+        assert self._compiled is not None
+        if embeds.shape[1] > 1:  # from two decodes on, one graph for any number (one is a graph of its own)
+            torch._dynamo.maybe_mark_dynamic(embeds, 1)
+            torch._dynamo.maybe_mark_dynamic(positions, 1)
+        try:
+            with stepping(paged):
+                return self._compiled(inputs_embeds=embeds, positions=positions, paged=self._step_attention,
+                                      logits=False)[0]  # (N, D)
+        except Exception as e:
+            log.warning("torch.compile of the decode step failed (%s: %s); decoding eagerly", type(e).__name__, e)
+            self._compiled = None
+            return None
 
     # -------------------------------------------------------------------------------------------------- images
     def _resolve_images(self, batch: ScheduledBatch, out: StepOutput) -> set[int]:

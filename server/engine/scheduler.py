@@ -115,7 +115,7 @@ class Scheduler:
             return True
         if not self.blocks.can_allocate(need):
             return False
-        seq.block_table += self.blocks.allocate(need)
+        seq.block_table += self.blocks.allocate(need, after=seq.block_table[-1] if seq.block_table else None)
         return True
 
     def _admit(self, seq: Sequence, budget: int, out: ScheduledBatch) -> int:
@@ -137,7 +137,7 @@ class Scheduler:
             self.blocks.free(seq.block_table)  # not now: give the prefix back (it stays cached)
             seq.block_table, seq.registered, seq.num_computed = [], 0, 0
             return 0
-        seq.block_table += self.blocks.allocate(need)
+        seq.block_table += self.blocks.allocate(need, after=seq.block_table[-1] if seq.block_table else None)
         if seq.num_cached < 0:
             seq.num_cached = seq.num_computed
             self.blocks.record_lookup(seq.prompt_len, seq.num_cached)
