@@ -61,7 +61,8 @@ class SamplerState:
     ) -> list[int]:
         """Next token per row. Reading the ids back is the step's one host-device synchronisation."""
         penalized = any(p.has_penalties for p in params)
-        if not penalized and all(p.greedy for p in params):
+        biased = any(p.logit_bias for p in params)
+        if not penalized and not biased and all(p.greedy for p in params):
             return logits.argmax(dim=-1).tolist()
         logits = logits.float()
         if penalized and self.counts is not None and self.seen is not None:
@@ -69,6 +70,10 @@ class SamplerState:
                 logits, self.counts[rows], self.seen[rows], self.repetition[rows], self.presence[rows],
                 self.frequency[rows],
             )
+        if biased:
+            logits = self._bias(logits, params)
+        if all(p.greedy for p in params) and not penalized:
+            return logits.argmax(dim=-1).tolist()
         step_t = torch.tensor(list(steps), dtype=torch.long).to(self.device, non_blocking=True)  # (B,)
         ids = sample(
             logits,
@@ -83,3 +88,28 @@ class SamplerState:
             self.counts.index_put_((rows, ids), torch.ones_like(ids, dtype=torch.int32), accumulate=True)
             self.seen[rows, ids] = True
         return ids.tolist()
+
+    def _bias(self, logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+        """Add each row's logit_bias to its logits (B, V): one scatter for the whole batch."""
+        at = [(i, token, bias) for i, p in enumerate(params) for token, bias in p.logit_bias if token < self.vocab]
+        rows = torch.tensor([a[0] for a in at], dtype=torch.long).to(self.device, non_blocking=True)
+        tokens = torch.tensor([a[1] for a in at], dtype=torch.long).to(self.device, non_blocking=True)
+        values = torch.tensor([a[2] for a in at], dtype=logits.dtype).to(self.device, non_blocking=True)
+        return logits.index_put((rows, tokens), values, accumulate=True)  # (B, V)
+
+
+def token_logprobs(
+    logits: torch.Tensor,  # (B, V) the raw logits the tokens were sampled from
+    tokens: Sequence[int],
+    ks: Sequence[int | None],
+) -> dict[int, tuple[float, list[tuple[int, float]]]]:
+    """For each row i whose ks[i] is not None: the log-probability of tokens[i] under softmax(logits[i]), and the
+    ks[i] likeliest (token id, logprob), best first. One batched log-softmax and top-k for all of them."""
+    rows = [i for i, k in enumerate(ks) if k is not None]
+    lp = torch.log_softmax(logits[rows].float(), dim=-1)  # (S, V)
+    picked = torch.tensor([tokens[i] for i in rows], dtype=torch.long, device=lp.device)  # (S,)
+    chosen = lp.gather(1, picked[:, None])[:, 0].tolist()  # (S,)
+    k_max = min(max(ks[i] or 0 for i in rows), lp.shape[-1])
+    top_v, top_i = lp.topk(k_max, dim=-1) if k_max else (lp[:, :0], picked[:, None][:, :0])  # (S, k) each
+    top_v, top_i = top_v.tolist(), top_i.tolist()
+    return {i: (chosen[j], list(zip(top_i[j][: ks[i]], top_v[j][: ks[i]], strict=True))) for j, i in enumerate(rows)}

@@ -26,6 +26,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # transformers' (divide positive logits, multiply negative ones)
     presence_penalty: float = 0.0  # OpenAI's, over generated tokens
     frequency_penalty: float = 0.0  # OpenAI's, over generated tokens
+    logit_bias: tuple[tuple[int, float], ...] = ()  # OpenAI's: (token id, bias added to its logit), after penalties
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -36,6 +37,8 @@ class SamplingParams:
             raise ValueError("top_p must be in (0, 1]")
         if self.repetition_penalty <= 0:
             raise ValueError("repetition_penalty must be > 0")
+        if any(token < 0 or not -100 <= bias <= 100 for token, bias in self.logit_bias):
+            raise ValueError("logit_bias: token ids must be >= 0 and biases in [-100, 100]")
 
     @property
     def greedy(self) -> bool:

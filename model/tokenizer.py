@@ -11,6 +11,7 @@ detokenizer (`ChatTokenizer.detokenizer`) in model/detokenizer.py.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -26,6 +27,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from .chat_template import LLAVA_15_CHAT_TEMPLATE, read_json, template_from_checkpoint, template_from_tokenizer
 from .detokenizer import IncrementalDetokenizer
 from .messages import ChatMessage, TextPart, parse_messages
+from .token_pieces import TokenPieces
 
 logger = logging.getLogger(__name__)
 
@@ -206,6 +208,11 @@ class ChatTokenizer:
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
         """Text of `ids`: the HF tokenizer's `decode` without `clean_up_tokenization_spaces` (not streamable)."""
         return self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    @functools.cached_property
+    def pieces(self) -> TokenPieces:
+        """Single tokens' text and bytes (logprobs report them)."""
+        return TokenPieces(self._backend)
 
     def detokenizer(self, *, context_ids: Sequence[int] = ()) -> IncrementalDetokenizer:
         """A fresh incremental detokenizer for one generated sequence."""

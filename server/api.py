@@ -20,12 +20,15 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from starlette.datastructures import UploadFile
+
+from vlmserve.model.token_pieces import TokenPieces
 
 from .engine import EngineError, EngineRequest, Failed, Finished, ImageInput, TextDelta
 from .engine.prepare import image_hash
 from .errors import APIError, install_error_handlers
+from .forms import GENERATE_FIELDS, Form, read_form
 from .inputs import chat_input, image_bytes
+from .logprobs import choice_logprobs
 from .middleware import BodyBudget, BodyLimit, StatusCounter
 from .schemas import (
     ChatCompletion,
@@ -147,9 +150,14 @@ def _routes(app: FastAPI, state: ServerState) -> None:
         check_model(body.model)
         if body.n != 1:
             raise APIError(400, "only n=1 is supported", param="n", code="unsupported_value")
+        if body.top_logprobs is not None and not body.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
+        if body.stream_options is not None and not body.stream:
+            raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options",
+                           code="invalid_value")
         if len(body.stop) > settings.max_stop_sequences:
             raise APIError(400, f"at most {settings.max_stop_sequences} stop sequences", param="stop")
-        engine, _ = state.require_ready()
+        engine, preparer = state.require_ready()
         salt = cache_salt(request, body.cache_salt)
         with _admission(engine):
             chat = chat_input(body.messages, settings)
@@ -157,30 +165,40 @@ def _routes(app: FastAPI, state: ServerState) -> None:
             max_tokens = _max_tokens(engine, len(encoded.input_ids), body.max_completion_tokens or body.max_tokens)
             images = await _load_images(state, [(url, param) for url, param in chat.image_urls], salt)
             sampling = state.sampling(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
-                                      seed=body.seed, presence=body.presence_penalty,
-                                      frequency=body.frequency_penalty, repetition=body.repetition_penalty)
+                                      seed=body.seed, presence=body.presence_penalty or 0.0,
+                                      frequency=body.frequency_penalty or 0.0, repetition=body.repetition_penalty,
+                                      logit_bias=_logit_bias(engine, body.logit_bias))
             req = EngineRequest(rid, encoded.input_ids, images, sampling, max_tokens, body.stop,
-                                ignore_eos=body.ignore_eos, cache_salt=salt)
+                                ignore_eos=body.ignore_eos, cache_salt=salt,
+                                logprobs=(body.top_logprobs or 0) if body.logprobs else None)
             log.info("%s: %d prompt tokens, %d images, max_tokens %d, stream=%s, user=%s", rid,
                      len(encoded.input_ids), len(images), max_tokens, body.stream, body.user)
             stream = _submit(engine, req)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(_chat_sse(stream, rid, state.model_id, include_usage),
+            pieces = preparer.tokenizer.pieces if body.logprobs else None
+            return StreamingResponse(_chat_sse(stream, rid, state.model_id, include_usage, pieces),
                                      media_type="text/event-stream", headers=_SSE_HEADERS)
         final = await _final(stream, request)
         if final is None:
             return Response(status_code=499)  # the client is gone; nobody reads this
+        logprobs = choice_logprobs(preparer.tokenizer.pieces, final.logprobs) if body.logprobs else None
         return JSONResponse(ChatCompletion(
             id=rid, model=state.model_id, usage=_usage(final),
-            choices=[Choice(message=ResponseMessage(content=final.text), finish_reason=final.finish_reason)],
+            choices=[Choice(message=ResponseMessage(content=final.text), finish_reason=final.finish_reason,
+                            logprobs=logprobs)],
         ).model_dump(), headers={"X-Request-Id": rid})
 
     @app.post("/v1/generate", response_model=None, dependencies=auth)
     async def generate(request: Request) -> Response:
         rid = f"gen-{uuid.uuid4().hex}"
-        form = await _form(request, settings)
-        fields = _Form(form)
+        form = await read_form(request, settings)
+        fields = Form(form)
+        unknown = sorted(set(form.keys()) - GENERATE_FIELDS)
+        if unknown:
+            known = ", ".join(sorted(GENERATE_FIELDS))
+            raise APIError(400, f"unknown form field {unknown[0]!r}; the fields are {known}", param=unknown[0],
+                           code="unknown_parameter")
         check_model(fields.text("model"))
         prompt = fields.text("prompt")
         if prompt is None:
@@ -255,6 +273,16 @@ def _admission(engine: Any) -> Iterator[None]:
         engine.unreserve()
 
 
+def _logit_bias(engine: Any, bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
+    """OpenAI's logit_bias as (token id, bias) pairs, each id checked against the vocabulary."""
+    out = tuple(sorted((int(token), float(value)) for token, value in (bias or {}).items()))
+    bad = [token for token, _ in out if token >= engine.vocab_size]
+    if bad:
+        raise APIError(400, f"logit_bias: token id {bad[0]} is outside the vocabulary (0..{engine.vocab_size - 1})",
+                       param="logit_bias", code="invalid_value")
+    return out
+
+
 def _max_tokens(engine: Any, prompt_len: int, requested: int | None) -> int:
     try:
         return engine.resolve_max_tokens(prompt_len, requested)
@@ -311,12 +339,15 @@ async def _prepare_images(state: ServerState, items: Sequence[tuple[bytes, str]]
     return list(results)  # type: ignore[arg-type]
 
 
-async def _chat_sse(stream: EventStream, rid: str, model: str, include_usage: bool) -> AsyncIterator[str]:
+async def _chat_sse(stream: EventStream, rid: str, model: str, include_usage: bool,
+                    pieces: TokenPieces | None = None) -> AsyncIterator[str]:
+    """The chunks of a streamed chat answer; with `pieces` (logprobs asked), each carries its tokens' logprobs."""
     created = int(time.time())
 
-    def chunk(delta: dict[str, Any], finish: str | None = None, usage: dict[str, Any] | None = None) -> str:
+    def chunk(delta: dict[str, Any], finish: str | None = None, usage: dict[str, Any] | None = None,
+              logprobs: dict[str, Any] | None = None) -> str:
         choices = [] if usage is not None else [{"index": 0, "delta": delta, "finish_reason": finish,
-                                                  "logprobs": None}]
+                                                  "logprobs": logprobs}]
         body: dict[str, Any] = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
                                 "choices": choices}
         if include_usage:
@@ -326,7 +357,8 @@ async def _chat_sse(stream: EventStream, rid: str, model: str, include_usage: bo
     yield chunk({"role": "assistant", "content": ""})
     async for event in stream:
         if isinstance(event, TextDelta):
-            yield chunk({"content": event.text})
+            yield chunk({"content": event.text},
+                        logprobs=choice_logprobs(pieces, event.logprobs) if pieces is not None else None)
         elif isinstance(event, Finished):
             yield chunk({}, event.finish_reason)
             if include_usage:
@@ -346,75 +378,3 @@ async def _generate_sse(stream: EventStream, rid: str) -> AsyncIterator[str]:
         elif isinstance(event, Failed):
             yield sse(APIError.from_exception(event.error).response().body.decode())
     yield sse("[DONE]")
-
-
-async def _form(request: Request, settings: Settings) -> Any:
-    ctype = request.headers.get("content-type", "")
-    if not ctype.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
-        raise APIError(400, "POST /v1/generate takes multipart/form-data (fields: image, prompt, ...)",
-                       code="invalid_content_type")
-    try:
-        return await request.form(max_files=settings.max_images_per_request + 1, max_fields=64,
-                                  max_part_size=settings.max_image_bytes)
-    except Exception as e:
-        raise APIError(400, f"malformed multipart body: {e}", code="invalid_form") from e
-
-
-class _Form:
-    """Typed access to multipart fields, each mistake a 400 naming the field."""
-
-    def __init__(self, form: Any) -> None:
-        self.form = form
-
-    def texts(self, name: str) -> list[str]:
-        values = self.form.getlist(name)
-        if any(not isinstance(v, str) for v in values):
-            raise APIError(400, f"form field {name!r} must be text, not a file", param=name)
-        return values
-
-    def text(self, name: str) -> str | None:
-        values = self.texts(name)
-        if len(values) > 1:
-            raise APIError(400, f"form field {name!r} given {len(values)} times", param=name)
-        return values[0] if values else None
-
-    def files(self, name: str) -> list[UploadFile]:
-        values = self.form.getlist(name)
-        if any(not isinstance(v, UploadFile) for v in values):
-            raise APIError(400, f"form field {name!r} must be a file upload", param=name)
-        return values
-
-    def number(self, name: str, lo: float, hi: float) -> float | None:
-        raw = self.text(name)
-        if raw is None or raw == "":
-            return None
-        try:
-            value = float(raw)
-        except ValueError:
-            raise APIError(400, f"{name} must be a number, got {raw[:32]!r}", param=name) from None
-        if not lo <= value <= hi or value != value:
-            raise APIError(400, f"{name} must be between {lo} and {hi}", param=name)
-        return value
-
-    def integer(self, name: str, lo: int, hi: int | None = None) -> int | None:
-        raw = self.text(name)
-        if raw is None or raw == "":
-            return None
-        try:
-            value = int(raw)
-        except ValueError:
-            raise APIError(400, f"{name} must be an integer, got {raw[:32]!r}", param=name) from None
-        if value < lo or (hi is not None and value > hi):
-            raise APIError(400, f"{name} must be >= {lo}" + (f" and <= {hi}" if hi is not None else ""), param=name)
-        return value
-
-    def boolean(self, name: str) -> bool:
-        raw = self.text(name)
-        if raw is None or raw == "":
-            return False
-        if raw.lower() in ("true", "1", "yes"):
-            return True
-        if raw.lower() in ("false", "0", "no"):
-            return False
-        raise APIError(400, f"{name} must be true or false, got {raw[:32]!r}", param=name)
-

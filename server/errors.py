@@ -79,6 +79,14 @@ class APIError(Exception):
         return JSONResponse(body, status_code=self.status, headers=headers)
 
 
+# Validation error types that are codes of their own (the rest are `invalid_value`)
+_CODES = {
+    "extra_forbidden": "unknown_parameter",
+    "unsupported_parameter": "unsupported_parameter",  # an OpenAI field this server does not implement
+    "unsupported_value": "unsupported_value",
+}
+
+
 def _loc(loc: tuple[object, ...]) -> str | None:
     parts = [str(p) for p in loc if p not in ("body", "query", "path")]
     return ".".join(parts) or None
@@ -99,11 +107,13 @@ def install_error_handlers(app: FastAPI) -> None:
             message, param = "the body is not valid JSON", None  # its loc is a byte offset, not a parameter
         elif kind == "model_attributes_type" and param is None:
             message = "the body must be a JSON object"
+        elif kind == "extra_forbidden":
+            message = f"unknown parameter {param!r}: neither OpenAI's API nor a documented extra of this server"
         else:
             message = f"{param + ': ' if param else ''}{first.get('msg', 'invalid value')}"
-            if len(errors) > 1:
-                message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
-        return APIError(400, message, param=param, code="invalid_value").response()
+        if len(errors) > 1 and kind != "json_invalid":
+            message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+        return APIError(400, message, param=param, code=_CODES.get(kind, "invalid_value")).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -5,28 +5,37 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 EXTRA = {"x-vlmserve-extra": True}  # marks fields OpenAI's API does not have
 
 
-class _Lenient(BaseModel):
-    """Unknown fields are ignored (clients send provider-specific extras), as OpenAI-compatible servers do."""
+class _Strict(BaseModel):
+    """A field outside OpenAI's API and our documented extras is refused (400 `unknown_parameter`), as OpenAI
+    refuses it: a field silently ignored makes a client believe it was honoured."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
 
-class TextPart(_Lenient):
+def _refuse_unless_neutral(name: str, value: object, neutral: tuple[object, ...]) -> object:
+    """A field of OpenAI's API that we do not implement: accepted only with a value that asks for nothing."""
+    if value in neutral:
+        return value
+    raise PydanticCustomError("unsupported_parameter", f"{name!r} is not supported by this server")
+
+
+class TextPart(_Strict):
     type: Literal["text"]
     text: str
 
 
-class ImageURL(_Lenient):
+class ImageURL(_Strict):
     url: str = Field(max_length=64 * 1024**2)
     detail: Literal["auto", "low", "high"] | None = None
 
 
-class ImagePart(_Lenient):
+class ImagePart(_Strict):
     type: Literal["image_url"]
     image_url: ImageURL
 
@@ -34,17 +43,46 @@ class ImagePart(_Lenient):
 ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 
 
-class Message(_Lenient):
+class Message(_Strict):
     role: Literal["system", "user", "assistant", "developer"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    # What an assistant message of a response carries, so that a client may send one back as history as it got it.
+    refusal: str | None = None  # annotation: the refusal text of an earlier answer
+    annotations: list[Any] | None = None  # annotation (URL citations of an earlier answer)
+    audio: Any = None  # must be null: no audio answers here
+    tool_calls: Any = None  # must be null or empty: no tools here yet
+    function_call: Any = None  # must be null
+    tool_call_id: Any = None  # must be null
+
+    @field_validator("audio", "tool_calls", "function_call", "tool_call_id")
+    @classmethod
+    def _unsupported(cls, value: object, info: ValidationInfo) -> object:
+        return _refuse_unless_neutral(f"messages[].{info.field_name}", value, (None, []))
 
 
-class StreamOptions(_Lenient):
+class StreamOptions(_Strict):
     include_usage: bool = False
+    include_obfuscation: bool | None = None  # annotation: no obfuscation padding is sent either way
 
 
-class ChatCompletionRequest(_Lenient):
+# Fields of OpenAI's chat request that this server does not implement, each with the values that ask for nothing
+# (sent by clients that fill every field); any other value is a 400 `unsupported_parameter` naming the field.
+UNSUPPORTED_CHAT_FIELDS: dict[str, tuple[object, ...]] = {
+    "response_format": (None, {"type": "text"}),
+    "tools": (None, []),
+    "tool_choice": (None, "none", "auto"),
+    "functions": (None, []),
+    "function_call": (None, "none", "auto"),
+    "audio": (None,),
+    "prediction": (None,),
+    "web_search_options": (None,),
+    "reasoning_effort": (None,),
+    "verbosity": (None,),
+}
+
+
+class ChatCompletionRequest(_Strict):
     messages: list[Message] = Field(min_length=1)
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
@@ -52,13 +90,38 @@ class ChatCompletionRequest(_Lenient):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     n: int = Field(1, ge=1, le=128)
-    stream: bool = False
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
     stop: list[str] = Field(default_factory=list, description="a string or a list of strings")
     seed: int | None = Field(None, ge=-(2**63), lt=2**63)
-    presence_penalty: float = Field(0.0, ge=-2, le=2)
-    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    presence_penalty: float | None = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float | None = Field(0.0, ge=-2, le=2)
+    modalities: list[Literal["text", "audio"]] | None = None  # only ["text"]: there is no audio output
+    # Annotations: accepted, logged where useful, and they change nothing in the answer.
     user: str | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None  # only false: nothing is stored
+    service_tier: str | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None  # prefix caching here is automatic (and salted by `cache_salt`)
+    parallel_tool_calls: bool | None = None  # without tools it means nothing
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20, description="with logprobs: the k likeliest tokens too")
+    logit_bias: dict[str, float] | None = Field(
+        None, max_length=1024, description="token id (as a string) -> bias in [-100, 100] added to its logit"
+    )
+    # OpenAI fields not implemented (UNSUPPORTED_CHAT_FIELDS): refused unless neutral
+    response_format: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    audio: Any = None
+    prediction: Any = None
+    web_search_options: Any = None
+    reasoning_effort: Any = None
+    verbosity: Any = None
+    # Our extras (vLLM's names)
     top_k: int | None = Field(None, ge=0, lt=2**63, json_schema_extra=EXTRA)
     repetition_penalty: float | None = Field(None, gt=0, le=10, json_schema_extra=EXTRA)
     ignore_eos: bool = Field(False, description="keep generating past EOS (benchmarks)", json_schema_extra=EXTRA)
@@ -66,6 +129,36 @@ class ChatCompletionRequest(_Lenient):
         None, max_length=256, json_schema_extra=EXTRA,
         description="requests share cached prompt prefixes and visual tokens only with the same salt (vLLM's field)",
     )
+
+    @field_validator(*UNSUPPORTED_CHAT_FIELDS)
+    @classmethod
+    def _unsupported(cls, value: object, info: ValidationInfo) -> object:
+        assert info.field_name is not None
+        return _refuse_unless_neutral(info.field_name, value, UNSUPPORTED_CHAT_FIELDS[info.field_name])
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for token, bias in (value or {}).items():
+            if not token.isascii() or not token.isdigit():
+                raise ValueError(f"keys are token ids, got {token[:20]!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"biases are in [-100, 100], got {bias} for token {token}")
+        return value
+
+    @field_validator("modalities")
+    @classmethod
+    def _text_only(cls, value: list[str] | None) -> list[str] | None:
+        if value and "audio" in value:
+            raise PydanticCustomError("unsupported_value", "only text output is supported (modalities: ['text'])")
+        return value
+
+    @field_validator("store")
+    @classmethod
+    def _stores_nothing(cls, value: bool | None) -> bool | None:
+        if value:
+            raise PydanticCustomError("unsupported_value", "this server stores no completions (store: false)")
+        return value
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -96,11 +189,26 @@ class ResponseMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprob] | None
+    refusal: list[TokenLogprob] | None = None
+
+
 class Choice(BaseModel):
     index: int = 0
     message: ResponseMessage
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletion(BaseModel):
@@ -122,7 +230,7 @@ class ChunkChoice(BaseModel):
     index: int = 0
     delta: Delta
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):

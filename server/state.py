@@ -167,7 +167,8 @@ class ServerState:
         self.executor.shutdown(wait=False, cancel_futures=True)
 
     def sampling(self, *, temperature: float | None, top_p: float | None, top_k: int | None, seed: int | None,
-                 presence: float, frequency: float, repetition: float | None) -> SamplingParams:
+                 presence: float, frequency: float, repetition: float | None,
+                 logit_bias: tuple[tuple[int, float], ...] = ()) -> SamplingParams:
         """Request values over the checkpoint's generation_config.json over OpenAI's defaults."""
         d = self.generation_defaults
         try:
@@ -179,6 +180,7 @@ class ServerState:
                 presence_penalty=presence,
                 frequency_penalty=frequency,
                 repetition_penalty=repetition if repetition is not None else d.get("repetition_penalty", 1.0),
+                logit_bias=logit_bias,
             )
         except ValueError as e:
             raise APIError(400, str(e), code="invalid_value") from e

@@ -174,6 +174,22 @@ def test_penalties_steer_sampling_per_slot() -> None:
     assert [p[2] for p in picks] == [1, 0, 0, 0]  # 0 is in the prompt (1.5 < 2.0); once 1 is seen too, 1.5 > 1.0
 
 
+def test_logit_bias_moves_only_its_own_row() -> None:
+    from vlmserve.model.sampler import SamplerState
+
+    state = SamplerState(num_rows=3, vocab=4, device=torch.device("cpu"))
+    params = [SamplingParams(temperature=0.0, logit_bias=((2, 5.0),)), SamplingParams(temperature=0.0),
+              SamplingParams(temperature=1.0, seed=1, logit_bias=((0, -100.0), (1, -100.0), (3, 100.0)))]
+    for row, p in enumerate(params):
+        state.assign(row, p, prompt_ids=[])
+    logits = torch.tensor([[3.0, 2.0, 0.0, -1.0]]).repeat(3, 1)
+    for step in range(3):
+        assert state.sample(logits.clone(), torch.tensor([0, 1, 2]), [step] * 3, params) == [2, 0, 3]
+    assert state.sample(logits[:1].clone(), torch.tensor([1]), [0], params[1:2]) == [0]  # greedy fast path, no bias
+    with pytest.raises(ValueError, match="logit_bias"):
+        SamplingParams(logit_bias=((1, 101.0),))
+
+
 def test_cancelling_mid_stream_frees_the_slot(checkpoint_factory) -> None:
     h = Harness(checkpoint_factory("clip-llama"), max_running=1)
     try:

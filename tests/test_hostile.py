@@ -197,7 +197,12 @@ def _message_cases() -> list[tuple[str, Any, set[int]]]:
         ("image in assistant", [user, {"role": "assistant", "content": [
             {"type": "image_url", "image_url": {"url": img}}]}, user], bad),
         ("name int", [{"role": "user", "content": "x", "name": 5}], bad),
-        ("extra keys", [{"role": "user", "content": "x", "tool_calls": [], "weird": {"a": [1]}}], ok),
+        ("unknown key", [{"role": "user", "content": "x", "tool_calls": [], "weird": {"a": [1]}}], bad),
+        ("echoed answer", [user, {"role": "assistant", "content": "x", "refusal": None, "annotations": [],
+                                  "audio": None, "function_call": None, "tool_calls": None}, user], ok),
+        ("tool calls", [user, {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}, user], bad),
+        ("text part extra", [{"role": "user", "content": [{"type": "text", "text": "x", "cache": 1}]}], bad),
         ("system only", [{"role": "system", "content": "x"}], ok),
         ("assistant only", [{"role": "assistant", "content": "x"}], ok),
         ("developer", [{"role": "developer", "content": "x"}, user], ok),
@@ -229,7 +234,8 @@ _FIELD_CASES: list[tuple[str, Any, set[int]]] = [
     ("stream", "maybe", {400}), ("stream", 5, {400}), ("stream", [], {400}), ("stream", True, {200}),
     ("stream", None, {200, 400}),
     ("stream_options", "x", {400}), ("stream_options", 5, {400}), ("stream_options", {"include_usage": "maybe"}, {400}),
-    ("stream_options", {"include_usage": True}, {200}), ("stream_options", {"other": 1}, {200}),
+    ("stream_options", {"include_usage": True}, {400}),  # without stream: refused, as OpenAI does
+    ("stream_options", {"other": 1}, {400}),
     ("stop", 5, {400}), ("stop", [5], {400}), ("stop", [""], {400}), ("stop", "", {400}), ("stop", ["a"] * 9, {400}),
     ("stop", [["a"]], {400}), ("stop", {"a": 1}, {400}), ("stop", "a", {200}), ("stop", None, {200}),
     ("stop", ["\n", "x" * 10_000], {200}), ("stop", ["a"] * 8, {200}),
@@ -243,12 +249,29 @@ _FIELD_CASES: list[tuple[str, Any, set[int]]] = [
     ("top_k", 1.5, {400}), ("top_k", 0, {200}), ("top_k", 1, {200}), ("top_k", 2**63 - 1, {200}),
     ("repetition_penalty", 0, {400}), ("repetition_penalty", -1, {400}), ("repetition_penalty", 10.5, {400}),
     ("repetition_penalty", "x", {400}), ("repetition_penalty", 1e-300, {200}), ("repetition_penalty", 10, {200}),
-    ("logprobs", True, {200}), ("tools", [{"type": "function", "function": {"name": "f"}}], {200}),
-    ("response_format", {"type": "json_object"}, {200}), ("functions", 5, {200}), ("x-unknown", {"a": [1]}, {200}),
+    ("presence_penalty", None, {200}), ("frequency_penalty", None, {200}),
+    # OpenAI fields not implemented: refused (never silently ignored) unless their value asks for nothing
+    ("logprobs", True, {200}), ("logprobs", False, {200}), ("logprobs", "x", {400}),
+    ("top_logprobs", 2, {400}),  # without logprobs
+    ("tools", [{"type": "function", "function": {"name": "f"}}], {400}), ("tools", [], {200}),
+    ("tool_choice", "required", {400}), ("tool_choice", "none", {200}),
+    ("response_format", {"type": "json_object"}, {400}), ("response_format", {"type": "text"}, {200}),
+    ("logit_bias", {"5": 10}, {200}), ("logit_bias", {}, {200}), ("logit_bias", {"999999": 1}, {400}),
+    ("logit_bias", {"x": 1}, {400}), ("logit_bias", {"5": 101}, {400}), ("logit_bias", {"-1": 1}, {400}),
+    ("logit_bias", {str(i): 1 for i in range(1025)}, {400}), ("functions", 5, {400}),
+    ("reasoning_effort", "low", {400}), ("audio", {"voice": "x"}, {400}), ("modalities", ["audio"], {400}),
+    ("modalities", ["text"], {200}), ("store", True, {400}), ("store", False, {200}),
+    # annotations: accepted, they change nothing
+    ("metadata", {"a": "b"}, {200}), ("metadata", {"a": 1}, {400}), ("service_tier", "auto", {200}),
+    ("safety_identifier", "u1", {200}), ("prompt_cache_key", "k", {200}), ("parallel_tool_calls", True, {200}),
+    # neither OpenAI's nor ours
+    ("x-unknown", {"a": [1]}, {400}), ("min_p", 0.1, {400}),
 ]
 
 
-_EXTRA_FIELDS = {"logprobs", "tools", "response_format", "functions", "x-unknown"}
+_EXTRA_FIELDS = {"logprobs", "top_logprobs", "tools", "tool_choice", "response_format", "logit_bias", "functions",
+                 "reasoning_effort", "audio", "modalities", "store", "metadata", "service_tier", "safety_identifier",
+                 "prompt_cache_key", "parallel_tool_calls", "x-unknown", "min_p"}
 
 
 def test_chat_fields(live_server: LiveServer, http: httpx.Client) -> None:
@@ -258,7 +281,7 @@ def test_chat_fields(live_server: LiveServer, http: httpx.Client) -> None:
         problems.append(record("chat: messages", name, response, expected))
     for field, value, expected in _FIELD_CASES:
         response = post_chat(http, live_server, chat(**{field: value}))
-        kind = "chat: extra fields" if field in _EXTRA_FIELDS else f"chat: {field}"
+        kind = "chat: unsupported, annotating and unknown fields" if field in _EXTRA_FIELDS else f"chat: {field}"
         problems.append(record(kind, f"{field}={value!r:.40}", response, expected))
     assert_alive(live_server, problems)
 
@@ -361,10 +384,10 @@ def test_generate_fields(live_server: LiveServer, http: httpx.Client) -> None:
         ("stream", "maybe", form(stream="maybe"), None, {400}), ("stream", "2", form(stream="2"), None, {400}),
         ("stream", "true", form(stream="true"), None, {200}), ("stream", "TRUE", form(stream="TRUE"), None, {200}),
         ("stream", "no", form(stream="no"), None, {200}),
-        ("extra fields", "unknown", form(foo="bar", messages="[]"), None, {200}),
+        ("extra fields", "unknown", form(foo="bar", messages="[]"), None, {400}),  # refused, never ignored
         ("extra fields", "80 fields", form(**{f"f{i}": "x" for i in range(80)}), None, {400}),
         ("extra fields", "unknown file", form(), [("blob", ("b.bin", b"\0" * 100, "application/octet-stream"))],
-         {200}),
+         {400}),
     ]
     problems = [record(f"generate: {field}", name, post_form(http, live_server, data, files), expected)
                 for field, name, data, files, expected in cases]

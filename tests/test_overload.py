@@ -53,10 +53,10 @@ def image(self, data, digest=None):
 prepare.RequestPreparer.image = image
 
 original_accept = output_processor.OutputProcessor.accept
-def accept(self, seq, token, now, events):
+def accept(self, seq, token, now, events, logprob=None):
     if seq.max_tokens == {ACCEPT_FAULT_MAX_TOKENS}:
         raise RuntimeError("injected fault while streaming one request")
-    return original_accept(self, seq, token, now, events)
+    return original_accept(self, seq, token, now, events, logprob)
 output_processor.OutputProcessor.accept = accept
 
 delay = float(os.environ.get("FAULT_STEP_DELAY", "0"))

@@ -28,6 +28,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+import torch
 from live_server import LiveServer, free_port, start_server
 from PIL import Image
 
@@ -334,6 +335,103 @@ def test_n_above_one_is_a_400(client: openai.OpenAI) -> None:
     assert info.value.status_code == 400
     body: Any = info.value.body
     assert body["param"] == "n"
+
+
+@pytest.mark.parametrize(("fields", "param", "code"), [
+    ({"top_logprobs": 3}, "top_logprobs", "invalid_value"),  # without logprobs
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs", "invalid_value"),
+    ({"logit_bias": {"99999999": -100}}, "logit_bias", "invalid_value"),  # outside the vocabulary
+    ({"response_format": {"type": "json_object"}}, "response_format", "unsupported_parameter"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools",
+     "unsupported_parameter"),
+    ({"store": True}, "store", "unsupported_value"),
+    ({"min_p": 0.1}, "min_p", "unknown_parameter"),  # vLLM's extra, not ours: refused, not ignored
+    ({"stream_options": {"include_usage": True}}, "stream_options", "invalid_value"),  # without stream
+])
+def test_fields_we_do_not_honour_are_refused_by_name(client: openai.OpenAI, fields: dict[str, Any], param: str,
+                                                      code: str) -> None:
+    """Never accept a field and ignore it: the `openai` SDK gets a 400 naming the field and why."""
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=MODEL, messages=[user("hi", RED)], max_tokens=2, extra_body=fields)
+    body: Any = info.value.body
+    assert (body["param"], body["code"]) == (param, code), body
+
+
+def test_neutral_values_annotations_and_echoed_answers_are_accepted(client: openai.OpenAI) -> None:
+    """Clients that fill every field with its neutral value, annotate requests, or send an answer back as history
+    as they got it, are served."""
+    first = client.chat.completions.create(
+        model=MODEL, messages=[user("hi", RED)], max_tokens=3, temperature=0, logprobs=False,
+        response_format={"type": "text"}, metadata={"team": "a"}, store=False, user="u1",
+        extra_body={"safety_identifier": "s1", "prompt_cache_key": "k", "tools": [], "tool_choice": "none"},
+    )
+    answer = first.choices[0].message
+    history = [user("hi", RED), answer.model_dump(), {"role": "user", "content": "and then?"}]
+    again = client.chat.completions.create(model=MODEL, messages=history, max_tokens=3, temperature=0)
+    assert again.choices[0].finish_reason in ("stop", "length")
+
+
+def test_logit_bias_bans_and_forces_tokens(client: openai.OpenAI, checkpoint: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(checkpoint)
+
+    def answer(temperature: float = 0, **kw: Any) -> str:
+        r = client.chat.completions.create(model=MODEL, messages=[user("hi", RED)], max_tokens=6,
+                                           temperature=temperature, seed=3, extra_body={"ignore_eos": True}, **kw)
+        return r.choices[0].message.content or ""
+
+    free = answer()
+    a, b = (tok.encode(word, add_special_tokens=False)[0] for word in ("red", "blue"))  # plain tokens
+    assert answer(logit_bias={str(a): 100}) == tok.decode([a] * 6)  # +100 wins every step
+    assert answer(temperature=1, logit_bias={str(a): 100}) == tok.decode([a] * 6)  # sampling too
+    assert answer(logit_bias={str(a): -100, str(b): 100}) == tok.decode([b] * 6)
+    banned = {str(t): -100 for t in tok.encode(free, add_special_tokens=False)}
+    assert answer(logit_bias=banned) != free
+
+
+def test_logprobs_match_transformers_and_stream_as_they_answer(client: openai.OpenAI, checkpoint: Path) -> None:
+    """The first token's top logprobs are transformers' log-softmax at the prompt's end; streamed logprobs are the
+    answer's, chunk by chunk; the tokens' bytes join to the answer's text."""
+    from transformers import LlavaForConditionalGeneration, LlavaProcessor
+
+    messages = [user("hi", RED)]
+    kw: Any = {"model": MODEL, "messages": messages, "max_tokens": 5, "temperature": 0, "logprobs": True,
+               "top_logprobs": 4, "extra_body": {"ignore_eos": True}}
+    r = client.chat.completions.create(**kw)
+    assert r.choices[0].logprobs is not None and r.usage is not None
+    content = r.choices[0].logprobs.content or []
+    assert len(content) == r.usage.completion_tokens == 5
+    for t in content:  # greedy: the chosen token is the likeliest
+        assert len(t.top_logprobs) == 4 and t.top_logprobs[0].token == t.token
+        assert t.logprob == pytest.approx(t.top_logprobs[0].logprob) and t.logprob <= 0
+        assert [x.logprob for x in t.top_logprobs] == sorted((x.logprob for x in t.top_logprobs), reverse=True)
+    joined = bytes(b for t in content for b in (t.bytes or []))  # a random model may emit invalid UTF-8
+    assert joined.decode(errors="replace") == r.choices[0].message.content
+
+    processor = LlavaProcessor.from_pretrained(checkpoint)
+    hf = LlavaForConditionalGeneration.from_pretrained(checkpoint).eval()
+    hf_messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}]
+    text = processor.apply_chat_template(hf_messages, add_generation_prompt=True, tokenize=False)
+    with torch.no_grad():
+        logits = hf(**processor(text=text, images=[Image.open(io.BytesIO(RED))], return_tensors="pt")).logits
+    want = torch.log_softmax(logits[0, -1].float(), dim=-1).topk(4).values.tolist()
+    assert [x.logprob for x in content[0].top_logprobs] == pytest.approx(want, abs=1e-3)
+
+    streamed = []
+    for chunk in client.chat.completions.create(stream=True, **kw):
+        if chunk.choices and chunk.choices[0].logprobs is not None:
+            streamed += chunk.choices[0].logprobs.content or []
+    assert [(t.token, t.bytes) for t in streamed] == [(t.token, t.bytes) for t in content]
+    assert [t.logprob for t in streamed] == pytest.approx([t.logprob for t in content], abs=1e-5)
+    plain = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2)
+    assert plain.choices[0].logprobs is None  # not asked: none
+
+
+def test_generate_refuses_unknown_form_fields(live_server: LiveServer) -> None:
+    r = generate(live_server, [("prompt", "hi"), ("max_tokens", "2"), ("temprature", "0")], [RED])
+    error = error_of(r, 400)
+    assert (error["param"], error["code"]) == ("temprature", "unknown_parameter") and "temperature" in error["message"]
 
 
 def test_several_images_and_turns_count(client: openai.OpenAI, oracle: Any) -> None:

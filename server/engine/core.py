@@ -165,9 +165,9 @@ class EngineCore:
                 self.scheduler.advance(seq, n)
                 for index in [i for i in seq.visual if seq.spans[i].end <= seq.num_computed]:
                     del seq.visual[index]  # its keys and values are in the cache now
-            for seq, token in out.sampled:
+            for seq, token, logprob in out.sampled:
                 try:
-                    reason = self.output.accept(seq, token, now, events)
+                    reason = self.output.accept(seq, token, now, events, logprob)
                 except Exception as e:
                     log.exception("request %s failed after token %d", seq.request_id, token)
                     self._fail(seq, InternalError(f"{type(e).__name__} while streaming"), events)

@@ -67,6 +67,11 @@ class Engine:
         return self._thread is not None and self._thread.is_alive() and self.error is None
 
     @property
+    def vocab_size(self) -> int:
+        """Token ids the model scores (logit_bias keys are checked against it)."""
+        return self.model.language_model.lm_head.out_features
+
+    @property
     def num_running(self) -> int:
         return self.core.num_running
 

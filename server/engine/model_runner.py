@@ -18,12 +18,12 @@ import torch
 
 from vlmserve.model.attention import PagedBatch, Segment
 from vlmserve.model.kv_cache import PagedKVCache
-from vlmserve.model.sampler import SamplerState
+from vlmserve.model.sampler import SamplerState, token_logprobs
 from vlmserve.model.step_attention import StepAttention, stepping
 from vlmserve.model.vlm import VisionLanguageModel
 
 from .observer import EngineCounters, Observer
-from .requests import BadRequest, EngineError, InternalError
+from .requests import BadRequest, EngineError, InternalError, TokenLogprob
 from .scheduler import ScheduledBatch
 from .sequence import Sequence
 from .vision_cache import VisionCache
@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class StepOutput:
-    sampled: list[tuple[Sequence, int]] = field(default_factory=list)  # (sequence, its new token)
+    sampled: list[tuple[Sequence, int, TokenLogprob | None]] = field(default_factory=list)  # (seq, new token, lp)
     failed: list[tuple[Sequence, EngineError]] = field(default_factory=list)  # (sequence, why): failed alone
     computed: list[tuple[Sequence, int]] = field(default_factory=list)  # (sequence, tokens now in the cache)
     seconds: float = 0.0  # the forward and the sampling
@@ -93,7 +93,7 @@ class ModelRunner:
         out.seconds, out.prefill = time.perf_counter() - t0, n_decodes < len(items)
         return out
 
-    def _forward(self, items: list[tuple[Sequence, int]]) -> list[tuple[Sequence, int]]:
+    def _forward(self, items: list[tuple[Sequence, int]]) -> list[tuple[Sequence, int, TokenLogprob | None]]:
         bs = self.cache.block_size
         ids: list[int] = []
         positions: list[int] = []
@@ -156,7 +156,12 @@ class ModelRunner:
         rows = self._tensor([s.row for s in samplers])  # (S,)
         tokens = self.sampler.sample(logits, rows, [s.num_generated for s in samplers],
                                      [s.req.sampling for s in samplers])
-        return list(zip(samplers, tokens, strict=True))
+        wanted = [s.req.logprobs for s in samplers]
+        logprobs: list[TokenLogprob | None] = [None] * len(samplers)
+        if any(k is not None for k in wanted):
+            for i, (chosen, top) in token_logprobs(logits, tokens, wanted).items():
+                logprobs[i] = TokenLogprob(tokens[i], chosen, tuple(top))
+        return list(zip(samplers, tokens, logprobs, strict=True))
 
     def _compiled_forward(self, embeds: torch.Tensor, positions: torch.Tensor, paged: PagedBatch
                           ) -> torch.Tensor | None:

@@ -7,7 +7,7 @@ import time
 from vlmserve.model.tokenizer import ChatTokenizer
 
 from .observer import EngineCounters, Observer
-from .requests import EngineError, Event, Failed, Finished, InternalError, TextDelta, Usage
+from .requests import EngineError, Event, Failed, Finished, InternalError, TextDelta, TokenLogprob, Usage
 from .sequence import Sequence
 from .stops import StopMatcher
 
@@ -20,8 +20,10 @@ class OutputProcessor:
         self.max_model_len = max_model_len
         self.counters, self.observer = counters, observer
 
-    def accept(self, seq: Sequence, token: int, now: float, events: list[Event]) -> str | None:
-        """Take one sampled token: stream its text; return the finish reason if seq is done, else None."""
+    def accept(self, seq: Sequence, token: int, now: float, events: list[Event],
+               logprob: TokenLogprob | None = None) -> str | None:
+        """Take one sampled token (and its logprob, if the request asked): stream its text; return the finish
+        reason if seq is done, else None."""
         if seq.detok is None or seq.stops is None:
             seq.detok = self.tokenizer.detokenizer(context_ids=seq.req.prompt_ids[-4:])
             seq.stops = StopMatcher(seq.req.stop)
@@ -34,10 +36,13 @@ class OutputProcessor:
         seq.token_ids.append(token)
         if (token in self.eos_ids and not seq.req.ignore_eos) or token in seq.req.stop_token_ids:
             return "stop"
+        seq.pending.append(token)
+        if logprob is not None:
+            seq.logprobs.append(logprob)
         text, hit = seq.stops.push(seq.detok.push(token))
         if text:
             seq.text.append(text)
-            events.append(TextDelta(seq.request_id, text, (token,)))
+            events.append(self._delta(seq, text))
         if hit:
             seq.stops = None  # the rest (held text included) is dropped
             return "stop"
@@ -50,9 +55,9 @@ class OutputProcessor:
         if reason != "cancelled" and seq.detok is not None and seq.stops is not None:
             rest, hit = seq.stops.push(seq.detok.flush())
             rest += "" if hit else seq.stops.flush()
-            if rest:
+            if rest or seq.pending:
                 seq.text.append(rest)
-                events.append(TextDelta(seq.request_id, rest, ()))
+                events.append(self._delta(seq, rest))
         usage = Usage(seq.prompt_len, seq.num_generated, max(0, seq.num_cached))
         if reason == "cancelled":
             self.counters.requests_cancelled += 1
@@ -63,7 +68,16 @@ class OutputProcessor:
             self.counters.completion_tokens += usage.completion_tokens
             self.observer.request_finished(time.monotonic() - seq.arrival, reason, usage.prompt_tokens,
                                            usage.completion_tokens)
-        events.append(Finished(seq.request_id, reason, usage, "".join(seq.text), tuple(seq.generated)))
+        events.append(Finished(seq.request_id, reason, usage, "".join(seq.text), tuple(seq.generated),
+                               tuple(seq.logprobs)))
+
+    @staticmethod
+    def _delta(seq: Sequence, text: str) -> TextDelta:
+        """The delta of `text`, with the tokens (and logprobs) accepted since the last one."""
+        delta = TextDelta(seq.request_id, text, tuple(seq.pending), tuple(seq.logprobs[seq.reported :]))
+        seq.pending.clear()
+        seq.reported = len(seq.logprobs)
+        return delta
 
     def failed(self, seq: Sequence, error: Exception, events: list[Event]) -> None:
         self.counters.requests_failed += 1

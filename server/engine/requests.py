@@ -87,6 +87,7 @@ class EngineRequest:
     stop_token_ids: Sequence[int] = ()  # in addition to the checkpoint's EOS ids
     ignore_eos: bool = False
     cache_salt: str = ""  # requests share cached prefixes (and visual tokens) only with equal salts
+    logprobs: int | None = None  # None: none; k: each generated token's log-probability and the k likeliest
 
 
 @dataclass(frozen=True)
@@ -101,10 +102,21 @@ class Usage:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability under the model (its raw logits: before penalties, bias and
+    temperature), and the `k` likeliest tokens at that step, best first."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob)
+
+
+@dataclass(frozen=True)
 class TextDelta:
     request_id: str
     text: str
-    token_ids: tuple[int, ...]
+    token_ids: tuple[int, ...]  # the tokens accepted since the previous delta (text held back for stops included)
+    logprobs: tuple[TokenLogprob, ...] = ()  # theirs, when the request asked
 
 
 @dataclass(frozen=True)
@@ -114,6 +126,7 @@ class Finished:
     usage: Usage
     text: str  # the whole completion, stop strings removed
     token_ids: tuple[int, ...] = ()  # every generated id, EOS included
+    logprobs: tuple[TokenLogprob, ...] = ()  # every generated token's but a stopping EOS / stop id, when asked
 
 
 @dataclass(frozen=True)

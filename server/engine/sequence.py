@@ -10,7 +10,7 @@ import torch
 from vlmserve.model.detokenizer import IncrementalDetokenizer
 
 from .kv_cache_manager import BlockKey, block_key
-from .requests import EngineRequest
+from .requests import EngineRequest, TokenLogprob
 from .stops import StopMatcher
 
 
@@ -72,6 +72,9 @@ class Sequence:
     detok: IncrementalDetokenizer | None = None
     stops: StopMatcher | None = None
     text: list[str] = field(default_factory=list)
+    pending: list[int] = field(default_factory=list)  # tokens accepted since the last TextDelta
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # when the request asks: one per reported token
+    reported: int = 0  # logprobs already sent in a TextDelta
     first_token_at: float = 0.0
     last_token_at: float = 0.0
 
