@@ -30,6 +30,7 @@ from .forms import GENERATE_FIELDS, Form, read_form
 from .inputs import chat_input, image_bytes
 from .logprobs import choice_logprobs
 from .middleware import BodyBudget, BodyLimit, StatusCounter
+from .output_format import compile_grammar, grammar_of, schema_grammar
 from .schemas import (
     ChatCompletion,
     ChatCompletionRequest,
@@ -158,19 +159,23 @@ def _routes(app: FastAPI, state: ServerState) -> None:
         if len(body.stop) > settings.max_stop_sequences:
             raise APIError(400, f"at most {settings.max_stop_sequences} stop sequences", param="stop")
         engine, preparer = state.require_ready()
+        constraint = grammar_of(body)
         salt = cache_salt(request, body.cache_salt)
         with _admission(engine):
             chat = chat_input(body.messages, settings)
             encoded = await _encode(state, chat.messages)
             max_tokens = _max_tokens(engine, len(encoded.input_ids), body.max_completion_tokens or body.max_tokens)
             images = await _load_images(state, [(url, param) for url, param in chat.image_urls], salt)
+            if constraint is not None:
+                await compile_grammar(engine, *constraint)
             sampling = state.sampling(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
                                       seed=body.seed, presence=body.presence_penalty or 0.0,
                                       frequency=body.frequency_penalty or 0.0, repetition=body.repetition_penalty,
                                       logit_bias=_logit_bias(engine, body.logit_bias))
             req = EngineRequest(rid, encoded.input_ids, images, sampling, max_tokens, body.stop,
                                 ignore_eos=body.ignore_eos, cache_salt=salt,
-                                logprobs=(body.top_logprobs or 0) if body.logprobs else None)
+                                logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+                                grammar=constraint[0] if constraint is not None else None)
             log.info("%s: %d prompt tokens, %d images, max_tokens %d, stream=%s, user=%s", rid,
                      len(encoded.input_ids), len(images), max_tokens, body.stream, body.user)
             stream = _submit(engine, req)
@@ -220,14 +225,19 @@ def _routes(app: FastAPI, state: ServerState) -> None:
         if salt_field is not None and len(salt_field) > 256:
             raise APIError(400, "cache_salt: at most 256 characters", param="cache_salt", code="invalid_value")
         salt = cache_salt(request, salt_field)
+        schema_text = fields.text("json_schema")
+        grammar = schema_grammar(schema_text) if schema_text else None
         engine, _ = state.require_ready()
         with _admission(engine):
+            if grammar is not None:
+                await compile_grammar(engine, grammar, "json_schema")
             content: list[dict[str, Any]] = [{"type": "image"} for _ in uploads] + [{"type": "text", "text": prompt}]
             encoded = await _encode(state, [{"role": "user", "content": content}])
             max_tokens = _max_tokens(engine, len(encoded.input_ids), requested)
             datas = [await u.read() for u in uploads]
             images = await _prepare_images(state, [(d, f"image.{i}") for i, d in enumerate(datas)], salt)
-            req = EngineRequest(rid, encoded.input_ids, images, sampling, max_tokens, stops, cache_salt=salt)
+            req = EngineRequest(rid, encoded.input_ids, images, sampling, max_tokens, stops, cache_salt=salt,
+                                grammar=grammar)
             log.info("%s: %d prompt tokens, %d images, max_tokens %d", rid, len(encoded.input_ids), len(images),
                      max_tokens)
             stream = _submit(engine, req)

@@ -61,6 +61,29 @@ class Message(_Strict):
         return _refuse_unless_neutral(f"messages[].{info.field_name}", value, (None, []))
 
 
+class JsonSchemaFormat(_Strict):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str = Field(max_length=64)
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None  # the output always follows the schema here, strict or not
+    description: str | None = None
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputsParams(_Strict):
+    """vLLM's `structured_outputs` extra: exactly one of these constrains the output."""
+
+    json: dict[str, Any] | str | None = None  # a JSON schema (object or text)
+    regex: str | None = Field(None, max_length=10_000)
+    choice: list[str] | None = Field(None, min_length=1, max_length=1024)
+    grammar: str | None = Field(None, max_length=100_000)  # Lark, as llguidance reads it
+
+
 class StreamOptions(_Strict):
     include_usage: bool = False
     include_obfuscation: bool | None = None  # annotation: no obfuscation padding is sent either way
@@ -69,7 +92,6 @@ class StreamOptions(_Strict):
 # Fields of OpenAI's chat request that this server does not implement, each with the values that ask for nothing
 # (sent by clients that fill every field); any other value is a 400 `unsupported_parameter` naming the field.
 UNSUPPORTED_CHAT_FIELDS: dict[str, tuple[object, ...]] = {
-    "response_format": (None, {"type": "text"}),
     "tools": (None, []),
     "tool_choice": (None, "none", "auto"),
     "functions": (None, []),
@@ -105,13 +127,13 @@ class ChatCompletionRequest(_Strict):
     safety_identifier: str | None = None
     prompt_cache_key: str | None = None  # prefix caching here is automatic (and salted by `cache_salt`)
     parallel_tool_calls: bool | None = None  # without tools it means nothing
+    response_format: ResponseFormat | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20, description="with logprobs: the k likeliest tokens too")
     logit_bias: dict[str, float] | None = Field(
         None, max_length=1024, description="token id (as a string) -> bias in [-100, 100] added to its logit"
     )
     # OpenAI fields not implemented (UNSUPPORTED_CHAT_FIELDS): refused unless neutral
-    response_format: Any = None
     tools: Any = None
     tool_choice: Any = None
     functions: Any = None
@@ -129,6 +151,7 @@ class ChatCompletionRequest(_Strict):
         None, max_length=256, json_schema_extra=EXTRA,
         description="requests share cached prompt prefixes and visual tokens only with the same salt (vLLM's field)",
     )
+    structured_outputs: StructuredOutputsParams | None = Field(None, json_schema_extra=EXTRA)
 
     @field_validator(*UNSUPPORTED_CHAT_FIELDS)
     @classmethod

@@ -255,7 +255,11 @@ _FIELD_CASES: list[tuple[str, Any, set[int]]] = [
     ("top_logprobs", 2, {400}),  # without logprobs
     ("tools", [{"type": "function", "function": {"name": "f"}}], {400}), ("tools", [], {200}),
     ("tool_choice", "required", {400}), ("tool_choice", "none", {200}),
-    ("response_format", {"type": "json_object"}, {400}), ("response_format", {"type": "text"}, {200}),
+    ("response_format", {"type": "json_object"}, {200}), ("response_format", {"type": "text"}, {200}),
+    ("response_format", {"type": "json_schema"}, {400}), ("response_format", {"type": "yaml"}, {400}),
+    ("response_format", {"type": "text", "json_schema": {"name": "x"}}, {400}), ("response_format", "json", {400}),
+    ("structured_outputs", {"regex": "[ab]"}, {200}), ("structured_outputs", {}, {400}),
+    ("structured_outputs", {"choice": []}, {400}), ("structured_outputs", {"grammar": 5}, {400}),
     ("logit_bias", {"5": 10}, {200}), ("logit_bias", {}, {200}), ("logit_bias", {"999999": 1}, {400}),
     ("logit_bias", {"x": 1}, {400}), ("logit_bias", {"5": 101}, {400}), ("logit_bias", {"-1": 1}, {400}),
     ("logit_bias", {str(i): 1 for i in range(1025)}, {400}), ("functions", 5, {400}),
@@ -269,9 +273,9 @@ _FIELD_CASES: list[tuple[str, Any, set[int]]] = [
 ]
 
 
-_EXTRA_FIELDS = {"logprobs", "top_logprobs", "tools", "tool_choice", "response_format", "logit_bias", "functions",
-                 "reasoning_effort", "audio", "modalities", "store", "metadata", "service_tier", "safety_identifier",
-                 "prompt_cache_key", "parallel_tool_calls", "x-unknown", "min_p"}
+_EXTRA_FIELDS = {"structured_outputs", "logprobs", "top_logprobs", "tools", "tool_choice", "response_format",
+                 "logit_bias", "functions", "reasoning_effort", "audio", "modalities", "store", "metadata",
+                 "service_tier", "safety_identifier", "prompt_cache_key", "parallel_tool_calls", "x-unknown", "min_p"}
 
 
 def test_chat_fields(live_server: LiveServer, http: httpx.Client) -> None:

@@ -13,6 +13,7 @@ import http.server
 import io
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -23,12 +24,15 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 import openai
+import pydantic
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from live_server import LiveServer, free_port, start_server
 from PIL import Image
 
@@ -341,7 +345,7 @@ def test_n_above_one_is_a_400(client: openai.OpenAI) -> None:
     ({"top_logprobs": 3}, "top_logprobs", "invalid_value"),  # without logprobs
     ({"logprobs": True, "top_logprobs": 21}, "top_logprobs", "invalid_value"),
     ({"logit_bias": {"99999999": -100}}, "logit_bias", "invalid_value"),  # outside the vocabulary
-    ({"response_format": {"type": "json_object"}}, "response_format", "unsupported_parameter"),
+    ({"prediction": {"type": "content", "content": "x"}}, "prediction", "unsupported_parameter"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools",
      "unsupported_parameter"),
     ({"store": True}, "store", "unsupported_value"),
@@ -426,6 +430,109 @@ def test_logprobs_match_transformers_and_stream_as_they_answer(client: openai.Op
     assert [t.logprob for t in streamed] == pytest.approx([t.logprob for t in content], abs=1e-5)
     plain = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2)
     assert plain.choices[0].logprobs is None  # not asked: none
+
+
+class _Shape(pydantic.BaseModel):
+    color: Literal["red", "green", "blue"]
+    filled: bool
+    sides: Literal[0, 3, 4]
+
+
+def test_structured_outputs_parse_with_the_openai_sdk(client: openai.OpenAI) -> None:
+    """`chat.completions.parse(response_format=Model)` returns the parsed object, greedy and sampled alike."""
+    for temperature, seed in ((0, None), (1, 1), (1, 2), (1.5, 3)):
+        r = client.chat.completions.parse(model=MODEL, messages=[user("describe it", RED)], response_format=_Shape,
+                                          max_tokens=60, temperature=temperature, seed=seed)
+        assert r.choices[0].finish_reason == "stop"
+        assert isinstance(r.choices[0].message.parsed, _Shape), r.choices[0].message.content
+
+
+@settings(max_examples=12, deadline=None, derandomize=True)
+@given(schema=st.fixed_dictionaries({
+    "type": st.just("object"),
+    "properties": st.dictionaries(
+        st.text("abcdefgh", min_size=1, max_size=5),
+        st.one_of(st.just({"type": "boolean"}), st.just({"type": "null"}),
+                  st.lists(st.text("xyz ", min_size=1, max_size=4), min_size=1, max_size=4, unique=True).map(
+                      lambda e: {"enum": e}),
+                  st.integers(0, 50).map(lambda m: {"type": "integer", "minimum": m, "maximum": m + 9}),
+                  st.integers(1, 6).map(lambda n: {"type": "string", "maxLength": n, "pattern": "^[a-c]*$"})),
+        min_size=1, max_size=4),
+}).map(lambda s: {**s, "required": sorted(s["properties"]), "additionalProperties": False}))
+def test_every_structured_output_validates_against_its_schema(live_server: LiveServer, schema: dict) -> None:
+    import jsonschema
+
+    body = chat_body("answer", max_tokens=80, temperature=1, seed=7,
+                     response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": schema}})
+    r = post_chat(live_server, body)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    if choice["finish_reason"] == "stop":
+        jsonschema.validate(json.loads(choice["message"]["content"]), schema)
+
+
+def test_structured_outputs_choice_regex_and_json_object(client: openai.OpenAI) -> None:
+    def content(**extra: Any) -> tuple[str, str]:
+        r = client.chat.completions.create(model=MODEL, messages=[user("answer", RED)], max_tokens=40,
+                                           temperature=1, seed=5, extra_body=extra)
+        return r.choices[0].message.content or "", r.choices[0].finish_reason
+
+    for seed in range(3):
+        text, reason = content(structured_outputs={"choice": ["yes", "no", "a \"quoted\" maybe"]}, seed=seed)
+        assert text in ("yes", "no", 'a "quoted" maybe') and reason == "stop"
+    text, reason = content(structured_outputs={"regex": "[0-9]{3}-[a-c]{2}"})
+    assert re.fullmatch("[0-9]{3}-[a-c]{2}", text) and reason == "stop"
+    text, reason = content(structured_outputs={"json": {"type": "object", "properties": {"n": {"enum": [1, 2]}},
+                                                        "required": ["n"], "additionalProperties": False}})
+    assert json.loads(text) in ({"n": 1}, {"n": 2})
+    r = client.chat.completions.create(model=MODEL, messages=[user("answer", RED)], max_tokens=200, temperature=0,
+                                       response_format={"type": "json_object"})
+    if r.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(r.choices[0].message.content or ""), dict)
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model=MODEL, messages=[user("answer", RED)], max_tokens=40, temperature=1, seed=5, stream=True,
+        extra_body={"structured_outputs": {"regex": "[0-9]{3}-[a-c]{2}"}}) if c.choices)
+    assert re.fullmatch("[0-9]{3}-[a-c]{2}", streamed)
+
+
+def _nested(depth: int) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": "string"}
+    for _ in range(depth):
+        schema = {"type": "object", "properties": {"a": schema}, "required": ["a"]}
+    return schema
+
+
+@pytest.mark.parametrize(("fields", "param"), [
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#/nope"}}}},
+     "response_format"),
+    ({"response_format": {"type": "json_schema"}}, "response_format"),
+    ({"response_format": {"type": "xml"}}, "response_format.type"),
+    ({"structured_outputs": {"regex": "(", "choice": ["a"]}}, "structured_outputs"),
+    ({"structured_outputs": {"regex": "(unclosed"}}, "structured_outputs.regex"),
+    ({"structured_outputs": {"grammar": "start: undefined_rule"}}, "structured_outputs.grammar"),
+    ({"structured_outputs": {"json": _nested(300)}}, "structured_outputs"),  # a schema bomb (deep nesting)
+])
+def test_unusable_output_constraints_are_fast_400s(live_server: LiveServer, fields: dict[str, Any],
+                                                   param: str) -> None:
+    t0 = time.perf_counter()
+    error = error_of(post_chat(live_server, chat_body("hi", max_tokens=4, **fields)), 400)
+    assert (error["param"] or "").startswith(param), error
+    assert time.perf_counter() - t0 < 5  # the compile limit is 2 s; slack for a loaded CI machine
+    assert httpx.get(live_server.url + "/health", timeout=5).status_code == 200
+
+
+def test_a_huge_enum_is_honoured_or_refused_fast(live_server: LiveServer) -> None:
+    values = [f"value-{i:05d}" for i in range(20_000)]
+    t0 = time.perf_counter()
+    r = post_chat(live_server, chat_body("hi", max_tokens=12, temperature=1, seed=1,
+                                         structured_outputs={"json": {"enum": values}}))
+    assert time.perf_counter() - t0 < 10
+    if r.status_code == 200:
+        choice = r.json()["choices"][0]
+        assert choice["finish_reason"] == "length" or json.loads(choice["message"]["content"]) in values
+    else:
+        assert error_of(r, 400)["param"].startswith("structured_outputs")
+    assert httpx.get(live_server.url + "/health", timeout=5).status_code == 200
 
 
 def test_generate_refuses_unknown_form_fields(live_server: LiveServer) -> None:

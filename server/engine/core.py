@@ -29,6 +29,7 @@ from .output_processor import OutputProcessor
 from .requests import BadRequest, ContextTooLong, EngineError, EngineRequest, Event, InternalError
 from .scheduler import ScheduledBatch, Scheduler
 from .sequence import Sequence, image_spans
+from .structured import StructuredOutputs
 from .vision_cache import VisionCache
 
 log = logging.getLogger(__name__)
@@ -69,9 +70,10 @@ class EngineCore:
         self.scheduler = Scheduler(self.blocks, max_running=config.max_running,
                                    max_num_batched_tokens=config.max_num_batched_tokens)
         self.vision_cache = VisionCache(int(config.vision_cache_mb * 2**20))
+        self.structured = StructuredOutputs(tokenizer, model.language_model.lm_head.out_features)
         self.runner = ModelRunner(model, self.kv, self.vision_cache, max_rows=config.max_running,
                                   max_images_per_encode=config.max_images_per_encode, counters=self.counters,
-                                  observer=self.observer, compile_decode=config.compile)
+                                  observer=self.observer, compile_decode=config.compile, structured=self.structured)
         self.output = OutputProcessor(tokenizer, max_model_len=self.max_model_len, counters=self.counters,
                                       observer=self.observer)
         self._by_id: dict[str, Sequence] = {}
@@ -114,8 +116,11 @@ class EngineCore:
         except ValueError as e:
             raise BadRequest(str(e)) from e
         max_tokens = self.resolve_max_tokens(len(req.prompt_ids), req.max_tokens)
-        return Sequence(req=req, arrival=time.monotonic(), max_tokens=max_tokens, spans=spans,
-                        root=root_key(self.model_id, req.cache_salt), block_size=self.config.block_size)
+        seq = Sequence(req=req, arrival=time.monotonic(), max_tokens=max_tokens, spans=spans,
+                       root=root_key(self.model_id, req.cache_salt), block_size=self.config.block_size)
+        if req.grammar is not None:
+            seq.matcher = self.structured.matcher(req.grammar)
+        return seq
 
     def add(self, seq: Sequence) -> None:
         self._by_id[seq.request_id] = seq

@@ -66,6 +66,10 @@ class Engine:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and self.error is None
 
+    def compile_grammar(self, grammar: str) -> None:
+        """Validate and compile an output grammar ahead of `submit` (blocking; BadRequest if unusable)."""
+        self.core.structured.compile(grammar)
+
     @property
     def vocab_size(self) -> int:
         """Token ids the model scores (logit_bias keys are checked against it)."""

@@ -26,6 +26,7 @@ from .observer import EngineCounters, Observer
 from .requests import BadRequest, EngineError, InternalError, TokenLogprob
 from .scheduler import ScheduledBatch
 from .sequence import Sequence
+from .structured import StructuredOutputs
 from .vision_cache import VisionCache
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ def _consecutive(table: list[int]) -> bool:
 class ModelRunner:
     def __init__(self, model: VisionLanguageModel, cache: PagedKVCache, vision_cache: VisionCache, *,
                  max_rows: int, max_images_per_encode: int, counters: EngineCounters, observer: Observer,
-                 compile_decode: bool = False) -> None:
+                 compile_decode: bool = False, structured: StructuredOutputs | None = None) -> None:
         self.model, self.cache, self.vision_cache = model, cache, vision_cache
         lm = model.language_model
         param = next(lm.parameters())
@@ -63,6 +64,7 @@ class ModelRunner:
         # single decode, one for two and more). Eager if compiling fails (no C++ compiler, ...).
         self._compiled = torch.compile(lm.forward) if compile_decode else None
         self._step_attention = StepAttention()
+        self.structured = structured
 
     def assign(self, seq: Sequence) -> None:
         """Load a newly admitted sequence's sampling settings into its row."""
@@ -82,8 +84,15 @@ class ModelRunner:
             log.exception("model step failed for %d sequences", len(items))
             out.failed += [(s, InternalError(f"the model step failed: {type(e).__name__}")) for s, _ in items]
             return out
-        out.computed = items
-        out.sampled = sampled
+        refused: set[int] = set()
+        for seq, token, _ in sampled:  # a constrained sequence's matcher follows its tokens
+            if seq.matcher is not None and not seq.matcher.consume_token(token):
+                log.error("request %s: the grammar refused token %d: %s", seq.request_id, token,
+                          seq.matcher.get_error())
+                out.failed.append((seq, InternalError("the output grammar refused a sampled token")))
+                refused.add(id(seq))
+        out.computed = [(s, n) for s, n in items if id(s) not in refused]
+        out.sampled = [x for x in sampled if id(x[0]) not in refused]
         n_decodes = sum(1 for _, n in items if n == 1)
         self.counters.steps += 1
         self.counters.decode_tokens += n_decodes
@@ -154,8 +163,13 @@ class ModelRunner:
             return []
         logits = lm.lm_head(hidden[self._tensor(last)])  # (S, V)
         rows = self._tensor([s.row for s in samplers])  # (S,)
-        tokens = self.sampler.sample(logits, rows, [s.num_generated for s in samplers],
+        matchers = [s.matcher for s in samplers]
+        constrained = logits
+        if self.structured is not None and any(m is not None for m in matchers):
+            constrained = self.structured.mask(logits, matchers)  # (S, V) what each grammar forbids at -inf
+        tokens = self.sampler.sample(constrained, rows, [s.num_generated for s in samplers],
                                      [s.req.sampling for s in samplers])
+
         wanted = [s.req.logprobs for s in samplers]
         logprobs: list[TokenLogprob | None] = [None] * len(samplers)
         if any(k is not None for k in wanted):

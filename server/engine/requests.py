@@ -88,6 +88,7 @@ class EngineRequest:
     ignore_eos: bool = False
     cache_salt: str = ""  # requests share cached prefixes (and visual tokens) only with equal salts
     logprobs: int | None = None  # None: none; k: each generated token's log-probability and the k likeliest
+    grammar: str | None = None  # llguidance's serialized grammar the output must follow (structured.py)
 
 
 @dataclass(frozen=True)

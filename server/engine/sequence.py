@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -75,6 +76,7 @@ class Sequence:
     pending: list[int] = field(default_factory=list)  # tokens accepted since the last TextDelta
     logprobs: list[TokenLogprob] = field(default_factory=list)  # when the request asks: one per reported token
     reported: int = 0  # logprobs already sent in a TextDelta
+    matcher: Any = None  # llguidance's matcher of req.grammar, tracking the generated tokens (structured.py)
     first_token_at: float = 0.0
     last_token_at: float = 0.0
 
