@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
+from dataclasses import replace
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
@@ -21,6 +22,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from vlmserve.model.sampling import SamplingParams
 from vlmserve.model.token_pieces import TokenPieces
 
 from .engine import EngineError, EngineRequest, Failed, Finished, ImageInput, TextDelta
@@ -44,7 +46,7 @@ from .schemas import (
 )
 from .settings import Settings
 from .state import ServerState, in_fresh_thread
-from .streaming import EventStream, collect, sse
+from .streaming import ChoiceStreams, EventStream, collect, sse
 
 log = logging.getLogger(__name__)
 
@@ -149,8 +151,8 @@ def _routes(app: FastAPI, state: ServerState) -> None:
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         check_model(body.model)
-        if body.n != 1:
-            raise APIError(400, "only n=1 is supported", param="n", code="unsupported_value")
+        if body.n > settings.max_n:
+            raise APIError(400, f"n is at most {settings.max_n} here (--max-n)", param="n", code="invalid_value")
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
         if body.stream_options is not None and not body.stream:
@@ -172,26 +174,32 @@ def _routes(app: FastAPI, state: ServerState) -> None:
                                       seed=body.seed, presence=body.presence_penalty or 0.0,
                                       frequency=body.frequency_penalty or 0.0, repetition=body.repetition_penalty,
                                       logit_bias=_logit_bias(engine, body.logit_bias))
-            req = EngineRequest(rid, encoded.input_ids, images, sampling, max_tokens, body.stop,
-                                ignore_eos=body.ignore_eos, cache_salt=salt,
-                                logprobs=(body.top_logprobs or 0) if body.logprobs else None,
-                                grammar=constraint[0] if constraint is not None else None)
-            log.info("%s: %d prompt tokens, %d images, max_tokens %d, stream=%s, user=%s", rid,
-                     len(encoded.input_ids), len(images), max_tokens, body.stream, body.user)
-            stream = _submit(engine, req)
+            reqs = [EngineRequest(rid if body.n == 1 else f"{rid}-{i}", encoded.input_ids, images,
+                                  _choice_sampling(sampling, i), max_tokens, body.stop, ignore_eos=body.ignore_eos,
+                                  cache_salt=salt, logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+                                  grammar=constraint[0] if constraint is not None else None) for i in range(body.n)]
+            log.info("%s: %d prompt tokens, %d images, max_tokens %d, n %d, stream=%s, user=%s", rid,
+                     len(encoded.input_ids), len(images), max_tokens, body.n, body.stream, body.user)
+            try:
+                choices = ChoiceStreams(engine, reqs)
+            except EngineError as e:
+                raise APIError.from_exception(e) from e
+        pieces = preparer.tokenizer.pieces if body.logprobs else None
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            pieces = preparer.tokenizer.pieces if body.logprobs else None
-            return StreamingResponse(_chat_sse(stream, rid, state.model_id, include_usage, pieces),
+            return StreamingResponse(_chat_sse(choices, rid, state.model_id, include_usage, pieces),
                                      media_type="text/event-stream", headers=_SSE_HEADERS)
-        final = await _final(stream, request)
-        if final is None:
+        finals = await choices.collect(request)
+        if finals is None:
             return Response(status_code=499)  # the client is gone; nobody reads this
-        logprobs = choice_logprobs(preparer.tokenizer.pieces, final.logprobs) if body.logprobs else None
+        if isinstance(finals[0], Failed):
+            raise APIError.from_exception(finals[0].error)
+        done = [f for f in finals if isinstance(f, Finished)]
         return JSONResponse(ChatCompletion(
-            id=rid, model=state.model_id, usage=_usage(final),
-            choices=[Choice(message=ResponseMessage(content=final.text), finish_reason=final.finish_reason,
-                            logprobs=logprobs)],
+            id=rid, model=state.model_id, usage=_usage(*done),
+            choices=[Choice(index=i, message=ResponseMessage(content=f.text), finish_reason=f.finish_reason,
+                            logprobs=choice_logprobs(pieces, f.logprobs) if pieces is not None else None)
+                     for i, f in enumerate(done)],
         ).model_dump(), headers={"X-Request-Id": rid})
 
     @app.post("/v1/generate", response_model=None, dependencies=auth)
@@ -263,10 +271,19 @@ async def _final(stream: EventStream, request: Request) -> Finished | None:
     return final
 
 
-def _usage(final: Finished) -> Usage:
-    u = final.usage
-    return Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens, total_tokens=u.total_tokens,
+def _usage(*finals: Finished) -> Usage:
+    """The usage of one prompt's choices: the prompt (and its cached part) once, every choice's completion."""
+    u = finals[0].usage
+    completion = sum(f.usage.completion_tokens for f in finals)
+    return Usage(prompt_tokens=u.prompt_tokens, completion_tokens=completion, total_tokens=u.prompt_tokens + completion,
                  prompt_tokens_details=PromptTokensDetails(cached_tokens=u.cached_tokens))
+
+
+def _choice_sampling(sampling: SamplingParams, index: int) -> SamplingParams:
+    """Choice `index`'s sampling: a given seed moves on by the index (so the choices differ and each repeats)."""
+    if index == 0 or sampling.seed is None:
+        return sampling
+    return replace(sampling, seed=(sampling.seed + index + 2**63) % 2**64 - 2**63)
 
 
 @contextmanager
@@ -349,32 +366,37 @@ async def _prepare_images(state: ServerState, items: Sequence[tuple[bytes, str]]
     return list(results)  # type: ignore[arg-type]
 
 
-async def _chat_sse(stream: EventStream, rid: str, model: str, include_usage: bool,
+async def _chat_sse(choices: ChoiceStreams, rid: str, model: str, include_usage: bool,
                     pieces: TokenPieces | None = None) -> AsyncIterator[str]:
-    """The chunks of a streamed chat answer; with `pieces` (logprobs asked), each carries its tokens' logprobs."""
+    """The chunks of a streamed chat answer, every choice's under its index; with `pieces` (logprobs asked), each
+    carries its tokens' logprobs. The usage chunk (if asked) comes once every choice has finished."""
     created = int(time.time())
 
-    def chunk(delta: dict[str, Any], finish: str | None = None, usage: dict[str, Any] | None = None,
-              logprobs: dict[str, Any] | None = None) -> str:
-        choices = [] if usage is not None else [{"index": 0, "delta": delta, "finish_reason": finish,
-                                                  "logprobs": logprobs}]
+    def chunk(index: int, delta: dict[str, Any], finish: str | None = None, logprobs: dict[str, Any] | None = None
+              ) -> str:
         body: dict[str, Any] = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-                                "choices": choices}
+                                "choices": [{"index": index, "delta": delta, "finish_reason": finish,
+                                             "logprobs": logprobs}]}
         if include_usage:
-            body["usage"] = usage
+            body["usage"] = None
         return sse(body)
 
-    yield chunk({"role": "assistant", "content": ""})
-    async for event in stream:
+    for i in range(len(choices.reqs)):
+        yield chunk(i, {"role": "assistant", "content": ""})
+    finals: list[Finished] = []
+    async for i, event in choices.events():
         if isinstance(event, TextDelta):
-            yield chunk({"content": event.text},
+            yield chunk(i, {"content": event.text},
                         logprobs=choice_logprobs(pieces, event.logprobs) if pieces is not None else None)
         elif isinstance(event, Finished):
-            yield chunk({}, event.finish_reason)
-            if include_usage:
-                yield chunk({}, usage=_usage(event).model_dump())
+            finals.append(event)
+            yield chunk(i, {}, event.finish_reason)
         elif isinstance(event, Failed):
             yield sse(APIError.from_exception(event.error).response().body.decode())
+            break
+    if include_usage and len(finals) == len(choices.reqs):
+        yield sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [],
+                   "usage": _usage(*finals).model_dump()})
     yield sse("[DONE]")
 
 

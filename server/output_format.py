@@ -33,11 +33,12 @@ def grammar_of(body: ChatCompletionRequest) -> tuple[str, str] | None:
                            code="invalid_value")
         if so is None:
             return None
-        given = [k for k in ("json", "regex", "choice", "grammar") if getattr(so, k) is not None]
+        values = {"json": so.json_, "regex": so.regex, "choice": so.choice, "grammar": so.grammar}
+        given = [k for k, v in values.items() if v is not None]
         if len(given) != 1:
             raise APIError(400, "structured_outputs takes exactly one of json, regex, choice, grammar",
                            param="structured_outputs", code="invalid_value")
-        return _grammar(given[0], getattr(so, given[0])), f"structured_outputs.{given[0]}"
+        return _grammar(given[0], values[given[0]]), f"structured_outputs.{given[0]}"
     except APIError:
         raise
     except Exception as e:  # llguidance's parse errors

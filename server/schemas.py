@@ -78,7 +78,9 @@ class ResponseFormat(_Strict):
 class StructuredOutputsParams(_Strict):
     """vLLM's `structured_outputs` extra: exactly one of these constrains the output."""
 
-    json: dict[str, Any] | str | None = None  # a JSON schema (object or text)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json")  # a JSON schema (object or text)
     regex: str | None = Field(None, max_length=10_000)
     choice: list[str] | None = Field(None, min_length=1, max_length=1024)
     grammar: str | None = Field(None, max_length=100_000)  # Lark, as llguidance reads it

@@ -79,6 +79,7 @@ class Settings(BaseSettings):
         8, ge=0, description="images in one request; past it: 400"
     )
     max_stop_sequences: int = Field(8, ge=0, description="stop strings in one request; past it: 400")
+    max_n: int = Field(8, ge=1, le=128, description="choices (`n`) in one chat request; past it: 400")
     vision_cache_mb: int = Field(EngineConfig.vision_cache_mb, ge=0, description="visual-token cache size")
     preprocess_workers: int = Field(4, ge=1, description="threads that decode and preprocess images")
     allow_remote_images: bool = Field(False, description="fetch http(s) image URLs (off: data URLs only)")

@@ -7,12 +7,12 @@ import json
 import logging
 import threading
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from starlette.requests import Request
 
-from .engine import Engine, EngineRequest, Event, Failed, Finished
+from .engine import Engine, EngineError, EngineRequest, Event, Failed, Finished
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +114,68 @@ async def collect(stream: EventStream, request: Request) -> Finished | Failed | 
                 return event
     finally:
         watcher.cancel()
+
+
+class ChoiceStreams:
+    """The `n` generations of one prompt. The first is submitted at once, the others when its first event arrives:
+    by then the prompt's full blocks are in the prefix cache, so the others compute only the prompt's last block
+    (the sharing vLLM gets by forking after prefill, here from the cache)."""
+
+    def __init__(self, engine: Engine, reqs: Sequence[EngineRequest]) -> None:
+        self.engine, self.reqs = engine, list(reqs)
+        self.streams = [EventStream(engine, self.reqs[0])]  # raises EngineError if refused
+
+    async def events(self) -> AsyncIterator[tuple[int, Event]]:
+        """(choice index, event) as they come; every stream is closed (cancelled if unfinished) at the end."""
+        getters: dict[asyncio.Future[Event], int] = {}
+        try:
+            first = await self.streams[0].next()
+            for req in self.reqs[1:]:
+                try:
+                    self.streams.append(EventStream(self.engine, req))
+                except EngineError as e:
+                    yield len(self.streams), Failed(req.request_id, e)
+                    return
+            yield 0, first
+            getters = {asyncio.ensure_future(s.next()): i for i, s in enumerate(self.streams) if not s.done}
+            while getters:
+                done, _ = await asyncio.wait(getters, return_when=asyncio.FIRST_COMPLETED)
+                for task in sorted(done, key=getters.__getitem__):
+                    i = getters.pop(task)
+                    yield i, task.result()
+                    if not self.streams[i].done:
+                        getters[asyncio.ensure_future(self.streams[i].next())] = i
+        finally:
+            for task in getters:
+                task.cancel()
+            self.close()
+
+    def close(self) -> None:
+        for stream in self.streams:
+            stream.close()
+
+    async def collect(self, request: Request) -> list[Finished | Failed] | None:
+        """Every choice's final event, or None (after cancelling them all) if the client disconnects first."""
+        async def finals() -> list[Finished | Failed]:
+            out: dict[int, Finished | Failed] = {}
+            async for i, event in self.events():
+                if isinstance(event, Failed):
+                    return [event]
+                if isinstance(event, Finished):
+                    out[i] = event
+            return [out[i] for i in sorted(out)]
+
+        task = asyncio.ensure_future(finals())
+        watcher = asyncio.ensure_future(until_disconnected(request))
+        try:
+            done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if task not in done:
+                task.cancel()
+                self.close()
+                return None
+            return task.result()
+        finally:
+            watcher.cancel()
 
 
 # Characters JSON leaves raw that line readers built on `str.splitlines` (httpx's `iter_lines`, many others) take for

@@ -333,12 +333,33 @@ def test_seed_makes_sampling_reproducible(client: openai.OpenAI) -> None:
     assert sample(4321) != first
 
 
-def test_n_above_one_is_a_400(client: openai.OpenAI) -> None:
+def test_n_choices_are_seeded_apart_counted_and_share_the_prompt(client: openai.OpenAI,
+                                                                 live_server: LiveServer) -> None:
+    """n choices: choice i is what a single request with seed + i gives; usage counts the prompt once and every
+    choice's tokens; the later choices reuse the first one's prompt blocks; streamed choices come under their
+    index."""
+    image = png((10, 77, 140))  # a fresh image: nothing of this prompt is cached yet
+    kw: Any = {"model": MODEL, "messages": [user("hi", image)], "max_tokens": 6, "temperature": 1,
+               "extra_body": {"ignore_eos": True}}
+    hits = metric(metrics(live_server), "vlmserve:prefix_cache_hits_total")
+    r = client.chat.completions.create(n=3, seed=11, **kw)
+    assert [c.index for c in r.choices] == [0, 1, 2] and r.usage is not None
+    assert r.usage.completion_tokens == 18 and r.usage.total_tokens == r.usage.prompt_tokens + 18
+    shared = metric(metrics(live_server), "vlmserve:prefix_cache_hits_total") - hits
+    full_blocks = (r.usage.prompt_tokens - 1) // 16
+    assert full_blocks >= 1 and shared >= 2 * full_blocks * 16  # choices 1 and 2 found the prompt's full blocks
+    texts = [c.message.content for c in r.choices]
+    alone = [client.chat.completions.create(seed=11 + i, **kw).choices[0].message.content for i in range(3)]
+    assert texts == alone and len(set(texts)) > 1
+    streamed: dict[int, str] = {}
+    for chunk in client.chat.completions.create(n=3, seed=11, stream=True, **kw):
+        for c in chunk.choices:
+            streamed[c.index] = streamed.get(c.index, "") + (c.delta.content or "")
+    assert [streamed[i] for i in range(3)] == texts
     with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(model=MODEL, messages=[user("hi", RED)], n=2, max_tokens=2)
-    assert info.value.status_code == 400
+        client.chat.completions.create(model=MODEL, messages=[user("hi", RED)], n=9, max_tokens=2)
     body: Any = info.value.body
-    assert body["param"] == "n"
+    assert (body["param"], body["code"]) == ("n", "invalid_value")
 
 
 @pytest.mark.parametrize(("fields", "param", "code"), [
