@@ -12,9 +12,8 @@ import hmac
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator, Sequence
-from contextlib import asynccontextmanager, contextmanager
-from dataclasses import replace
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
@@ -22,17 +21,26 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from vlmserve.model.sampling import SamplingParams
 from vlmserve.model.token_pieces import TokenPieces
 
-from .engine import EngineError, EngineRequest, Failed, Finished, ImageInput, TextDelta
-from .engine.prepare import image_hash
+from .engine import EngineError, EngineRequest, Failed, Finished, TextDelta
 from .errors import APIError, install_error_handlers
 from .forms import GENERATE_FIELDS, Form, read_form
-from .inputs import chat_input, image_bytes
+from .inputs import chat_input
 from .logprobs import choice_logprobs
 from .middleware import BodyBudget, BodyLimit, StatusCounter
 from .output_format import compile_grammar, grammar_of, schema_grammar
+from .pipeline import (
+    admission,
+    choice_sampling,
+    encode,
+    load_images,
+    logit_bias_pairs,
+    max_tokens_for,
+    prepare_images,
+    submit,
+    usage_of,
+)
 from .schemas import (
     ChatCompletion,
     ChatCompletionRequest,
@@ -40,9 +48,7 @@ from .schemas import (
     GenerateResponse,
     ModelCard,
     ModelList,
-    PromptTokensDetails,
     ResponseMessage,
-    Usage,
 )
 from .settings import Settings
 from .state import ServerState, in_fresh_thread
@@ -163,19 +169,19 @@ def _routes(app: FastAPI, state: ServerState) -> None:
         engine, preparer = state.require_ready()
         constraint = grammar_of(body)
         salt = cache_salt(request, body.cache_salt)
-        with _admission(engine):
+        with admission(engine):
             chat = chat_input(body.messages, settings)
-            encoded = await _encode(state, chat.messages)
-            max_tokens = _max_tokens(engine, len(encoded.input_ids), body.max_completion_tokens or body.max_tokens)
-            images = await _load_images(state, [(url, param) for url, param in chat.image_urls], salt)
+            encoded = await encode(state, chat.messages)
+            max_tokens = max_tokens_for(engine, len(encoded.input_ids), body.max_completion_tokens or body.max_tokens)
+            images = await load_images(state, [(url, param) for url, param in chat.image_urls], salt)
             if constraint is not None:
                 await compile_grammar(engine, *constraint)
             sampling = state.sampling(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
                                       seed=body.seed, presence=body.presence_penalty or 0.0,
                                       frequency=body.frequency_penalty or 0.0, repetition=body.repetition_penalty,
-                                      logit_bias=_logit_bias(engine, body.logit_bias))
+                                      logit_bias=logit_bias_pairs(engine, body.logit_bias))
             reqs = [EngineRequest(rid if body.n == 1 else f"{rid}-{i}", encoded.input_ids, images,
-                                  _choice_sampling(sampling, i), max_tokens, body.stop, ignore_eos=body.ignore_eos,
+                                  choice_sampling(sampling, i), max_tokens, body.stop, ignore_eos=body.ignore_eos,
                                   cache_salt=salt, logprobs=(body.top_logprobs or 0) if body.logprobs else None,
                                   grammar=constraint[0] if constraint is not None else None) for i in range(body.n)]
             log.info("%s: %d prompt tokens, %d images, max_tokens %d, n %d, stream=%s, user=%s", rid,
@@ -196,7 +202,7 @@ def _routes(app: FastAPI, state: ServerState) -> None:
             raise APIError.from_exception(finals[0].error)
         done = [f for f in finals if isinstance(f, Finished)]
         return JSONResponse(ChatCompletion(
-            id=rid, model=state.model_id, usage=_usage(*done),
+            id=rid, model=state.model_id, usage=usage_of(*done),
             choices=[Choice(index=i, message=ResponseMessage(content=f.text), finish_reason=f.finish_reason,
                             logprobs=choice_logprobs(pieces, f.logprobs) if pieces is not None else None)
                      for i, f in enumerate(done)],
@@ -236,26 +242,26 @@ def _routes(app: FastAPI, state: ServerState) -> None:
         schema_text = fields.text("json_schema")
         grammar = schema_grammar(schema_text) if schema_text else None
         engine, _ = state.require_ready()
-        with _admission(engine):
+        with admission(engine):
             if grammar is not None:
                 await compile_grammar(engine, grammar, "json_schema")
             content: list[dict[str, Any]] = [{"type": "image"} for _ in uploads] + [{"type": "text", "text": prompt}]
-            encoded = await _encode(state, [{"role": "user", "content": content}])
-            max_tokens = _max_tokens(engine, len(encoded.input_ids), requested)
+            encoded = await encode(state, [{"role": "user", "content": content}])
+            max_tokens = max_tokens_for(engine, len(encoded.input_ids), requested)
             datas = [await u.read() for u in uploads]
-            images = await _prepare_images(state, [(d, f"image.{i}") for i, d in enumerate(datas)], salt)
+            images = await prepare_images(state, [(d, f"image.{i}") for i, d in enumerate(datas)], salt)
             req = EngineRequest(rid, encoded.input_ids, images, sampling, max_tokens, stops, cache_salt=salt,
                                 grammar=grammar)
             log.info("%s: %d prompt tokens, %d images, max_tokens %d", rid, len(encoded.input_ids), len(images),
                      max_tokens)
-            stream = _submit(engine, req)
+            stream = submit(engine, req)
         if stream_flag:
             return StreamingResponse(_generate_sse(stream, rid), media_type="text/event-stream", headers=_SSE_HEADERS)
-        final = await _final(stream, request)
+        final = await final_of(stream, request)
         if final is None:
             return Response(status_code=499)
         return JSONResponse(GenerateResponse(id=rid, model=state.model_id, text=final.text,
-                                             finish_reason=final.finish_reason, usage=_usage(final)).model_dump(
+                                             finish_reason=final.finish_reason, usage=usage_of(final)).model_dump(
                                                  exclude={"usage": {"prompt_tokens_details"}}),
                             headers={"X-Request-Id": rid})
 
@@ -263,107 +269,12 @@ def _routes(app: FastAPI, state: ServerState) -> None:
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-async def _final(stream: EventStream, request: Request) -> Finished | None:
+async def final_of(stream: EventStream, request: Request) -> Finished | None:
     """The finished generation of a non-streamed request; None if the client left (it was cancelled)."""
     final = await collect(stream, request)
     if isinstance(final, Failed):
         raise APIError.from_exception(final.error)
     return final
-
-
-def _usage(*finals: Finished) -> Usage:
-    """The usage of one prompt's choices: the prompt (and its cached part) once, every choice's completion."""
-    u = finals[0].usage
-    completion = sum(f.usage.completion_tokens for f in finals)
-    return Usage(prompt_tokens=u.prompt_tokens, completion_tokens=completion, total_tokens=u.prompt_tokens + completion,
-                 prompt_tokens_details=PromptTokensDetails(cached_tokens=u.cached_tokens))
-
-
-def _choice_sampling(sampling: SamplingParams, index: int) -> SamplingParams:
-    """Choice `index`'s sampling: a given seed moves on by the index (so the choices differ and each repeats)."""
-    if index == 0 or sampling.seed is None:
-        return sampling
-    return replace(sampling, seed=(sampling.seed + index + 2**63) % 2**64 - 2**63)
-
-
-@contextmanager
-def _admission(engine: Any) -> Iterator[None]:
-    """Admission before any expensive work: a place in the queue is held while the request is prepared (so a burst
-    is refused here, before image decoding) and given back once it is submitted or refused."""
-    try:
-        engine.reserve()
-    except EngineError as e:
-        raise APIError.from_exception(e) from e
-    try:
-        yield
-    finally:
-        engine.unreserve()
-
-
-def _logit_bias(engine: Any, bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
-    """OpenAI's logit_bias as (token id, bias) pairs, each id checked against the vocabulary."""
-    out = tuple(sorted((int(token), float(value)) for token, value in (bias or {}).items()))
-    bad = [token for token, _ in out if token >= engine.vocab_size]
-    if bad:
-        raise APIError(400, f"logit_bias: token id {bad[0]} is outside the vocabulary (0..{engine.vocab_size - 1})",
-                       param="logit_bias", code="invalid_value")
-    return out
-
-
-def _max_tokens(engine: Any, prompt_len: int, requested: int | None) -> int:
-    try:
-        return engine.resolve_max_tokens(prompt_len, requested)
-    except EngineError as e:
-        raise APIError.from_exception(e) from e
-
-
-def _submit(engine: Any, req: EngineRequest) -> EventStream:
-    try:
-        return EventStream(engine, req)
-    except EngineError as e:
-        raise APIError.from_exception(e) from e
-
-
-async def _encode(state: ServerState, messages: list[dict[str, Any]]) -> Any:
-    assert state.preparer is not None
-    loop = asyncio.get_running_loop()
-    try:
-        return await loop.run_in_executor(state.executor, state.preparer.encode, messages)
-    except ValueError as e:
-        raise APIError(400, str(e), param="messages", code="invalid_value") from e
-
-
-async def _load_images(state: ServerState, urls: Sequence[tuple[str, str]], salt: str) -> list[ImageInput]:
-    datas = await asyncio.gather(*(image_bytes(url, param, state.settings) for url, param in urls))
-    return await _prepare_images(state, list(zip(datas, [p for _, p in urls], strict=True)), salt)
-
-
-async def _prepare_images(state: ServerState, items: Sequence[tuple[bytes, str]], salt: str) -> list[ImageInput]:
-    """Decode and preprocess in the thread pool, never on the event loop. An image whose visual tokens are cached
-    is not decoded at all: the request leases the cached tokens instead."""
-    assert state.preparer is not None and state.engine is not None
-    preparer, engine = state.preparer, state.engine
-    loop = asyncio.get_running_loop()
-
-    def one(data: bytes, param: str) -> ImageInput:
-        digest = image_hash(data)
-        leased = preparer.leased(digest, engine.lease_image(preparer.image_key(digest), salt))
-        if leased is not None:
-            return leased
-        t0 = time.perf_counter()
-        try:
-            return preparer.image(data, digest)
-        except Exception as e:
-            raise APIError.from_exception(e, param=param) from e
-        finally:
-            state.metrics.preprocess.observe(time.perf_counter() - t0)
-
-    results = await asyncio.gather(*(loop.run_in_executor(state.executor, one, d, p) for d, p in items),
-                                   return_exceptions=True)
-    error = next((r for r in results if isinstance(r, BaseException)), None)
-    if error is not None:
-        raise error
-    return list(results)  # type: ignore[arg-type]
 
 
 async def _chat_sse(choices: ChoiceStreams, rid: str, model: str, include_usage: bool,
@@ -396,7 +307,7 @@ async def _chat_sse(choices: ChoiceStreams, rid: str, model: str, include_usage:
             break
     if include_usage and len(finals) == len(choices.reqs):
         yield sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [],
-                   "usage": _usage(*finals).model_dump()})
+                   "usage": usage_of(*finals).model_dump()})
     yield sse("[DONE]")
 
 
@@ -406,7 +317,7 @@ async def _generate_sse(stream: EventStream, rid: str) -> AsyncIterator[str]:
             yield sse({"id": rid, "text": event.text})
         elif isinstance(event, Finished):
             yield sse({"id": rid, "finish_reason": event.finish_reason,
-                       "usage": _usage(event).model_dump(exclude={"prompt_tokens_details"})})
+                       "usage": usage_of(event).model_dump(exclude={"prompt_tokens_details"})})
         elif isinstance(event, Failed):
             yield sse(APIError.from_exception(event.error).response().body.decode())
     yield sse("[DONE]")

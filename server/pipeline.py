@@ -1,0 +1,116 @@
+"""The steps every generation route shares, each a 400/429 in the API's shape when it refuses: admission before any
+work, prompt encoding and image preparation off the event loop, sampling and budget checks, submission, usage."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import replace
+from typing import Any
+
+from vlmserve.model.sampling import SamplingParams
+
+from .engine import EngineError, EngineRequest, Finished, ImageInput
+from .engine.prepare import image_hash
+from .errors import APIError
+from .inputs import image_bytes
+from .schemas import PromptTokensDetails, Usage
+from .state import ServerState
+from .streaming import EventStream
+
+
+def usage_of(*finals: Finished) -> Usage:
+    """The usage of one prompt's choices: the prompt (and its cached part) once, every choice's completion."""
+    u = finals[0].usage
+    completion = sum(f.usage.completion_tokens for f in finals)
+    return Usage(prompt_tokens=u.prompt_tokens, completion_tokens=completion, total_tokens=u.prompt_tokens + completion,
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=u.cached_tokens))
+
+
+def choice_sampling(sampling: SamplingParams, index: int) -> SamplingParams:
+    """Choice `index`'s sampling: a given seed moves on by the index (so the choices differ and each repeats)."""
+    if index == 0 or sampling.seed is None:
+        return sampling
+    return replace(sampling, seed=(sampling.seed + index + 2**63) % 2**64 - 2**63)
+
+
+@contextmanager
+def admission(engine: Any) -> Iterator[None]:
+    """Admission before any expensive work: a place in the queue is held while the request is prepared (so a burst
+    is refused here, before image decoding) and given back once it is submitted or refused."""
+    try:
+        engine.reserve()
+    except EngineError as e:
+        raise APIError.from_exception(e) from e
+    try:
+        yield
+    finally:
+        engine.unreserve()
+
+
+def logit_bias_pairs(engine: Any, bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
+    """OpenAI's logit_bias as (token id, bias) pairs, each id checked against the vocabulary."""
+    out = tuple(sorted((int(token), float(value)) for token, value in (bias or {}).items()))
+    bad = [token for token, _ in out if token >= engine.vocab_size]
+    if bad:
+        raise APIError(400, f"logit_bias: token id {bad[0]} is outside the vocabulary (0..{engine.vocab_size - 1})",
+                       param="logit_bias", code="invalid_value")
+    return out
+
+
+def max_tokens_for(engine: Any, prompt_len: int, requested: int | None) -> int:
+    try:
+        return engine.resolve_max_tokens(prompt_len, requested)
+    except EngineError as e:
+        raise APIError.from_exception(e) from e
+
+
+def submit(engine: Any, req: EngineRequest) -> EventStream:
+    try:
+        return EventStream(engine, req)
+    except EngineError as e:
+        raise APIError.from_exception(e) from e
+
+
+async def encode(state: ServerState, messages: list[dict[str, Any]]) -> Any:
+    assert state.preparer is not None
+    loop = asyncio.get_running_loop()
+    try:
+        return await loop.run_in_executor(state.executor, state.preparer.encode, messages)
+    except ValueError as e:
+        raise APIError(400, str(e), param="messages", code="invalid_value") from e
+
+
+async def load_images(state: ServerState, urls: Sequence[tuple[str, str]], salt: str) -> list[ImageInput]:
+    datas = await asyncio.gather(*(image_bytes(url, param, state.settings) for url, param in urls))
+    return await prepare_images(state, list(zip(datas, [p for _, p in urls], strict=True)), salt)
+
+
+async def prepare_images(state: ServerState, items: Sequence[tuple[bytes, str]], salt: str) -> list[ImageInput]:
+    """Decode and preprocess in the thread pool, never on the event loop. An image whose visual tokens are cached
+    is not decoded at all: the request leases the cached tokens instead."""
+    assert state.preparer is not None and state.engine is not None
+    preparer, engine = state.preparer, state.engine
+    loop = asyncio.get_running_loop()
+
+    def one(data: bytes, param: str) -> ImageInput:
+        digest = image_hash(data)
+        leased = preparer.leased(digest, engine.lease_image(preparer.image_key(digest), salt))
+        if leased is not None:
+            return leased
+        t0 = time.perf_counter()
+        try:
+            return preparer.image(data, digest)
+        except Exception as e:
+            raise APIError.from_exception(e, param=param) from e
+        finally:
+            state.metrics.preprocess.observe(time.perf_counter() - t0)
+
+    results = await asyncio.gather(*(loop.run_in_executor(state.executor, one, d, p) for d, p in items),
+                                   return_exceptions=True)
+    error = next((r for r in results if isinstance(r, BaseException)), None)
+    if error is not None:
+        raise error
+    return list(results)  # type: ignore[arg-type]
