@@ -29,6 +29,7 @@ from .forms import GENERATE_FIELDS, Form, read_form
 from .inputs import chat_input
 from .logprobs import choice_logprobs
 from .middleware import BodyBudget, BodyLimit, StatusCounter
+from .ollama import install_ollama_routes
 from .output_format import compile_grammar, grammar_of, schema_grammar
 from .pipeline import (
     admission,
@@ -122,6 +123,8 @@ def _routes(app: FastAPI, state: ServerState) -> None:
             return salt or ""
         key = request.headers.get("authorization", "").partition(" ")[2].strip()
         return hashlib.sha256(f"{key}\x00{salt or ''}".encode()).hexdigest()
+
+    install_ollama_routes(app, state, authorize, cache_salt)
 
     def check_model(name: str | None) -> None:
         if name and name != state.model_id:

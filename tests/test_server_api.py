@@ -787,6 +787,14 @@ def test_api_keys(guarded: LiveServer) -> None:
     with openai.OpenAI(base_url=guarded.url + "/v1", api_key="nope", max_retries=0) as sdk, \
             pytest.raises(openai.AuthenticationError):
         sdk.models.list()
+    # Ollama's routes: the same keys, errors in Ollama's shape; its client passes the key as a header
+    refused = httpx.get(guarded.url + "/api/tags")
+    assert refused.status_code == 401 and set(refused.json()) == {"error"}
+    import ollama
+
+    tagged = ollama.Client(host=guarded.url, headers={"Authorization": "Bearer k1"}).list()
+    assert [m.model for m in tagged.models] == [f"{MODEL}:latest"]
+    assert httpx.get(guarded.url + "/api/version").status_code == 401  # as every route but health, ready, metrics
 
 
 # ------------------------------------------------------------------------------------------------- 404 errors

@@ -1,0 +1,235 @@
+"""Ollama's API on the same engine: /api/chat, /api/generate (NDJSON streaming by default), /api/tags, /api/show,
+/api/ps, /api/version. The served model answers to its name and to `NAME:latest`; errors have Ollama's shape,
+`{"error": "..."}`, with the status codes the OpenAI routes use. The official `ollama` client works unmodified."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
+from importlib import metadata
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+
+from vlmserve.model.serving_weights import PackedLinear
+
+from .engine import EngineRequest, Failed, Finished, TextDelta
+from .engine.structured import grammar_from
+from .errors import APIError
+from .ollama_schemas import ChatRequest, GenerateRequest, Options, ShowRequest
+from .output_format import compile_grammar
+from .pipeline import admission, encode, max_tokens_for, prepare_images, submit
+from .state import ServerState
+from .streaming import EventStream, collect
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+async def _body(request: Request, model: type[BaseModel]) -> Any:
+    try:
+        data = await request.json()
+    except (ValueError, UnicodeDecodeError):
+        raise APIError(400, "the body is not valid JSON") from None
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        raise APIError(400, f"{where + ': ' if where else ''}{first.get('msg', 'invalid value')}") from None
+
+
+def install_ollama_routes(app: FastAPI, state: ServerState, authorize: Callable[[Request], None],
+                          cache_salt: Callable[[Request, str | None], str]) -> None:
+    settings = state.settings
+
+    def names() -> tuple[str, str]:
+        return state.model_id, f"{state.model_id}:latest"
+
+    def check_model(name: str) -> None:
+        if name not in names():
+            raise APIError(404, f"model {name!r} not found (this server serves {state.model_id!r})")
+
+    def weights() -> tuple[int, int, str]:
+        """(parameters, bytes, dtype) of the served model, packed matrices included."""
+        if state.engine is None:
+            return 0, 0, ""
+        model = state.engine.model
+        first = next(model.parameters())
+        numel = sum(p.numel() for p in model.parameters()) + sum(
+            m.in_features * m.out_features for m in model.modules() if isinstance(m, PackedLinear))
+        return numel, numel * first.element_size(), str(first.dtype).removeprefix("torch.")
+
+    def details() -> dict[str, Any]:
+        numel, _, dtype = weights()
+        return {"parent_model": "", "format": "safetensors", "family": "llava", "families": ["llava"],
+                "parameter_size": f"{numel / 1e6:.1f}M", "quantization_level": dtype.upper()}
+
+    def card() -> dict[str, Any]:
+        return {"name": names()[1], "model": names()[1], "size": weights()[1], "details": details(),
+                "digest": hashlib.sha256(state.model_id.encode()).hexdigest(),
+                "modified_at": datetime.fromtimestamp(state.created, UTC).isoformat().replace("+00:00", "Z")}
+
+    def guarded(route: Callable[[Request], Any]) -> Callable[[Request], Any]:
+        """Authorization, then the route; every error in Ollama's shape, whatever raised it."""
+        async def run(request: Request) -> Response:
+            try:
+                authorize(request)
+                return await route(request)
+            except APIError as e:
+                return _error(e.status, e.message)
+        run.__name__ = route.__name__
+        return run
+
+    async def version(request: Request) -> Response:
+        try:
+            return JSONResponse({"version": metadata.version("vlmserve")})
+        except metadata.PackageNotFoundError:
+            return JSONResponse({"version": "0.0.0"})
+
+    async def tags(request: Request) -> Response:
+        return JSONResponse({"models": [card()]})
+
+    async def ps(request: Request) -> Response:
+        engine, _ = state.require_ready()
+        on_gpu = next(engine.model.parameters()).device.type == "cuda"
+        vram = card()["size"] + engine.core.kv.nbytes if on_gpu else 0
+        return JSONResponse({"models": [{**card(), "expires_at": "2999-12-31T23:59:59Z", "size_vram": vram,
+                                         "context_length": engine.max_model_len}]})
+
+    async def show(request: Request) -> Response:
+        body: ShowRequest = await _body(request, ShowRequest)
+        check_model(body.model)
+        engine, preparer = state.require_ready()
+        return JSONResponse({
+            "modelfile": f"FROM {state.model_id}\n", "parameters": "", "template": preparer.tokenizer.chat_template,
+            "details": details(), "capabilities": ["completion", "vision"],
+            "model_info": {"general.architecture": "llava", "llava.context_length": engine.max_model_len,
+                           "general.parameter_count": weights()[0]},
+            "modified_at": card()["modified_at"],
+        })
+
+    async def chat(request: Request) -> Response:
+        body: ChatRequest = await _body(request, ChatRequest)
+        check_model(body.model)
+        messages: list[dict[str, Any]] = []
+        images: list[tuple[bytes, str]] = []
+        for i, m in enumerate(body.messages):
+            if m.images and m.role != "user":
+                raise APIError(400, f"images are only accepted in user messages (message {i} is {m.role})")
+            images += [(_image(b64, f"messages.{i}.images.{j}"), f"messages.{i}.images.{j}")
+                       for j, b64 in enumerate(m.images or [])]
+            parts = [{"type": "image"} for _ in m.images or []]
+            messages.append({"role": m.role, "content": [*parts, {"type": "text", "text": m.content}] if parts
+                             else m.content})
+        if not messages:
+            raise APIError(400, "messages must not be empty")
+        return await _generate(request, body, messages, images, "message")
+
+    async def generate(request: Request) -> Response:
+        body: GenerateRequest = await _body(request, GenerateRequest)
+        check_model(body.model)
+        images = [(_image(b64, f"images.{j}"), f"images.{j}") for j, b64 in enumerate(body.images or [])]
+        content: list[dict[str, Any]] = [{"type": "image"} for _ in images] + [{"type": "text", "text": body.prompt}]
+        messages = ([{"role": "system", "content": body.system}] if body.system else []) + [
+            {"role": "user", "content": content}]
+        return await _generate(request, body, messages, images, "response")
+
+    def _image(b64: str, param: str) -> bytes:
+        if len(b64) > settings.max_image_bytes * 4 // 3 + 4:
+            raise APIError(413, f"{param}: an image over {settings.max_image_bytes} bytes")
+        try:
+            return base64.b64decode(b64.split(",", 1)[1] if b64.startswith("data:") else b64, validate=True)
+        except (binascii.Error, ValueError):
+            raise APIError(400, f"{param}: not base64") from None
+
+    async def _generate(request: Request, body: ChatRequest | GenerateRequest, messages: list[dict[str, Any]],
+                        images: list[tuple[bytes, str]], field: str) -> Response:
+        rid = f"ollama-{uuid.uuid4().hex}"
+        t0 = time.perf_counter_ns()
+        if len(images) > settings.max_images_per_request:
+            raise APIError(400, f"{len(images)} images; the limit is {settings.max_images_per_request}")
+        options = body.options or Options()
+        if options.stop is not None and len(options.stop) > settings.max_stop_sequences:
+            raise APIError(400, f"options.stop: at most {settings.max_stop_sequences} stop sequences")
+        if options.num_predict == 0:
+            raise APIError(400, "options.num_predict must be positive, -1 or -2")
+        engine, _ = state.require_ready()
+        if options.num_ctx is not None and options.num_ctx > engine.max_model_len:
+            raise APIError(400, f"options.num_ctx: the context here is {engine.max_model_len} tokens")
+        grammar = None
+        if body.format:
+            schema = {"type": "object"} if body.format == "json" else body.format
+            try:
+                grammar = grammar_from("json_schema", json.dumps(schema))
+            except Exception as e:
+                raise APIError(400, f"format: {str(e)[:300]}") from e
+        salt = cache_salt(request, None)
+        with admission(engine):
+            encoded = await encode(state, messages)
+            requested = options.num_predict if options.num_predict and options.num_predict > 0 else None
+            max_tokens = max_tokens_for(engine, len(encoded.input_ids), requested)
+            prepared = await prepare_images(state, images, salt)
+            if grammar is not None:
+                await compile_grammar(engine, grammar, "format")
+            sampling = state.sampling(temperature=options.temperature, top_p=options.top_p, top_k=options.top_k,
+                                      seed=options.seed, presence=options.presence_penalty or 0.0,
+                                      frequency=options.frequency_penalty or 0.0, repetition=options.repeat_penalty)
+            req = EngineRequest(rid, encoded.input_ids, prepared, sampling, max_tokens, options.stop or (),
+                                cache_salt=salt, grammar=grammar)
+            stream = submit(engine, req)
+        model = names()[1] if body.model.endswith(":latest") else body.model
+        if body.stream:
+            return StreamingResponse(_ndjson(stream, model, field, t0), media_type="application/x-ndjson")
+        final = await collect(stream, request)
+        if final is None:
+            return Response(status_code=499)
+        if isinstance(final, Failed):
+            raise APIError.from_exception(final.error)
+        return JSONResponse(_closing(final, model, field, t0, final.text, None))
+
+    for path, route in (("/api/show", show), ("/api/chat", chat), ("/api/generate", generate)):
+        app.add_api_route(path, guarded(route), methods=["POST"], response_model=None)
+    for path, route in (("/api/version", version), ("/api/tags", tags), ("/api/ps", ps)):
+        app.add_api_route(path, guarded(route), methods=["GET"], response_model=None)
+
+
+def _piece(model: str, field: str, text: str) -> dict[str, Any]:
+    piece: Any = {"role": "assistant", "content": text} if field == "message" else text
+    return {"model": model, "created_at": _now(), field: piece, "done": False}
+
+
+def _closing(final: Finished, model: str, field: str, t0: int, text: str, first_ns: int | None) -> dict[str, Any]:
+    """The last object: the whole answer (or, streamed, nothing more), why it ended, counts and durations (ns)."""
+    now = time.perf_counter_ns()
+    first = first_ns if first_ns is not None else now
+    out = _piece(model, field, text)
+    out.update(done=True, done_reason="length" if final.finish_reason == "length" else "stop",
+               total_duration=now - t0, load_duration=0, prompt_eval_count=final.usage.prompt_tokens,
+               prompt_eval_duration=first - t0, eval_count=final.usage.completion_tokens, eval_duration=now - first)
+    return out
+
+
+async def _ndjson(stream: EventStream, model: str, field: str, t0: int) -> AsyncIterator[str]:
+    first_ns: int | None = None
+    async for event in stream:
+        if isinstance(event, TextDelta):
+            first_ns = first_ns or time.perf_counter_ns()
+            yield json.dumps(_piece(model, field, event.text), ensure_ascii=False) + "\n"
+        elif isinstance(event, Finished):
+            yield json.dumps(_closing(event, model, field, t0, "", first_ns), ensure_ascii=False) + "\n"
+        elif isinstance(event, Failed):
+            yield json.dumps({"error": APIError.from_exception(event.error).message}) + "\n"
