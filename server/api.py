@@ -23,6 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from vlmserve.model.token_pieces import TokenPieces
 
+from .completions import install_completion_routes
 from .engine import EngineError, EngineRequest, Failed, Finished, TextDelta
 from .errors import APIError, install_error_handlers
 from .forms import GENERATE_FIELDS, Form, read_form
@@ -130,6 +131,8 @@ def _routes(app: FastAPI, state: ServerState) -> None:
         if name and name != state.model_id:
             raise APIError(404, f"the model {name!r} does not exist; this server serves {state.model_id!r}",
                            param="model", code="model_not_found")
+
+    install_completion_routes(app, state, auth, cache_salt, check_model)
 
     @app.get("/health")
     async def health() -> dict[str, str]:

@@ -329,7 +329,7 @@ def test_chat_bodies(live_server: LiveServer, http: httpx.Client) -> None:
          {"model_not_found"}),
         ("unknown model card", http.get(url + "/v1/models/nope"), {404}, {"model_not_found"}),
         ("model card", http.get(url + f"/v1/models/{MODEL}"), {200}, ()),
-        ("unknown route", http.post(url + "/v1/completions", json=chat()), {404}, {"not_found"}),
+        ("unknown route", http.post(url + "/v1/embeddings", json=chat()), {404}, {"not_found"}),
         ("unknown route get", http.get(url + "/v2/anything/../../etc/passwd"), {404}, {"not_found"}),
         ("wrong method chat", http.get(url + "/v1/chat/completions"), {405}, {"method_not_allowed"}),
         ("wrong method generate", http.put(url + "/v1/generate", content=b"x"), {405}, {"method_not_allowed"}),

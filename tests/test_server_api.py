@@ -807,7 +807,7 @@ def test_unknown_model_is_404(live_server: LiveServer) -> None:
 def test_unknown_route_is_404(live_server: LiveServer) -> None:
     error = error_of(httpx.get(live_server.url + "/v2/nothing"), 404)
     assert "/v2/nothing" in error["message"]
-    error_of(httpx.post(live_server.url + "/v1/completions", json={}), 404)
+    error_of(httpx.post(live_server.url + "/v1/embeddings", json={}), 404)
     error_of(httpx.get(live_server.url + "/v1/chat/completions"), 405)
 
 
