@@ -89,7 +89,9 @@ class ModelRunner:
             if seq.matcher is not None and not seq.matcher.consume_token(token):
                 log.error("request %s: the grammar refused token %d: %s", seq.request_id, token,
                           seq.matcher.get_error())
-                out.failed.append((seq, InternalError("the output grammar refused a sampled token")))
+                why = seq.matcher.get_error() or ""
+                out.failed.append((seq, BadRequest("the output grammar grew too complex to follow") if "TooComplex"
+                                   in why else InternalError("the output grammar refused a sampled token")))
                 refused.add(id(seq))
         out.computed = [(s, n) for s, n in items if id(s) not in refused]
         out.sampled = [x for x in sampled if id(x[0]) not in refused]
