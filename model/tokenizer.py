@@ -210,6 +210,13 @@ class ChatTokenizer:
         return self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     @functools.cached_property
+    def max_token_bytes(self) -> int:
+        """The most UTF-8 bytes one ordinary token spells: a text of n bytes is at least n / this many tokens."""
+        special = set(self.tokenizer.all_special_ids) | set(self.tokenizer.added_tokens_decoder)
+        return max((len(self.pieces.piece(i)[1]) for i in range(self._backend.get_vocab_size())
+                    if i not in special), default=1) or 1
+
+    @functools.cached_property
     def pieces(self) -> TokenPieces:
         """Single tokens' text and bytes (logprobs report them)."""
         return TokenPieces(self._backend)

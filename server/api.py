@@ -44,6 +44,7 @@ from .pipeline import (
     usage_of,
 )
 from .schemas import (
+    MAX_STOP_CHARS,
     ChatCompletion,
     ChatCompletionRequest,
     Choice,
@@ -233,8 +234,9 @@ def _routes(app: FastAPI, state: ServerState) -> None:
             raise APIError(400, f"{len(uploads)} images; the limit is {settings.max_images_per_request}",
                            param="image", code="too_many_images")
         stops = fields.texts("stop")
-        if len(stops) > settings.max_stop_sequences or any(not s for s in stops):
-            raise APIError(400, f"stop: up to {settings.max_stop_sequences} non-empty strings", param="stop")
+        if len(stops) > settings.max_stop_sequences or any(not s or len(s) > MAX_STOP_CHARS for s in stops):
+            raise APIError(400, f"stop: up to {settings.max_stop_sequences} non-empty strings of at most "
+                           f"{MAX_STOP_CHARS} characters", param="stop")
         sampling = state.sampling(temperature=fields.number("temperature", 0, 2), top_p=fields.number("top_p", 0, 1),
                                   top_k=fields.integer("top_k", 0, 2**63 - 1),
                                   seed=fields.integer("seed", -(2**63), 2**63 - 1), presence=0.0, frequency=0.0,

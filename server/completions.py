@@ -19,7 +19,7 @@ from .engine import EngineRequest, Failed, Finished, TextDelta
 from .engine.requests import TokenLogprob
 from .errors import APIError
 from .pipeline import admission, choice_sampling, logit_bias_pairs, max_tokens_for, usage_of
-from .schemas import EXTRA, StreamOptions, _refuse_unless_neutral, _Strict
+from .schemas import EXTRA, MAX_STOP_CHARS, StreamOptions, _refuse_unless_neutral, _Strict
 from .state import ServerState
 from .streaming import ChoiceStreams, sse
 
@@ -58,6 +58,8 @@ class CompletionRequest(_Strict):
     def _stops(cls, value: list[str]) -> list[str]:
         if any(not s for s in value):
             raise ValueError("stop strings must not be empty")
+        if any(len(s) > MAX_STOP_CHARS for s in value):
+            raise ValueError(f"stop strings are at most {MAX_STOP_CHARS} characters")
         return value
 
     @field_validator("suffix")
@@ -104,6 +106,11 @@ def install_completion_routes(app: FastAPI, state: ServerState, auth: list[Any],
         engine, preparer = state.require_ready()
         tokenizer = preparer.tokenizer
         raw = body.prompt
+        texts_in = [raw] if isinstance(raw, str) else [p for p in raw if isinstance(p, str)]
+        longest = max((len(t.encode("utf-8", errors="replace")) for t in texts_in), default=0)
+        if longest // tokenizer.max_token_bytes > engine.max_model_len:  # refused before any tokenizing
+            raise APIError(400, f"a prompt is at least {longest // tokenizer.max_token_bytes} tokens; the context is "
+                           f"{engine.max_model_len}", param="prompt", code="context_length_exceeded")
         prompts: list[list[int]]
         if isinstance(raw, str):
             prompts = [tokenizer.encode_text(raw, add_special_tokens=True)]

@@ -75,6 +75,8 @@ class Options(_Strict):
     def _stops(cls, value: list[str] | None) -> list[str] | None:
         if value and any(not s for s in value):
             raise ValueError("stop strings must not be empty")
+        if value and any(len(s) > 1024 for s in value):
+            raise ValueError("stop strings are at most 1024 characters")
         return value
 
 

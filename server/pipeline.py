@@ -75,10 +75,16 @@ def submit(engine: Any, req: EngineRequest) -> EventStream:
 
 
 async def encode(state: ServerState, messages: list[dict[str, Any]]) -> Any:
-    assert state.preparer is not None
+    """The chat's prompt ids, tokenized in the thread pool; one that cannot fit the context is refused before."""
+    assert state.preparer is not None and state.engine is not None
+    preparer, context = state.preparer, state.engine.max_model_len
+    floor = preparer.token_floor(messages)  # cheap: bytes counted, nothing tokenized
+    if floor > context:
+        raise APIError(400, f"the prompt is at least {floor} tokens; the context is {context}", param="messages",
+                       code="context_length_exceeded")
     loop = asyncio.get_running_loop()
     try:
-        return await loop.run_in_executor(state.executor, state.preparer.encode, messages)
+        return await loop.run_in_executor(state.executor, preparer.encode, messages)
     except ValueError as e:
         raise APIError(400, str(e), param="messages", code="invalid_value") from e
 

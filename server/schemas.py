@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from pydantic_core import PydanticCustomError
 
 EXTRA = {"x-vlmserve-extra": True}  # marks fields OpenAI's API does not have
+MAX_STOP_CHARS = 1024  # one stop string's length (the stop matcher holds back up to this much text)
 
 
 class _Strict(BaseModel):
@@ -195,6 +196,8 @@ class ChatCompletionRequest(_Strict):
     def _stops(cls, value: list[str]) -> list[str]:
         if any(not s for s in value):
             raise ValueError("stop strings must not be empty")
+        if any(len(s) > MAX_STOP_CHARS for s in value):
+            raise ValueError(f"stop strings are at most {MAX_STOP_CHARS} characters")
         return value
 
 

@@ -106,6 +106,7 @@ class ServerState:
             tokenizer = ChatTokenizer.from_pretrained(path)
             processor = ImageProcessor.from_pretrained(path)
             self.preparer = RequestPreparer(tokenizer, processor, model.config.num_visual_tokens, s.image_limits())
+            log.debug("longest token: %d bytes", tokenizer.max_token_bytes)  # computed now, not on a request
             self.generation_defaults = _generation_defaults(path)
             config = s.engine_config()
             self.engine = Engine(model, tokenizer, config, model_id=self.model_id, observer=self.metrics).start()

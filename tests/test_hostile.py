@@ -12,9 +12,11 @@ from __future__ import annotations
 import base64
 import json
 import socket
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Collection, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -239,7 +241,7 @@ _FIELD_CASES: list[tuple[str, Any, set[int]]] = [
     ("stream_options", {"other": 1}, {400}),
     ("stop", 5, {400}), ("stop", [5], {400}), ("stop", [""], {400}), ("stop", "", {400}), ("stop", ["a"] * 9, {400}),
     ("stop", [["a"]], {400}), ("stop", {"a": 1}, {400}), ("stop", "a", {200}), ("stop", None, {200}),
-    ("stop", ["\n", "x" * 10_000], {200}), ("stop", ["a"] * 8, {200}),
+    ("stop", ["\n", "x" * 10_000], {400}), ("stop", ["\n", "x" * 1024], {200}), ("stop", ["a"] * 8, {200}),
     ("seed", 2**63, {400}), ("seed", -(2**63) - 1, {400}), ("seed", "x", {400}), ("seed", 1.5, {400}),
     ("seed", 0, {200}), ("seed", 2**63 - 1, {200}), ("seed", -(2**63), {200}),
     ("presence_penalty", 2.5, {400}), ("presence_penalty", -3, {400}), ("presence_penalty", "x", {400}),
@@ -784,3 +786,42 @@ def test_schemathesis_openapi(live_server: LiveServer) -> None:
             except Unsatisfiable:  # nothing to make invalid in an operation without parameters or body
                 assert mode == schemathesis.GenerationMode.NEGATIVE
     assert_alive(live_server, [])
+
+
+# ------------------------------------------------------------------------------- refusal costs what the context costs
+def test_prompts_far_over_the_context_are_refused_before_tokenizing(live_server: LiveServer) -> None:
+    """Three 20 MB prompts and one of 200 000 one-word messages, at once: each is a 400 from its size alone (a text of
+    n bytes is at least n / the longest token's bytes tokens), and /health keeps answering meanwhile."""
+    url = live_server.url
+    big = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "word " * 4_000_000}]}).encode()
+    many = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "word"}] * 200_000}).encode()
+    latencies: list[float] = []
+    stop = threading.Event()
+
+    def probe() -> None:
+        with httpx.Client(timeout=10) as client:
+            while not stop.is_set():
+                t0 = time.perf_counter()
+                assert client.get(url + "/health").status_code == 200
+                latencies.append(time.perf_counter() - t0)
+                time.sleep(0.02)
+
+    def send(body: bytes) -> tuple[httpx.Response, float]:
+        t0 = time.perf_counter()
+        r = httpx.post(url + "/v1/chat/completions", content=body, headers={"content-type": "application/json"},
+                       timeout=60)
+        return r, time.perf_counter() - t0
+
+    prober = threading.Thread(target=probe)
+    prober.start()
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(send, [big, big, big, many]))
+    finally:
+        stop.set()
+        prober.join()
+    print(f"refused in {[round(t, 2) for _, t in results]} s; /health max {max(latencies):.3f} s")
+    for r, took in results:
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text[:300]
+        assert took < 2.0, took  # 1 s here; slack for a loaded CI machine (the upload itself is 20 MB)
+    assert latencies and sorted(latencies)[int(0.99 * (len(latencies) - 1))] < 1.0, max(latencies)
