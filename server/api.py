@@ -43,6 +43,7 @@ from .pipeline import (
     submit,
     usage_of,
 )
+from .responses import install_responses_routes
 from .schemas import (
     MAX_STOP_CHARS,
     ChatCompletion,
@@ -134,6 +135,7 @@ def _routes(app: FastAPI, state: ServerState) -> None:
                            param="model", code="model_not_found")
 
     install_completion_routes(app, state, auth, cache_salt, check_model)
+    install_responses_routes(app, state, auth, cache_salt, check_model)
 
     @app.get("/health")
     async def health() -> dict[str, str]:

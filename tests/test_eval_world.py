@@ -249,3 +249,19 @@ def test_score() -> None:
     assert set(result["per_kind"]) == set(KINDS) and math.isnan(result["per_kind"]["color"]["accuracy"])
     with pytest.raises(ValueError):
         score(items, ["two"])
+
+
+def test_each_kinds_answer_schema_accepts_exactly_its_answers() -> None:
+    """`eval --json-schema` constrains each answer to its kind's schema: every true answer must be allowed."""
+    import jsonschema
+
+    from vlmserve.training.evaluate import answer_schema, eval_items
+
+    items = eval_items(300, 7)
+    for item in items:
+        jsonschema.validate(item.answer, answer_schema(item.kind))
+    others = {it.kind: it.answer for it in items}
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(others["caption"], answer_schema("color"))
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate("a red circle and", answer_schema("caption"))

@@ -59,12 +59,17 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=500)
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json-schema", action="store_true",
+                   help="with --url: each answer constrained by response_format to its kind's answers")
     args = p.parse_args(argv)
     _setup(args.threads)
     if (args.model is None) == (args.url is None):
         p.error("give exactly one of --model or --url")
+    if args.json_schema and args.url is None:
+        p.error("--json-schema goes with --url (it measures the server's structured outputs)")
     items = eval_items(args.n, args.seed)
-    result = evaluate_url(args.url, items, model=args.served_model) if args.url else evaluate_engine(args.model, items)
+    result = (evaluate_url(args.url, items, model=args.served_model, json_schema=args.json_schema) if args.url
+              else evaluate_engine(args.model, items))
     json.dump(result, sys.stdout, indent=2)
     sys.stdout.write("\n")
     return 0

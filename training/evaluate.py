@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import statistics
 import time
@@ -22,7 +23,9 @@ from vlmserve.model.tokenizer import ChatTokenizer
 from vlmserve.model.vlm import VisionLanguageModel
 from vlmserve.model.weights import load_model
 
-from .eval_world import EvalItem, make_eval_set, score
+from .eval_world import COLORS as EVAL_COLORS
+from .eval_world import COUNT_WORDS, EvalItem, make_eval_set, score
+from .eval_world import SHAPES as EVAL_SHAPES
 from .world import COLORS, PAIRS, render_pool
 
 if TYPE_CHECKING:
@@ -101,8 +104,25 @@ def evaluate_engine(model_dir: str | Path, items: Sequence[EvalItem], *, max_run
     return _summary(items, preds, time.perf_counter() - t0)
 
 
-def evaluate_url(base_url: str, items: Sequence[EvalItem], *, model: str | None = None, workers: int = 8) -> dict:
-    """Score a running server on `items` through POST {base}/v1/chat/completions (temperature 0, max_tokens 24)."""
+def answer_schema(kind: str) -> dict:
+    """The JSON schema of a question kind's answers: an enum, or for captions the pattern every caption follows."""
+    if kind == "color":
+        return {"enum": list(EVAL_COLORS)}
+    if kind == "shape":
+        return {"enum": list(EVAL_SHAPES)}
+    if kind == "count":
+        return {"enum": list(COUNT_WORDS.values())}
+    if kind == "exists":
+        return {"enum": ["yes", "no"]}
+    thing = f"a ({'|'.join(EVAL_COLORS)}) ({'|'.join(EVAL_SHAPES)})"
+    return {"type": "string", "pattern": f"^{thing}(( and {thing})|(, {thing} and {thing}))?$"}
+
+
+def evaluate_url(base_url: str, items: Sequence[EvalItem], *, model: str | None = None, workers: int = 8,
+                 json_schema: bool = False) -> dict:
+    """Score a running server on `items` through POST {base}/v1/chat/completions (temperature 0, max_tokens 24).
+    With `json_schema`, each answer is constrained by `response_format` to its kind's `answer_schema` (a JSON
+    string) and graded as the string it holds."""
     import httpx
 
     url = base_url.rstrip("/") + "/v1/chat/completions"
@@ -118,9 +138,19 @@ def evaluate_url(base_url: str, items: Sequence[EvalItem], *, model: str | None 
         }
         if model:
             body["model"] = model
+        if json_schema:
+            body["response_format"] = {"type": "json_schema",
+                                       "json_schema": {"name": item.kind, "schema": answer_schema(item.kind)}}
         r = client.post(url, json=body, timeout=120)
         r.raise_for_status()
-        return r.json()["choices"][0]["message"]["content"] or ""
+        content = r.json()["choices"][0]["message"]["content"] or ""
+        if not json_schema:
+            return content
+        try:
+            answer = json.loads(content)
+        except ValueError:
+            return content  # cut short by max_tokens: graded as it is (wrong)
+        return answer if isinstance(answer, str) else content
 
     t0 = time.perf_counter()
     with httpx.Client() as client, ThreadPoolExecutor(workers) as pool:
