@@ -1,4 +1,7 @@
-"""Request and response bodies. OpenAI's chat completion shapes field by field; our extras are marked as such."""
+"""Request and response bodies. OpenAI's chat completion shapes field by field; our extras are marked as such.
+
+Streamed chunks are built as plain dicts in `api._chat_sse` (a pydantic model per token costs more than the
+token's JSON); the non-streamed bodies below are models."""
 
 from __future__ import annotations
 
@@ -247,27 +250,6 @@ class ChatCompletion(BaseModel):
     choices: list[Choice]
     usage: Usage
     system_fingerprint: str | None = None
-
-
-class Delta(BaseModel):
-    role: Literal["assistant"] | None = None
-    content: str | None = None
-
-
-class ChunkChoice(BaseModel):
-    index: int = 0
-    delta: Delta
-    finish_reason: str | None = None
-    logprobs: ChoiceLogprobs | None = None
-
-
-class ChatCompletionChunk(BaseModel):
-    id: str
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
-    choices: list[ChunkChoice]
-    usage: Usage | None = None
 
 
 class GenerateResponse(BaseModel):
