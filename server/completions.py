@@ -175,7 +175,7 @@ def install_completion_routes(app: FastAPI, state: ServerState, auth: list[Any],
 
 def _total_usage(groups: list[list[Finished]]) -> dict[str, Any]:
     """Every prompt counted once (its n choices share it), every completion."""
-    parts = [usage_of(*g) for g in groups if g]
+    parts = [usage_of(*g) for g in groups if g]  # (no images on this route)
     prompt = sum(u.prompt_tokens for u in parts)
     completion = sum(u.completion_tokens for u in parts)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}

@@ -26,7 +26,8 @@ def usage_of(*finals: Finished) -> Usage:
     u = finals[0].usage
     completion = sum(f.usage.completion_tokens for f in finals)
     return Usage(prompt_tokens=u.prompt_tokens, completion_tokens=completion, total_tokens=u.prompt_tokens + completion,
-                 prompt_tokens_details=PromptTokensDetails(cached_tokens=u.cached_tokens))
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=u.cached_tokens,
+                                                           image_tokens=u.image_tokens))
 
 
 def choice_sampling(sampling: SamplingParams, index: int) -> SamplingParams:

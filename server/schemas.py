@@ -206,6 +206,7 @@ class ChatCompletionRequest(_Strict):
 
 class PromptTokensDetails(BaseModel):
     cached_tokens: int = 0  # prompt tokens whose keys/values came from the prefix cache
+    image_tokens: int = Field(0, json_schema_extra=EXTRA)  # prompt tokens that are images' visual tokens
 
 
 class Usage(BaseModel):

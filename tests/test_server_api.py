@@ -562,6 +562,13 @@ def test_generate_refuses_unknown_form_fields(live_server: LiveServer) -> None:
     assert (error["param"], error["code"]) == ("temprature", "unknown_parameter") and "temperature" in error["message"]
 
 
+def test_usage_reports_the_image_tokens(live_server: LiveServer) -> None:
+    two = answer(live_server, chat_body("compare", RED, GREEN, max_tokens=2))
+    assert two["usage"]["prompt_tokens_details"]["image_tokens"] == 2 * VISUAL_TOKENS
+    none = answer(live_server, {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    assert none["usage"]["prompt_tokens_details"]["image_tokens"] == 0
+
+
 def test_several_images_and_turns_count(client: openai.OpenAI, oracle: Any) -> None:
     def prompt_tokens(messages: Any) -> int:
         r = client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=2)

@@ -58,7 +58,8 @@ class OutputProcessor:
             if rest or seq.pending:
                 seq.text.append(rest)
                 events.append(self._delta(seq, rest))
-        usage = Usage(seq.prompt_len, seq.num_generated, max(0, seq.num_cached))
+        usage = Usage(seq.prompt_len, seq.num_generated, max(0, seq.num_cached),
+                      sum(img.num_tokens for img in seq.req.images))
         if reason == "cancelled":
             self.counters.requests_cancelled += 1
             self.observer.request_cancelled()

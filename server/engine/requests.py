@@ -96,6 +96,7 @@ class Usage:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int = 0  # prompt tokens whose keys/values came from the prefix cache
+    image_tokens: int = 0  # prompt tokens that are images' visual tokens
 
     @property
     def total_tokens(self) -> int:
