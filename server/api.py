@@ -34,6 +34,7 @@ from .ollama import install_ollama_routes
 from .output_format import compile_grammar, grammar_of, schema_grammar
 from .pipeline import (
     admission,
+    check_stream_and_stops,
     choice_sampling,
     encode,
     load_images,
@@ -170,11 +171,7 @@ def _routes(app: FastAPI, state: ServerState) -> None:
             raise APIError(400, f"n is at most {settings.max_n} here (--max-n)", param="n", code="invalid_value")
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
-        if body.stream_options is not None and not body.stream:
-            raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options",
-                           code="invalid_value")
-        if len(body.stop) > settings.max_stop_sequences:
-            raise APIError(400, f"at most {settings.max_stop_sequences} stop sequences", param="stop")
+        check_stream_and_stops(settings, body.stream, body.stream_options, body.stop)
         engine, preparer = state.require_ready()
         constraint = grammar_of(body)
         salt = cache_salt(request, body.cache_salt)

@@ -18,8 +18,8 @@ from vlmserve.model.token_pieces import TokenPieces
 from .engine import EngineRequest, Failed, Finished, TextDelta
 from .engine.requests import TokenLogprob
 from .errors import APIError
-from .pipeline import admission, choice_sampling, logit_bias_pairs, max_tokens_for, usage_of
-from .schemas import EXTRA, MAX_STOP_CHARS, StreamOptions, _refuse_unless_neutral, _Strict
+from .pipeline import admission, check_stream_and_stops, choice_sampling, logit_bias_pairs, max_tokens_for, usage_of
+from .schemas import EXTRA, StopStrings, StreamOptions, _refuse_unless_neutral, _Strict
 from .state import ServerState
 from .streaming import ChoiceStreams, sse
 
@@ -35,7 +35,7 @@ class CompletionRequest(_Strict):
     stream_options: StreamOptions | None = None
     logprobs: int | None = Field(None, ge=0, le=5)  # the legacy form: how many alternatives per token
     echo: bool = False
-    stop: list[str] = Field(default_factory=list)
+    stop: StopStrings = Field(default_factory=list)
     presence_penalty: float | None = Field(0.0, ge=-2, le=2)
     frequency_penalty: float | None = Field(0.0, ge=-2, le=2)
     logit_bias: dict[str, float] | None = Field(None, max_length=1024)
@@ -47,20 +47,6 @@ class CompletionRequest(_Strict):
     repetition_penalty: float | None = Field(None, gt=0, le=10, json_schema_extra=EXTRA)
     ignore_eos: bool = Field(False, json_schema_extra=EXTRA)
     cache_salt: str | None = Field(None, max_length=256, json_schema_extra=EXTRA)
-
-    @field_validator("stop", mode="before")
-    @classmethod
-    def _stop_list(cls, value: object) -> object:
-        return [] if value is None else [value] if isinstance(value, str) else value
-
-    @field_validator("stop")
-    @classmethod
-    def _stops(cls, value: list[str]) -> list[str]:
-        if any(not s for s in value):
-            raise ValueError("stop strings must not be empty")
-        if any(len(s) > MAX_STOP_CHARS for s in value):
-            raise ValueError(f"stop strings are at most {MAX_STOP_CHARS} characters")
-        return value
 
     @field_validator("suffix")
     @classmethod
@@ -98,11 +84,7 @@ def install_completion_routes(app: FastAPI, state: ServerState, auth: list[Any],
         if body.echo and body.logprobs is not None:
             raise APIError(400, "echo with logprobs (the prompt's own logprobs) is not supported", param="echo",
                            code="unsupported_value")
-        if body.stream_options is not None and not body.stream:
-            raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options",
-                           code="invalid_value")
-        if len(body.stop) > settings.max_stop_sequences:
-            raise APIError(400, f"at most {settings.max_stop_sequences} stop sequences", param="stop")
+        check_stream_and_stops(settings, body.stream, body.stream_options, body.stop)
         engine, preparer = state.require_ready()
         tokenizer = preparer.tokenizer
         raw = body.prompt

@@ -13,6 +13,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
+from .schemas import StopStrings
+
 # Options that change nothing here (resource and loading knobs of a llama.cpp runner)
 NO_OP_OPTIONS = frozenset({"num_gpu", "main_gpu", "num_thread", "num_batch", "numa", "low_vram", "f16_kv", "use_mmap",
                            "use_mlock", "vocab_only", "embedding_only", "logits_all", "num_keep", "num_ctx"})
@@ -33,7 +35,7 @@ class Options(_Strict):
     top_k: int | None = Field(None, ge=0, lt=2**63)
     seed: int | None = Field(None, ge=-(2**63), lt=2**63)
     num_predict: int | None = Field(None, ge=-2)  # -1: up to the context, -2: fill the context
-    stop: list[str] | None = None
+    stop: StopStrings | None = None
     repeat_penalty: float | None = Field(None, gt=0, le=10)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
@@ -69,15 +71,6 @@ class Options(_Strict):
         if value is None or value in UNSUPPORTED_OPTIONS[info.field_name]:
             return value
         raise PydanticCustomError("unsupported_parameter", f"option {info.field_name!r} is not supported here")
-
-    @field_validator("stop")
-    @classmethod
-    def _stops(cls, value: list[str] | None) -> list[str] | None:
-        if value and any(not s for s in value):
-            raise ValueError("stop strings must not be empty")
-        if value and any(len(s) > 1024 for s in value):
-            raise ValueError("stop strings are at most 1024 characters")
-        return value
 
 
 class _Request(_Strict):

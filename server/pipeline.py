@@ -17,6 +17,7 @@ from .engine.prepare import image_hash
 from .errors import APIError
 from .inputs import image_bytes
 from .schemas import PromptTokensDetails, Usage
+from .settings import Settings
 from .state import ServerState
 from .streaming import EventStream
 
@@ -28,6 +29,17 @@ def usage_of(*finals: Finished) -> Usage:
     return Usage(prompt_tokens=u.prompt_tokens, completion_tokens=completion, total_tokens=u.prompt_tokens + completion,
                  prompt_tokens_details=PromptTokensDetails(cached_tokens=u.cached_tokens,
                                                            image_tokens=u.image_tokens))
+
+
+def check_stream_and_stops(settings: Settings, stream: bool | None, stream_options: object, stops: Sequence[str]
+                           ) -> None:
+    """OpenAI's rules the chat and completion routes share: stream_options only with stream; at most
+    --max-stop-sequences stop strings."""
+    if stream_options is not None and not stream:
+        raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options",
+                       code="invalid_value")
+    if len(stops) > settings.max_stop_sequences:
+        raise APIError(400, f"at most {settings.max_stop_sequences} stop sequences", param="stop")
 
 
 def choice_sampling(sampling: SamplingParams, index: int) -> SamplingParams:

@@ -8,11 +8,27 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
 EXTRA = {"x-vlmserve-extra": True}  # marks fields OpenAI's API does not have
 MAX_STOP_CHARS = 1024  # one stop string's length (the stop matcher holds back up to this much text)
+
+
+def _as_list(value: object) -> object:
+    return [] if value is None else [value] if isinstance(value, str) else value
+
+
+def _check_stops(value: list[str]) -> list[str]:
+    if any(not s for s in value):
+        raise ValueError("stop strings must not be empty")
+    if any(len(s) > MAX_STOP_CHARS for s in value):
+        raise ValueError(f"stop strings are at most {MAX_STOP_CHARS} characters")
+    return value
+
+
+# A request's stop strings, as every route takes them: a string or a list, none empty, none over MAX_STOP_CHARS
+StopStrings = Annotated[list[str], BeforeValidator(_as_list), AfterValidator(_check_stops)]
 
 
 class _Strict(BaseModel):
@@ -120,7 +136,7 @@ class ChatCompletionRequest(_Strict):
     n: int = Field(1, ge=1, le=128)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    stop: list[str] = Field(default_factory=list, description="a string or a list of strings")
+    stop: StopStrings = Field(default_factory=list, description="a string or a list of strings")
     seed: int | None = Field(None, ge=-(2**63), lt=2**63)
     presence_penalty: float | None = Field(0.0, ge=-2, le=2)
     frequency_penalty: float | None = Field(0.0, ge=-2, le=2)
@@ -187,20 +203,6 @@ class ChatCompletionRequest(_Strict):
     def _stores_nothing(cls, value: bool | None) -> bool | None:
         if value:
             raise PydanticCustomError("unsupported_value", "this server stores no completions (store: false)")
-        return value
-
-    @field_validator("stop", mode="before")
-    @classmethod
-    def _stop_list(cls, value: object) -> object:
-        return [] if value is None else [value] if isinstance(value, str) else value
-
-    @field_validator("stop")
-    @classmethod
-    def _stops(cls, value: list[str]) -> list[str]:
-        if any(not s for s in value):
-            raise ValueError("stop strings must not be empty")
-        if any(len(s) > MAX_STOP_CHARS for s in value):
-            raise ValueError(f"stop strings are at most {MAX_STOP_CHARS} characters")
         return value
 
 

@@ -104,6 +104,6 @@ class StructuredOutputs:
             llt.fill_next_token_bitmask(matchers[i], mask, j)
         sub = logits[rows].float()  # (S, V)
         llt.apply_token_bitmask_inplace(sub, mask.to(sub.device, non_blocking=True))
-        out = logits.float().clone() if logits.dtype != torch.float32 else logits.clone()
+        out = logits.to(torch.float32, copy=True)  # (B, V): one copy, whatever the dtype
         out[rows] = sub
         return out  # (B, V)
