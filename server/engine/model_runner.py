@@ -43,7 +43,7 @@ class StepOutput:
 
 def _consecutive(table: list[int]) -> bool:
     """Whether the blocks follow one another in the pool (so that the keys are one slice of it)."""
-    return table[-1] - table[0] == len(table) - 1 and table == list(range(table[0], table[0] + len(table)))
+    return table == list(range(table[0], table[0] + len(table)))
 
 
 class ModelRunner:
@@ -87,9 +87,8 @@ class ModelRunner:
         refused: set[int] = set()
         for seq, token, _ in sampled:  # a constrained sequence's matcher follows its tokens
             if seq.matcher is not None and not seq.matcher.consume_token(token):
-                log.error("request %s: the grammar refused token %d: %s", seq.request_id, token,
-                          seq.matcher.get_error())
                 why = seq.matcher.get_error() or ""
+                log.error("request %s: the grammar refused token %d: %s", seq.request_id, token, why)
                 out.failed.append((seq, BadRequest("the output grammar grew too complex to follow") if "TooComplex"
                                    in why else InternalError("the output grammar refused a sampled token")))
                 refused.add(id(seq))
@@ -171,7 +170,6 @@ class ModelRunner:
             constrained = self.structured.mask(logits, matchers)  # (S, V) what each grammar forbids at -inf
         tokens = self.sampler.sample(constrained, rows, [s.num_generated for s in samplers],
                                      [s.req.sampling for s in samplers])
-
         wanted = [s.req.logprobs for s in samplers]
         logprobs: list[TokenLogprob | None] = [None] * len(samplers)
         if any(k is not None for k in wanted):
