@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -17,8 +18,14 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 # llava-1.5's prompt, "USER: <image>\n{text} ASSISTANT:", over OpenAI-style content parts: a system turn first, one
-# `<image>\n` per image part at the start of its user turn, assistant turns closed by the EOS token.
+# `<image>\n` per image part at the start of its user turn, assistant turns closed by the EOS token. With `tools`,
+# the functions are listed first in `<tools>` tags (terse: the SHAPES model's context is 256 tokens); an assistant
+# turn's calls are written Hermes-style (`<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>`, what the
+# `hermes` parser reads) and a tool turn is a user turn in `<tool_response>` tags. Without tools the prompt is exactly
+# llava-1.5's.
 LLAVA_15_CHAT_TEMPLATE = (
+    "{% if tools %}<tools>\n{% for tool in tools %}{{ (tool['function'] or tool) | tojson }}\n{% endfor %}</tools>\n"
+    "{% endif %}"
     "{% for message in messages %}"
     "{% set content = message['content'] %}"
     "{% if content is string %}{% set text = content %}"
@@ -28,10 +35,25 @@ LLAVA_15_CHAT_TEMPLATE = (
     "{% elif message['role'] == 'user' %}USER: "
     "{% if content is not string %}{% for part in content %}{% if part['type'] == 'image' %}<image>\n"
     "{% endif %}{% endfor %}{% endif %}{{ text }} "
-    "{% elif message['role'] == 'assistant' %}ASSISTANT: {{ text }}{{ eos_token }}"
+    "{% elif message['role'] == 'tool' %}USER: <tool_response>\n{{ text }}\n</tool_response> "
+    "{% elif message['role'] == 'assistant' %}ASSISTANT: {{ text }}"
+    "{% for call in message['tool_calls'] or [] %}<tool_call>\n{\"name\": {{ call['function']['name'] | tojson }}, "
+    "\"arguments\": {{ call['function']['arguments'] | tojson }}}\n</tool_call>{% endfor %}{{ eos_token }}"
     "{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
+
+
+def template_renders_tools(template: str) -> bool:
+    """Whether a chat template reads transformers' `tools` variable (it cannot show a model tools otherwise)."""
+    import jinja2
+    from jinja2 import meta
+
+    try:
+        return "tools" in meta.find_undeclared_variables(jinja2.Environment(extensions=["jinja2.ext.loopcontrols"])
+                                                         .parse(template))
+    except jinja2.TemplateSyntaxError:  # a tag of transformers' own environment ({% generation %}): read the text
+        return re.search(r"\btools\b", template) is not None
 
 
 # --------------------------------------------------------------------------------------------------- checkpoint files

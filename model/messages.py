@@ -1,19 +1,22 @@
 """Chat messages: the typed form of an OpenAI-style conversation and its parsing from request JSON.
 
-A conversation is a list of `ChatMessage`s (role system / user / assistant), each with a plain string or a tuple of
-`TextPart` and `ImagePart` content parts. `parse_messages` turns request dicts into them, refusing unknown roles and
+A conversation is a list of `ChatMessage`s (role system / user / assistant / tool), each with a plain string or a
+tuple of `TextPart` and `ImagePart` content parts; an assistant turn may carry the `ToolCall`s it made, and a tool turn
+names the call it answers. `parse_messages` turns request dicts into them, refusing unknown roles and
 part types, and cleans text of lone surrogates on the way (`clean_text`). An image part only marks where an image
 sits; the images of a conversation are numbered in message order, as `ChatTokenizer.encode_chat` places them.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-_ROLES = frozenset({"system", "user", "assistant"})
+_ROLES = frozenset({"system", "user", "assistant", "tool"})
 _IMAGE_PART_TYPES = frozenset({"image", "image_url", "input_image"})
+MAX_NESTING = 64  # JSON that tools and tool calls may nest (deeper is no function's schema, only an attack)
 
 
 # ----------------------------------------------------------------------------------------------------------- messages
@@ -50,15 +53,31 @@ Part = TextPart | ImagePart
 
 
 @dataclass(frozen=True)
+class ToolCall:
+    """A function call an assistant turn made: `arguments` as the template sees them (an object, as transformers'
+    templates expect; text that is not a JSON object stays text)."""
+
+    id: str
+    name: str
+    arguments: Any
+
+
+@dataclass(frozen=True)
 class ChatMessage:
-    """One chat turn; `content` is a plain string or a sequence of parts."""
+    """One chat turn; `content` is a plain string or a sequence of parts. An assistant turn may carry `tool_calls`;
+    a tool turn answers the call `tool_call_id`."""
 
     role: str
     content: str | tuple[Part, ...]
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str | None = None
 
     def __post_init__(self) -> None:
         if self.role not in _ROLES:
             raise ValueError(f"unsupported message role {self.role!r}; expected one of {sorted(_ROLES)}")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError(f"only assistant messages carry tool calls, not {self.role!r} ones")
+        object.__setattr__(self, "tool_calls", tuple(self.tool_calls))
         if isinstance(self.content, str):
             object.__setattr__(self, "content", clean_text(self.content))
         else:
@@ -103,7 +122,43 @@ def parse_message(message: ChatMessage | Mapping[str, Any]) -> ChatMessage:
         if isinstance(content, Mapping) or not isinstance(content, Sequence):
             raise ValueError("message content must be a string or a list of parts")
         content = tuple(parse_part(p) for p in content)
-    return ChatMessage(role=str(message.get("role")), content=content)
+    calls = tuple(_parse_tool_call(c) for c in message.get("tool_calls") or ())
+    call_id = message.get("tool_call_id")
+    return ChatMessage(role=str(message.get("role")), content=content, tool_calls=calls,
+                       tool_call_id=str(call_id) if call_id is not None else None)
+
+
+def nesting_depth(value: Any) -> int:
+    """How deep JSON-like `value` nests (a scalar is 0), counted without recursion."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        node, depth = stack.pop()
+        children = node.values() if isinstance(node, Mapping) else node if isinstance(node, list | tuple) else None
+        if children is None:
+            continue
+        deepest = max(deepest, depth + 1)
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def _parse_tool_call(call: ToolCall | Mapping[str, Any]) -> ToolCall:
+    """OpenAI's `{"id", "type": "function", "function": {"name", "arguments": "<JSON text>"}}` as a `ToolCall`."""
+    if isinstance(call, ToolCall):
+        return call
+    if not isinstance(call, Mapping) or not isinstance(call.get("function"), Mapping):
+        raise ValueError("a tool call is an object with a 'function' object")
+    function = call["function"]
+    name, arguments = function.get("name"), function.get("arguments", "{}")
+    if not isinstance(name, str):
+        raise ValueError("a tool call's function needs a string 'name'")
+    if isinstance(arguments, str):
+        try:
+            parsed = json.loads(arguments or "{}")
+            if isinstance(parsed, dict) and nesting_depth(parsed) <= MAX_NESTING:
+                arguments = parsed
+        except (ValueError, RecursionError):
+            pass  # not JSON (or absurdly deep): the template gets the text as it was sent
+    return ToolCall(id=str(call.get("id") or ""), name=name, arguments=arguments)
 
 
 def parse_messages(messages: Sequence[ChatMessage | Mapping[str, Any]]) -> list[ChatMessage]:

@@ -16,7 +16,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +24,13 @@ from jinja2 import TemplateError
 from tokenizers import Tokenizer
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from .chat_template import LLAVA_15_CHAT_TEMPLATE, read_json, template_from_checkpoint, template_from_tokenizer
+from .chat_template import (
+    LLAVA_15_CHAT_TEMPLATE,
+    read_json,
+    template_from_checkpoint,
+    template_from_tokenizer,
+    template_renders_tools,
+)
 from .detokenizer import IncrementalDetokenizer
 from .messages import ChatMessage, TextPart, parse_messages
 from .token_pieces import TokenPieces
@@ -154,8 +160,9 @@ class ChatTokenizer:
     # ------------------------------------------------------------------------------------------------ construction
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike[str]) -> ChatTokenizer:
-        """Load the tokenizer, chat template, EOS ids and image token of a checkpoint directory (or hub id)."""
+    def from_pretrained(cls, path: str | os.PathLike[str], *, chat_template: str | None = None) -> ChatTokenizer:
+        """Load the tokenizer, chat template (unless `chat_template` replaces it), EOS ids and image token of a
+        checkpoint directory (or hub id)."""
         tokenizer = AutoTokenizer.from_pretrained(path)
         generation = read_json(path, "generation_config.json") or {}
         config = read_json(path, "config.json") or {}
@@ -165,7 +172,7 @@ class ChatTokenizer:
         image_token_id = config.get("image_token_index", config.get("image_token_id"))
         return cls(
             tokenizer,
-            chat_template=template_from_checkpoint(path, tokenizer),
+            chat_template=chat_template or template_from_checkpoint(path, tokenizer),
             image_token=processor.get("image_token"),
             image_token_id=int(image_token_id) if image_token_id is not None else None,
             eos_token_ids=eos_ids,
@@ -227,11 +234,17 @@ class ChatTokenizer:
 
     # ------------------------------------------------------------------------------------------------------- chat
 
+    @functools.cached_property
+    def renders_tools(self) -> bool:
+        """Whether the chat template reads transformers' `tools` variable (else a request with tools is refused)."""
+        return template_renders_tools(self.chat_template)
+
     def apply_chat_template(
-        self, messages: Sequence[ChatMessage | Mapping[str, Any]], *, add_generation_prompt: bool = True
+        self, messages: Sequence[ChatMessage | Mapping[str, Any]], *, add_generation_prompt: bool = True,
+        tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> str:
         """The rendered prompt text, exactly as the template writes it (for display; do not tokenize it)."""
-        return self._render(parse_messages(messages), add_generation_prompt, lambda text: text)
+        return self._render(parse_messages(messages), add_generation_prompt, lambda text: text, tools)
 
     def encode_chat(
         self,
@@ -239,19 +252,21 @@ class ChatTokenizer:
         *,
         num_image_tokens: int | Sequence[int],
         add_generation_prompt: bool = True,
+        tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> EncodedPrompt:
         """Render `messages` with the chat template and tokenize it, each image expanded to its visual-token slots.
 
         `num_image_tokens` is the slot count of every image, or one count per image part in message order. Raises
         ValueError when the template writes a different (non-zero) number of image placeholders than there are image
-        parts. A template that writes none gets the slots prepended (`EncodedPrompt.prepend_images`).
+        parts. A template that writes none gets the slots prepended (`EncodedPrompt.prepend_images`). `tools` (OpenAI's
+        function definitions) reach the template as transformers' `tools` variable; their text is escaped as messages'.
         """
         parsed = parse_messages(messages)
         n_images = sum(m.num_images for m in parsed)
         counts = _image_token_counts(num_image_tokens, n_images)
 
-        sentinel = _Sentinel.choose(self._reserved_chars, _texts(parsed))
-        prompt = self._render(parsed, add_generation_prompt, lambda text: self._escape(text, sentinel))
+        sentinel = _Sentinel.choose(self._reserved_chars, _texts(parsed, tools))
+        prompt = self._render(parsed, add_generation_prompt, lambda text: self._escape(text, sentinel), tools)
         add_special = not (self.tokenizer.bos_token and prompt.startswith(self.tokenizer.bos_token))
         ids = self._encode_escaped(prompt, sentinel, add_special_tokens=add_special)
         display = sentinel.restore(prompt, self._control_tokens)
@@ -299,11 +314,13 @@ class ChatTokenizer:
             return text
         return self._control_re.sub(lambda m: sentinel.wrap(self._control_index[m.group()]), text)
 
-    def _render(self, messages: list[ChatMessage], add_generation_prompt: bool, transform: Callable[[str], str]) -> str:
+    def _render(self, messages: list[ChatMessage], add_generation_prompt: bool, transform: Callable[[str], str],
+                tools: Sequence[Mapping[str, Any]] | None = None) -> str:
         conversation = [_to_hf(m, transform) for m in messages]
         try:
             return self.tokenizer.apply_chat_template(
                 conversation,
+                tools=_map_strings(list(tools), transform) if tools else None,
                 chat_template=self.chat_template,
                 add_generation_prompt=add_generation_prompt,
                 tokenize=False,
@@ -405,25 +422,62 @@ def _without_first_prepend(backend: Tokenizer) -> Tokenizer:
     return inner
 
 
-def _texts(messages: list[ChatMessage]) -> list[str]:
-    out = []
+def _texts(messages: list[ChatMessage], tools: Sequence[Mapping[str, Any]] | None = None) -> list[str]:
+    """Every client-written text of a chat: its messages', its tool calls' and its tool definitions'."""
+    out: list[str] = []
     for m in messages:
         if isinstance(m.content, str):
             out.append(m.content)
         else:
             out.extend(p.text for p in m.content if isinstance(p, TextPart))
+        out.extend(_strings_in([(c.id, c.name, c.arguments) for c in m.tool_calls]))
+        if m.tool_call_id is not None:
+            out.append(m.tool_call_id)
+    out.extend(_strings_in(list(tools or ())))
     return out
 
 
+def _strings_in(value: Any) -> Iterator[str]:
+    """Every string in `value` (JSON-like), keys included."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, Mapping):
+        for k, v in value.items():
+            yield from _strings_in(k)
+            yield from _strings_in(v)
+    elif isinstance(value, list | tuple):
+        for v in value:
+            yield from _strings_in(v)
+
+
+def _map_strings(value: Any, transform: Callable[[str], str]) -> Any:
+    """`value` (JSON-like) with `transform` applied to every string in it, keys included."""
+    if isinstance(value, str):
+        return transform(value)
+    if isinstance(value, Mapping):
+        return {_map_strings(k, transform): _map_strings(v, transform) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_map_strings(v, transform) for v in value]
+    return value
+
+
 def _to_hf(message: ChatMessage, transform: Callable[[str], str]) -> dict[str, Any]:
-    """A message as HF templates expect it: string content stays a string, parts become text/image dicts."""
+    """A message as HF templates expect it: string content stays a string, parts become text/image dicts; tool
+    calls as `{"id", "type": "function", "function": {"name", "arguments": {...}}}`, a tool turn with its call id."""
     if isinstance(message.content, str):
-        return {"role": message.role, "content": transform(message.content)}
-    parts = [
-        {"type": "text", "text": transform(p.text)} if isinstance(p, TextPart) else {"type": "image"}
-        for p in message.content
-    ]
-    return {"role": message.role, "content": parts}
+        out: dict[str, Any] = {"role": message.role, "content": transform(message.content)}
+    else:
+        parts = [
+            {"type": "text", "text": transform(p.text)} if isinstance(p, TextPart) else {"type": "image"}
+            for p in message.content
+        ]
+        out = {"role": message.role, "content": parts}
+    if message.tool_calls:
+        out["tool_calls"] = [{"id": transform(c.id), "type": "function", "function": {
+            "name": transform(c.name), "arguments": _map_strings(c.arguments, transform)}} for c in message.tool_calls]
+    if message.tool_call_id is not None:
+        out["tool_call_id"] = transform(message.tool_call_id)
+    return out
 
 
 def _image_token_counts(num_image_tokens: int | Sequence[int], n_images: int) -> list[int]:

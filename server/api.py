@@ -58,6 +58,7 @@ from .schemas import (
 from .settings import Settings
 from .state import ServerState, in_fresh_thread
 from .streaming import ChoiceStreams, EventStream, collect, sse
+from .tools import ToolUse, tool_use
 
 log = logging.getLogger(__name__)
 
@@ -174,10 +175,22 @@ def _routes(app: FastAPI, state: ServerState) -> None:
         check_stream_and_stops(settings, body.stream, body.stream_options, body.stop)
         engine, preparer = state.require_ready()
         constraint = grammar_of(body)
+        tools = tool_use(body, preparer.tokenizer, state.tool_parser)
+        if tools is not None and body.logprobs:
+            raise APIError(400, "logprobs are not reported together with tools", param="logprobs",
+                           code="unsupported_value")
+        if tools is not None and tools.grammar is not None:
+            if constraint is not None:
+                raise APIError(400, f"{constraint[1]} cannot constrain an answer that tool_choice or strict tools "
+                               "already constrain", param=constraint[1], code="invalid_value")
+            constraint = tools.grammar, "tools"
         salt = cache_salt(request, body.cache_salt)
         with admission(engine):
             chat = chat_input(body.messages, settings)
-            encoded = await encode(state, chat.messages)
+            if chat.has_tool_turns and not preparer.tokenizer.renders_tools:
+                raise APIError(400, "this model's chat template does not render tool calls or tool messages",
+                               param="messages", code="unsupported_parameter")
+            encoded = await encode(state, chat.messages, tools.tools if tools is not None else None)
             max_tokens = max_tokens_for(engine, len(encoded.input_ids), body.max_completion_tokens or body.max_tokens)
             images = await load_images(state, [(url, param) for url, param in chat.image_urls], salt)
             if constraint is not None:
@@ -199,7 +212,7 @@ def _routes(app: FastAPI, state: ServerState) -> None:
         pieces = preparer.tokenizer.pieces if body.logprobs else None
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(_chat_sse(choices, rid, state.model_id, include_usage, pieces),
+            return StreamingResponse(_chat_sse(choices, rid, state.model_id, include_usage, pieces, tools),
                                      media_type="text/event-stream", headers=_SSE_HEADERS)
         finals = await choices.collect(request)
         if finals is None:
@@ -207,11 +220,12 @@ def _routes(app: FastAPI, state: ServerState) -> None:
         if isinstance(finals[0], Failed):
             raise APIError.from_exception(finals[0].error)
         done = [f for f in finals if isinstance(f, Finished)]
+        messages = [tools.message(f.text) if tools is not None else ResponseMessage(content=f.text) for f in done]
         return JSONResponse(ChatCompletion(
             id=rid, model=state.model_id, usage=usage_of(*done),
-            choices=[Choice(index=i, message=ResponseMessage(content=f.text), finish_reason=f.finish_reason,
+            choices=[Choice(index=i, message=m, finish_reason=_finish_reason(f.finish_reason, bool(m.tool_calls)),
                             logprobs=choice_logprobs(pieces, f.logprobs) if pieces is not None else None)
-                     for i, f in enumerate(done)],
+                     for i, (f, m) in enumerate(zip(done, messages, strict=True))],
         ).model_dump(), headers={"X-Request-Id": rid})
 
     @app.post("/v1/generate", response_model=None, dependencies=auth)
@@ -284,11 +298,18 @@ async def final_of(stream: EventStream, request: Request) -> Finished | None:
     return final
 
 
+def _finish_reason(reason: str, called: bool) -> str:
+    """OpenAI's finish_reason: "tool_calls" for an answer that ended by itself after calling functions."""
+    return "tool_calls" if called and reason == "stop" else reason
+
+
 async def _chat_sse(choices: ChoiceStreams, rid: str, model: str, include_usage: bool,
-                    pieces: TokenPieces | None = None) -> AsyncIterator[str]:
+                    pieces: TokenPieces | None = None, tools: ToolUse | None = None) -> AsyncIterator[str]:
     """The chunks of a streamed chat answer, every choice's under its index; with `pieces` (logprobs asked), each
-    carries its tokens' logprobs. The usage chunk (if asked) comes once every choice has finished."""
+    carries its tokens' logprobs; with `tools`, content and tool-call deltas as the parser reads them. The usage
+    chunk (if asked) comes once every choice has finished."""
     created = int(time.time())
+    calls = [tools.stream() for _ in choices.reqs] if tools is not None else None
 
     def chunk(index: int, delta: dict[str, Any], finish: str | None = None, logprobs: dict[str, Any] | None = None
               ) -> str:
@@ -303,12 +324,17 @@ async def _chat_sse(choices: ChoiceStreams, rid: str, model: str, include_usage:
         yield chunk(i, {"role": "assistant", "content": ""})
     finals: list[Finished] = []
     async for i, event in choices.events():
-        if isinstance(event, TextDelta):
+        if isinstance(event, TextDelta) and calls is not None:
+            for delta in calls[i].feed(event.text):
+                yield chunk(i, delta)
+        elif isinstance(event, TextDelta):
             yield chunk(i, {"content": event.text},
                         logprobs=choice_logprobs(pieces, event.logprobs) if pieces is not None else None)
         elif isinstance(event, Finished):
             finals.append(event)
-            yield chunk(i, {}, event.finish_reason)
+            for delta in calls[i].feed("", final=True) if calls is not None else ():
+                yield chunk(i, delta)
+            yield chunk(i, {}, _finish_reason(event.finish_reason, calls is not None and calls[i].called))
         elif isinstance(event, Failed):
             yield sse(APIError.from_exception(event.error).response().body.decode())
             break

@@ -61,7 +61,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         resolve_checkpoint(settings.model)
-    except CheckpointError as e:
+        settings.chat_template_text()
+    except (CheckpointError, ValueError, OSError) as e:
         print(f"vlmserve serve: {e}", file=sys.stderr)
         return 2
     app = create_app(settings)

@@ -24,6 +24,11 @@ class ChatInput:
     messages: list[dict[str, Any]]  # tokenizer-shaped: image parts are markers
     image_urls: list[tuple[str, str]]  # (url, param path) in prompt order
 
+    @property
+    def has_tool_turns(self) -> bool:
+        """Whether the history holds tool calls or tool results (which only a tools-aware template shows)."""
+        return any(m["role"] == "tool" or m.get("tool_calls") for m in self.messages)
+
 
 def chat_input(messages: list[Message], settings: Settings) -> ChatInput:
     """Tokenizer messages plus the image URLs in order; refuses images past the per-request limit."""
@@ -31,8 +36,14 @@ def chat_input(messages: list[Message], settings: Settings) -> ChatInput:
     urls: list[tuple[str, str]] = []
     for i, m in enumerate(messages):
         role = "system" if m.role == "developer" else m.role
+        turn: dict[str, Any] = {"role": role}
+        if m.tool_calls:
+            turn["tool_calls"] = [c.model_dump() for c in m.tool_calls]
+        if m.tool_call_id is not None:
+            turn["tool_call_id"] = m.tool_call_id
+        out.append(turn)
         if m.content is None or isinstance(m.content, str):
-            out.append({"role": role, "content": m.content or ""})
+            turn["content"] = m.content or ""
             continue
         parts: list[dict[str, Any]] = []
         for j, part in enumerate(m.content):
@@ -44,7 +55,7 @@ def chat_input(messages: list[Message], settings: Settings) -> ChatInput:
                 parts.append({"type": "image"})
             else:
                 parts.append({"type": "text", "text": part.text})
-        out.append({"role": role, "content": parts})
+        turn["content"] = parts
     if len(urls) > settings.max_images_per_request:
         raise APIError(400, f"{len(urls)} images in one request; the limit is {settings.max_images_per_request}",
                        param="messages", code="too_many_images")

@@ -87,8 +87,10 @@ def submit(engine: Any, req: EngineRequest) -> EventStream:
         raise APIError.from_exception(e) from e
 
 
-async def encode(state: ServerState, messages: list[dict[str, Any]]) -> Any:
-    """The chat's prompt ids, tokenized in the thread pool; one that cannot fit the context is refused before."""
+async def encode(state: ServerState, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+                 ) -> Any:
+    """The chat's prompt ids (with the functions it offers, `tools`), tokenized in the thread pool; one that cannot
+    fit the context is refused before."""
     assert state.preparer is not None and state.engine is not None
     preparer, context = state.preparer, state.engine.max_model_len
     floor = preparer.token_floor(messages)  # cheap: bytes counted, nothing tokenized
@@ -97,7 +99,7 @@ async def encode(state: ServerState, messages: list[dict[str, Any]]) -> Any:
                        code="context_length_exceeded")
     loop = asyncio.get_running_loop()
     try:
-        return await loop.run_in_executor(state.executor, preparer.encode, messages)
+        return await loop.run_in_executor(state.executor, preparer.encode, messages, tools)
     except ValueError as e:
         raise APIError(400, str(e), param="messages", code="invalid_value") from e
 

@@ -8,8 +8,19 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
+
+from vlmserve.model.messages import MAX_NESTING, nesting_depth
 
 EXTRA = {"x-vlmserve-extra": True}  # marks fields OpenAI's API does not have
 MAX_STOP_CHARS = 1024  # one stop string's length (the stop matcher holds back up to this much text)
@@ -63,22 +74,71 @@ class ImagePart(_Strict):
 ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 
 
+class CalledFunction(_Strict):
+    name: str
+    arguments: str  # JSON text, as the model wrote it
+
+
+class ToolCall(_Strict):
+    """A call an assistant turn made (in a response, or sent back as history)."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class Message(_Strict):
-    role: Literal["system", "user", "assistant", "developer"]
+    role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = Field(None, max_length=128)  # an assistant turn's calls
+    tool_call_id: str | None = None  # a tool turn: the call it answers
     # What an assistant message of a response carries, so that a client may send one back as history as it got it.
     refusal: str | None = None  # annotation: the refusal text of an earlier answer
     annotations: list[Any] | None = None  # annotation (URL citations of an earlier answer)
     audio: Any = None  # must be null: no audio answers here
-    tool_calls: Any = None  # must be null or empty: no tools here yet
-    function_call: Any = None  # must be null
-    tool_call_id: Any = None  # must be null
+    function_call: Any = None  # must be null (the deprecated form of tool_calls)
 
-    @field_validator("audio", "tool_calls", "function_call", "tool_call_id")
+    @field_validator("audio", "function_call")
     @classmethod
     def _unsupported(cls, value: object, info: ValidationInfo) -> object:
         return _refuse_unless_neutral(f"messages[].{info.field_name}", value, (None, []))
+
+    @model_validator(mode="after")
+    def _tool_turns(self) -> Message:
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        if (self.role == "tool") != (self.tool_call_id is not None):
+            raise ValueError("a tool message needs tool_call_id, and only a tool message has one")
+        return self
+
+
+class FunctionDefinition(_Strict):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema; none: the function takes no arguments
+    strict: bool | None = None  # true: calls follow the schema exactly (constrained, with tool_choice auto too)
+
+    @field_validator("parameters")
+    @classmethod
+    def _bounded(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None and nesting_depth(value) > MAX_NESTING:
+            raise ValueError(f"parameters nest deeper than {MAX_NESTING} levels")
+        return value
+
+
+class ChatTool(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class JsonSchemaFormat(_Strict):
@@ -114,8 +174,6 @@ class StreamOptions(_Strict):
 # Fields of OpenAI's chat request that this server does not implement, each with the values that ask for nothing
 # (sent by clients that fill every field); any other value is a 400 `unsupported_parameter` naming the field.
 UNSUPPORTED_CHAT_FIELDS: dict[str, tuple[object, ...]] = {
-    "tools": (None, []),
-    "tool_choice": (None, "none", "auto"),
     "functions": (None, []),
     "function_call": (None, "none", "auto"),
     "audio": (None,),
@@ -148,7 +206,9 @@ class ChatCompletionRequest(_Strict):
     service_tier: str | None = None
     safety_identifier: str | None = None
     prompt_cache_key: str | None = None  # prefix caching here is automatic (and salted by `cache_salt`)
-    parallel_tool_calls: bool | None = None  # without tools it means nothing
+    tools: list[ChatTool] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None  # false: at most one call per answer
     response_format: ResponseFormat | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20, description="with logprobs: the k likeliest tokens too")
@@ -156,8 +216,6 @@ class ChatCompletionRequest(_Strict):
         None, max_length=1024, description="token id (as a string) -> bias in [-100, 100] added to its logit"
     )
     # OpenAI fields not implemented (UNSUPPORTED_CHAT_FIELDS): refused unless neutral
-    tools: Any = None
-    tool_choice: Any = None
     functions: Any = None
     function_call: Any = None
     audio: Any = None
@@ -220,7 +278,8 @@ class Usage(BaseModel):
 
 class ResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class TopLogprob(BaseModel):

@@ -96,6 +96,12 @@ class Settings(BaseSettings):
         EngineConfig.weight_layout,
         description="CPU weight layout: packed (oneDNN) suits batches, input-major one stream; auto: by max-running"
     )
+    chat_template: str | None = Field(
+        None, description="a Jinja chat template (or a file holding one) used instead of the checkpoint's"
+    )
+    tool_call_parser: Literal["auto", "hermes", "llama3_json"] = Field(
+        "auto", description="how tool calls are read from answers (vLLM's names); auto: from the chat template"
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
 
     @field_validator("model", mode="before")
@@ -103,10 +109,19 @@ class Settings(BaseSettings):
     def _default_model(cls, value: object) -> object:
         return value if value not in (None, "") else default_model_path()
 
-    @field_validator("served_model_name", mode="before")
+    @field_validator("served_model_name", "chat_template", mode="before")
     @classmethod
     def _empty_name(cls, value: object) -> object:
         return value or None
+
+    def chat_template_text(self) -> str | None:
+        """`chat_template` read: a path to a file holding a template, or the template itself."""
+        if self.chat_template is None:
+            return None
+        path = Path(self.chat_template).expanduser()
+        if "{" not in self.chat_template and not path.is_file():
+            raise ValueError(f"--chat-template {self.chat_template!r} is neither a file nor a Jinja template")
+        return path.read_text(encoding="utf-8") if "{" not in self.chat_template else self.chat_template
 
     @field_validator("api_keys", "cors_origins", "remote_image_hosts", mode="before")
     @classmethod

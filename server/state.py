@@ -28,6 +28,7 @@ from .engine.prepare import RequestPreparer
 from .errors import APIError
 from .metrics import Metrics
 from .settings import Settings
+from .tool_parsers import parser_for_template
 
 log = logging.getLogger(__name__)
 WARM_UP_TIMEOUT_S = 900  # compiling the decode step on a slow machine takes minutes at worst
@@ -85,6 +86,7 @@ class ServerState:
         self.model_id = settings.model_id()
         self.engine: Engine | None = None
         self.preparer: RequestPreparer | None = None
+        self.tool_parser = "hermes"  # how answers' tool calls are read (settled at load)
         self.generation_defaults: dict[str, Any] = {}
         self.executor = ThreadPoolExecutor(max_workers=settings.preprocess_workers, thread_name_prefix="preprocess")
         self.ready = False
@@ -103,7 +105,10 @@ class ServerState:
             device = pick_device(s.device)
             dtype = pick_dtype(s.dtype, device)
             model = load_model(path, device=device, dtype=dtype)
-            tokenizer = ChatTokenizer.from_pretrained(path)
+            tokenizer = ChatTokenizer.from_pretrained(path, chat_template=s.chat_template_text())
+            self.tool_parser = (parser_for_template(tokenizer.chat_template) if s.tool_call_parser == "auto"
+                                else s.tool_call_parser)
+            log.info("tool calls: %s (template renders tools: %s)", self.tool_parser, tokenizer.renders_tools)
             processor = ImageProcessor.from_pretrained(path)
             self.preparer = RequestPreparer(tokenizer, processor, model.config.num_visual_tokens, s.image_limits())
             log.debug("longest token: %d bytes", tokenizer.max_token_bytes)  # computed now, not on a request

@@ -146,7 +146,9 @@ def test_parse_messages() -> None:
     assert count_images(CONVERSATIONS["multi-turn"]) == 2
     for bad in (
         [],
-        [{"role": "tool", "content": "x"}],
+        [{"role": "function", "content": "x"}],
+        [{"role": "user", "content": "x", "tool_calls": [{"id": "c", "function": {"name": "f"}}]}],
+        [{"role": "assistant", "content": "", "tool_calls": [{"id": "c", "function": {"arguments": "{}"}}]}],
         [{"role": "user", "content": [{"type": "audio"}]}],
         [{"role": "user", "content": [{"type": "text", "text": 3}]}],
         [{"role": "user", "content": {"type": "text", "text": "x"}}],

@@ -53,9 +53,11 @@ class RequestPreparer:
             return None
         return ImageInput(self.image_key(digest), None, self.num_visual_tokens, visual_tokens=visual_tokens)
 
-    def encode(self, messages: Sequence[Mapping[str, Any]]) -> EncodedPrompt:
-        """Token ids of the chat, each image part expanded to its visual-token slots (cheap: no image work)."""
-        return self.tokenizer.encode_chat(messages, num_image_tokens=self.num_visual_tokens)
+    def encode(self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None = None
+               ) -> EncodedPrompt:
+        """Token ids of the chat (with the functions it offers, `tools`), each image part expanded to its
+        visual-token slots (cheap: no image work)."""
+        return self.tokenizer.encode_chat(messages, num_image_tokens=self.num_visual_tokens, tools=tools)
 
     def token_floor(self, messages: Sequence[Mapping[str, Any]]) -> int:
         """A lower bound on the chat's prompt tokens, without tokenizing: its text's bytes over the longest

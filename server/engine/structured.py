@@ -10,6 +10,7 @@ only EOS, so a constrained answer ends as any other.
 
 from __future__ import annotations
 
+import json
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -22,13 +23,39 @@ from vlmserve.model.tokenizer import ChatTokenizer
 from .requests import BadRequest
 
 TEMPLATES = 256  # compiled grammars kept (LRU)
+_LITERALS = ("const", "enum", "default", "examples")  # values, not schemas
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
 
 
-def json_schema_grammar(schema: str) -> str:
-    """llguidance's grammar for a JSON schema (text): compact JSON, no whitespace freedom to wander off with."""
+def close_objects(schema: Any) -> Any:
+    """`schema` with every object that lists its properties closed (`additionalProperties: false`) unless it says
+    otherwise, as xgrammar's strict mode (vLLM's default) reads schemas: an open object lets a model add keys
+    without end, and the answer never finishes."""
+    if isinstance(schema, list):
+        return [close_objects(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key in _LITERALS:
+            out[key] = value
+        elif key in _SCHEMA_MAPS and isinstance(value, dict):  # name -> schema: the names are no keywords
+            out[key] = {name: close_objects(sub) for name, sub in value.items()}
+        else:
+            out[key] = close_objects(value)
+    if "properties" in out and "additionalProperties" not in out and "patternProperties" not in out:
+        out["additionalProperties"] = False
+    return out
+
+
+def json_schema_grammar(schema: str | dict[str, Any]) -> str:
+    """llguidance's grammar for a JSON schema (text or object): compact JSON, no whitespace freedom and no
+    unlisted keys to wander off with (`close_objects`)."""
     import llguidance
 
-    return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults={"whitespace_flexible": False})
+    value = json.loads(schema) if isinstance(schema, str) else schema
+    return llguidance.LLMatcher.grammar_from_json_schema(json.dumps(close_objects(value)),
+                                                         defaults={"whitespace_flexible": False})
 
 
 def grammar_from(kind: str, text: str) -> str:
