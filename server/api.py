@@ -41,6 +41,7 @@ from .pipeline import (
     logit_bias_pairs,
     max_tokens_for,
     prepare_images,
+    prompt_floor_check,
     submit,
     usage_of,
 )
@@ -164,7 +165,7 @@ def _routes(app: FastAPI, state: ServerState) -> None:
         check_model(model_id)
         return ModelCard(id=state.model_id, created=state.created)
 
-    @app.post("/v1/chat/completions", response_model=None, dependencies=auth)
+    @app.post("/v1/chat/completions", response_model=None, dependencies=[*auth, prompt_floor_check(state)])
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         check_model(body.model)

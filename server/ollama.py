@@ -26,7 +26,7 @@ from .engine.structured import grammar_from
 from .errors import APIError
 from .ollama_schemas import ChatRequest, GenerateRequest, Options, ShowRequest
 from .output_format import compile_grammar
-from .pipeline import admission, encode, max_tokens_for, prepare_images, submit
+from .pipeline import admission, check_prompt_floor, encode, max_tokens_for, prepare_images, submit
 from .state import ServerState
 from .streaming import EventStream, collect
 
@@ -123,6 +123,7 @@ def install_ollama_routes(app: FastAPI, state: ServerState, authorize: Callable[
         })
 
     async def chat(request: Request) -> Response:
+        await check_prompt_floor(state, request)
         body: ChatRequest = await _body(request, ChatRequest)
         check_model(body.model)
         messages: list[dict[str, Any]] = []

@@ -10,6 +10,8 @@ from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
 
+from fastapi import Depends, Request
+
 from vlmserve.model.sampling import SamplingParams
 
 from .engine import EngineError, EngineRequest, Finished, ImageInput
@@ -102,6 +104,53 @@ async def encode(state: ServerState, messages: list[dict[str, Any]], tools: list
         return await loop.run_in_executor(state.executor, preparer.encode, messages, tools)
     except ValueError as e:
         raise APIError(400, str(e), param="messages", code="invalid_value") from e
+
+
+PRECHECK_BYTES = 256 * 1024  # bodies past this are sized up from their raw JSON before they are validated
+
+
+def raw_chat_floor(state: ServerState, messages: object) -> int:
+    """A lower bound on the prompt tokens of OpenAI- or Ollama-style `messages` as they came in, before validation
+    (malformed parts count nothing; validation refuses them later)."""
+    assert state.preparer is not None
+    shaped: list[dict[str, Any]] = []
+    for m in messages if isinstance(messages, list) else ():
+        content = m.get("content") if isinstance(m, dict) else None
+        if isinstance(content, str):
+            shaped.append({"content": content})
+        elif isinstance(content, list):
+            shaped.append({"content": [
+                {"type": "image"} if p.get("type") in ("image", "image_url") else
+                {"type": "text", "text": p["text"] if isinstance(p.get("text"), str) else ""}
+                for p in content if isinstance(p, dict)]})
+    return state.preparer.token_floor(shaped)
+
+
+async def check_prompt_floor(state: ServerState, request: Request) -> None:
+    """Refuses a chat far over the context from its raw JSON, before its body is validated: validating 200 000
+    one-word messages holds the event loop for most of a second, counting their bytes a few milliseconds. Small
+    bodies are left to the normal path (validation is cheap for them)."""
+    if state.preparer is None or state.engine is None:
+        return
+    if int(request.headers.get("content-length") or 0) < PRECHECK_BYTES:
+        return
+    try:
+        body = await request.json()  # parsed once: FastAPI and the Ollama routes reuse it
+    except ValueError:
+        return  # the route answers malformed JSON itself
+    floor = raw_chat_floor(state, body.get("messages") if isinstance(body, dict) else None)
+    if floor > state.engine.max_model_len:
+        raise APIError(400, f"the prompt is at least {floor} tokens; the context is {state.engine.max_model_len}",
+                       param="messages", code="context_length_exceeded")
+
+
+def prompt_floor_check(state: ServerState) -> Any:
+    """`check_prompt_floor` as a route dependency (it runs before FastAPI validates the body)."""
+
+    async def check(request: Request) -> None:
+        await check_prompt_floor(state, request)
+
+    return Depends(check)
 
 
 async def load_images(state: ServerState, urls: Sequence[tuple[str, str]], salt: str) -> list[ImageInput]:
