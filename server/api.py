@@ -42,6 +42,7 @@ from .pipeline import (
     max_tokens_for,
     prepare_images,
     prompt_floor_check,
+    sampling_of,
     submit,
     usage_of,
 )
@@ -196,10 +197,7 @@ def _routes(app: FastAPI, state: ServerState) -> None:
             images = await load_images(state, [(url, param) for url, param in chat.image_urls], salt)
             if constraint is not None:
                 await compile_grammar(engine, *constraint)
-            sampling = state.sampling(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
-                                      seed=body.seed, presence=body.presence_penalty or 0.0,
-                                      frequency=body.frequency_penalty or 0.0, repetition=body.repetition_penalty,
-                                      logit_bias=logit_bias_pairs(engine, body.logit_bias))
+            sampling = sampling_of(state, body, logit_bias_pairs(engine, body.logit_bias))
             reqs = [EngineRequest(rid if body.n == 1 else f"{rid}-{i}", encoded.input_ids, images,
                                   choice_sampling(sampling, i), max_tokens, body.stop, ignore_eos=body.ignore_eos,
                                   cache_salt=salt, logprobs=(body.top_logprobs or 0) if body.logprobs else None,
@@ -251,10 +249,7 @@ def _routes(app: FastAPI, state: ServerState) -> None:
         if len(stops) > settings.max_stop_sequences or any(not s or len(s) > MAX_STOP_CHARS for s in stops):
             raise APIError(400, f"stop: up to {settings.max_stop_sequences} non-empty strings of at most "
                            f"{MAX_STOP_CHARS} characters", param="stop")
-        sampling = state.sampling(temperature=fields.number("temperature", 0, 2), top_p=fields.number("top_p", 0, 1),
-                                  top_k=fields.integer("top_k", 0, 2**63 - 1),
-                                  seed=fields.integer("seed", -(2**63), 2**63 - 1), presence=0.0, frequency=0.0,
-                                  repetition=None)
+        sampling = sampling_of(state, fields)
         stream_flag = fields.boolean("stream")
         requested = fields.integer("max_tokens", 1)
         salt_field = fields.text("cache_salt")

@@ -6,20 +6,29 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import Field, field_validator
 
+from vlmserve.model.sampling import SamplingParams
 from vlmserve.model.token_pieces import TokenPieces
 
 from .engine import EngineRequest, Failed, Finished, TextDelta
 from .engine.requests import TokenLogprob
 from .errors import APIError
-from .pipeline import admission, check_stream_and_stops, choice_sampling, logit_bias_pairs, max_tokens_for, usage_of
-from .schemas import EXTRA, StopStrings, StreamOptions, _refuse_unless_neutral, _Strict
+from .pipeline import (
+    admission,
+    check_stream_and_stops,
+    choice_sampling,
+    logit_bias_pairs,
+    max_tokens_for,
+    sampling_of,
+    usage_of,
+)
+from .schemas import EXTRA, StopStrings, StreamOptions, _refuse_unless_neutral, _Strict, sampling_params
 from .state import ServerState
 from .streaming import ChoiceStreams, sse
 
@@ -47,6 +56,12 @@ class CompletionRequest(_Strict):
     repetition_penalty: float | None = Field(None, gt=0, le=10, json_schema_extra=EXTRA)
     ignore_eos: bool = Field(False, json_schema_extra=EXTRA)
     cache_salt: str | None = Field(None, max_length=256, json_schema_extra=EXTRA)
+
+    def to_sampling_params(self, defaults: Mapping[str, Any], logit_bias: tuple[tuple[int, float], ...] = ()
+                           ) -> SamplingParams:
+        return sampling_params(defaults, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                               seed=self.seed, presence=self.presence_penalty, frequency=self.frequency_penalty,
+                               repetition=self.repetition_penalty, logit_bias=logit_bias)
 
     @field_validator("suffix")
     @classmethod
@@ -111,10 +126,7 @@ def install_completion_routes(app: FastAPI, state: ServerState, auth: list[Any],
         texts = [tokenizer.decode(p) for p in prompts] if body.echo else [""] * len(prompts)
         salt = cache_salt(request, body.cache_salt)
         with admission(engine):
-            sampling = state.sampling(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
-                                      seed=body.seed, presence=body.presence_penalty or 0.0,
-                                      frequency=body.frequency_penalty or 0.0, repetition=body.repetition_penalty,
-                                      logit_bias=logit_bias_pairs(engine, body.logit_bias))
+            sampling = sampling_of(state, body, logit_bias_pairs(engine, body.logit_bias))
             groups = []
             for k, ids in enumerate(prompts):
                 max_tokens = max_tokens_for(engine, len(ids), body.max_tokens)

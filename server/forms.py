@@ -3,12 +3,16 @@ and no field outside `GENERATE_FIELDS` accepted."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from fastapi import Request
 from starlette.datastructures import UploadFile
 
+from vlmserve.model.sampling import SamplingParams
+
 from .errors import APIError
+from .schemas import sampling_params
 from .settings import Settings
 
 # The form fields of /v1/generate; any other is refused (a field silently ignored would be believed honoured)
@@ -34,6 +38,12 @@ class Form:
 
     def __init__(self, form: Any) -> None:
         self.form = form
+
+    def to_sampling_params(self, defaults: Mapping[str, Any]) -> SamplingParams:
+        """The form's sampling fields over the checkpoint's `defaults`."""
+        return sampling_params(defaults, temperature=self.number("temperature", 0, 2),
+                               top_p=self.number("top_p", 0, 1), top_k=self.integer("top_k", 0, 2**63 - 1),
+                               seed=self.integer("seed", -(2**63), 2**63 - 1))
 
     def texts(self, name: str) -> list[str]:
         values = self.form.getlist(name)

@@ -26,7 +26,7 @@ from .engine.structured import grammar_from
 from .errors import APIError
 from .ollama_schemas import ChatRequest, GenerateRequest, Options, ShowRequest
 from .output_format import compile_grammar
-from .pipeline import admission, check_prompt_floor, encode, max_tokens_for, prepare_images, submit
+from .pipeline import admission, check_prompt_floor, encode, max_tokens_for, prepare_images, sampling_of, submit
 from .state import ServerState
 from .streaming import EventStream, collect
 
@@ -186,9 +186,7 @@ def install_ollama_routes(app: FastAPI, state: ServerState, authorize: Callable[
             prepared = await prepare_images(state, images, salt)
             if grammar is not None:
                 await compile_grammar(engine, grammar, "format")
-            sampling = state.sampling(temperature=options.temperature, top_p=options.top_p, top_k=options.top_k,
-                                      seed=options.seed, presence=options.presence_penalty or 0.0,
-                                      frequency=options.frequency_penalty or 0.0, repetition=options.repeat_penalty)
+            sampling = sampling_of(state, options)
             req = EngineRequest(rid, encoded.input_ids, prepared, sampling, max_tokens, options.stop or (),
                                 cache_salt=salt, grammar=grammar)
             stream = submit(engine, req)

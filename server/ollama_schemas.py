@@ -8,12 +8,15 @@ accepted and documented as no-ops, since Ollama's own clients send them on every
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
-from .schemas import StopStrings
+from vlmserve.model.sampling import SamplingParams
+
+from .schemas import StopStrings, sampling_params
 
 # Options that change nothing here (resource and loading knobs of a llama.cpp runner)
 NO_OP_OPTIONS = frozenset({"num_gpu", "main_gpu", "num_thread", "num_batch", "numa", "low_vram", "f16_kv", "use_mmap",
@@ -63,6 +66,11 @@ class Options(_Strict):
     mirostat_eta: float | None = None
     penalize_newline: bool | None = None
     repeat_last_n: int | None = None
+
+    def to_sampling_params(self, defaults: Mapping[str, Any]) -> SamplingParams:
+        return sampling_params(defaults, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                               seed=self.seed, presence=self.presence_penalty, frequency=self.frequency_penalty,
+                               repetition=self.repeat_penalty)
 
     @field_validator(*UNSUPPORTED_OPTIONS)
     @classmethod

@@ -44,6 +44,14 @@ def check_stream_and_stops(settings: Settings, stream: bool | None, stream_optio
         raise APIError(400, f"at most {settings.max_stop_sequences} stop sequences", param="stop")
 
 
+def sampling_of(state: ServerState, source: Any, *args: Any) -> SamplingParams:
+    """`source.to_sampling_params(the checkpoint's defaults, *args)`: a 400 when the values do not fit together."""
+    try:
+        return source.to_sampling_params(state.generation_defaults, *args)
+    except ValueError as e:
+        raise APIError(400, str(e), code="invalid_value") from e
+
+
 def choice_sampling(sampling: SamplingParams, index: int) -> SamplingParams:
     """Choice `index`'s sampling: a given seed moves on by the index (so the choices differ and each repeats)."""
     if index == 0 or sampling.seed is None:

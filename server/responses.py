@@ -8,19 +8,21 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import Field, ValidationInfo, field_validator
 
+from vlmserve.model.sampling import SamplingParams
+
 from .engine import EngineRequest, Failed, Finished, TextDelta
 from .engine.structured import grammar_from
 from .errors import APIError
 from .output_format import compile_grammar
-from .pipeline import admission, encode, load_images, max_tokens_for, submit
-from .schemas import EXTRA, _refuse_unless_neutral, _Strict
+from .pipeline import admission, encode, load_images, max_tokens_for, sampling_of, submit
+from .schemas import EXTRA, _refuse_unless_neutral, _Strict, sampling_params
 from .state import ServerState
 from .streaming import EventStream, collect, sse
 
@@ -101,6 +103,10 @@ class ResponsesRequest(_Strict):
     top_k: int | None = Field(None, ge=0, lt=2**63, json_schema_extra=EXTRA)
     cache_salt: str | None = Field(None, max_length=256, json_schema_extra=EXTRA)
 
+    def to_sampling_params(self, defaults: Mapping[str, Any]) -> SamplingParams:
+        return sampling_params(defaults, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                               seed=self.seed)
+
     @field_validator(*_NEUTRAL)
     @classmethod
     def _unsupported(cls, value: object, info: ValidationInfo) -> object:
@@ -164,8 +170,7 @@ def install_responses_routes(app: FastAPI, state: ServerState, auth: list[Any],
             images = await load_images(state, urls, salt)
             if grammar is not None:
                 await compile_grammar(engine, grammar, "text.format")
-            sampling = state.sampling(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
-                                      seed=body.seed, presence=0.0, frequency=0.0, repetition=None)
+            sampling = sampling_of(state, body)
             stream = submit(engine, EngineRequest(rid, encoded.input_ids, images, sampling, max_tokens,
                                                   cache_salt=salt, grammar=grammar))
         shell = _Shell(rid, state.model_id, body, int(time.time()))

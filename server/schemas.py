@@ -6,6 +6,7 @@ token's JSON); the non-streamed bodies below are models."""
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -21,6 +22,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from vlmserve.model.messages import MAX_NESTING, nesting_depth
+from vlmserve.model.sampling import SamplingParams
 
 EXTRA = {"x-vlmserve-extra": True}  # marks fields OpenAI's API does not have
 MAX_STOP_CHARS = 1024  # one stop string's length (the stop matcher holds back up to this much text)
@@ -40,6 +42,24 @@ def _check_stops(value: list[str]) -> list[str]:
 
 # A request's stop strings, as every route takes them: a string or a list, none empty, none over MAX_STOP_CHARS
 StopStrings = Annotated[list[str], BeforeValidator(_as_list), AfterValidator(_check_stops)]
+
+
+def sampling_params(defaults: Mapping[str, Any], *, temperature: float | None = None, top_p: float | None = None,
+                    top_k: int | None = None, seed: int | None = None, presence: float | None = None,
+                    frequency: float | None = None, repetition: float | None = None,
+                    logit_bias: tuple[tuple[int, float], ...] = ()) -> SamplingParams:
+    """A request's sampling: its values, else the checkpoint's `defaults` (generation_config.json), else OpenAI's.
+    ValueError when the values do not fit together."""
+    return SamplingParams(
+        temperature=temperature if temperature is not None else defaults.get("temperature", 1.0),
+        top_p=top_p if top_p is not None else defaults.get("top_p", 1.0),
+        top_k=top_k if top_k is not None else defaults.get("top_k", 0),
+        seed=seed,
+        presence_penalty=presence or 0.0,
+        frequency_penalty=frequency or 0.0,
+        repetition_penalty=repetition if repetition is not None else defaults.get("repetition_penalty", 1.0),
+        logit_bias=logit_bias,
+    )
 
 
 class _Strict(BaseModel):
@@ -232,6 +252,13 @@ class ChatCompletionRequest(_Strict):
         description="requests share cached prompt prefixes and visual tokens only with the same salt (vLLM's field)",
     )
     structured_outputs: StructuredOutputsParams | None = Field(None, json_schema_extra=EXTRA)
+
+    def to_sampling_params(self, defaults: Mapping[str, Any], logit_bias: tuple[tuple[int, float], ...] = ()
+                           ) -> SamplingParams:
+        """This request's sampling over the checkpoint's `defaults` (`logit_bias` as checked token id pairs)."""
+        return sampling_params(defaults, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                               seed=self.seed, presence=self.presence_penalty, frequency=self.frequency_penalty,
+                               repetition=self.repetition_penalty, logit_bias=logit_bias)
 
     @field_validator(*UNSUPPORTED_CHAT_FIELDS)
     @classmethod

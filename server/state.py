@@ -172,25 +172,6 @@ class ServerState:
             self.engine.shutdown(timeout=self.settings.drain_timeout)
         self.executor.shutdown(wait=False, cancel_futures=True)
 
-    def sampling(self, *, temperature: float | None, top_p: float | None, top_k: int | None, seed: int | None,
-                 presence: float, frequency: float, repetition: float | None,
-                 logit_bias: tuple[tuple[int, float], ...] = ()) -> SamplingParams:
-        """Request values over the checkpoint's generation_config.json over OpenAI's defaults."""
-        d = self.generation_defaults
-        try:
-            return SamplingParams(
-                temperature=temperature if temperature is not None else d.get("temperature", 1.0),
-                top_p=top_p if top_p is not None else d.get("top_p", 1.0),
-                top_k=top_k if top_k is not None else d.get("top_k", 0),
-                seed=seed,
-                presence_penalty=presence,
-                frequency_penalty=frequency,
-                repetition_penalty=repetition if repetition is not None else d.get("repetition_penalty", 1.0),
-                logit_bias=logit_bias,
-            )
-        except ValueError as e:
-            raise APIError(400, str(e), code="invalid_value") from e
-
 
 def _generation_defaults(path: Path) -> dict[str, Any]:
     """Sampling defaults from the checkpoint; `do_sample: false` means greedy unless the request says otherwise."""
