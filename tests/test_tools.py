@@ -204,14 +204,16 @@ def test_the_template_shows_tools_and_tool_turns_and_escapes_their_text(tokenize
 
 
 # ------------------------------------------------------------------------------------------------ over HTTP
-@pytest.fixture(scope="module")
-def tools_server(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    """The tiny checkpoint with a template that shows tools (our llava-1.5 default), via --chat-template."""
+@pytest.fixture(scope="module", params=sorted(PARSERS))
+def tools_server(request: pytest.FixtureRequest, checkpoint: Path,
+                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    """The tiny checkpoint with a template that shows tools (our llava-1.5 default), via --chat-template, reading
+    calls with each parser in turn (--tool-call-parser)."""
     logs = tmp_path_factory.mktemp("tools")
     template = logs / "template.jinja"
     template.write_text(LLAVA_15_CHAT_TEMPLATE)
     server = start_server(checkpoint, logs, "--served-model-name", MODEL,
-                          "--chat-template", str(template))
+                          "--chat-template", str(template), "--tool-call-parser", request.param)
     yield server
     server.stop()
 
