@@ -27,7 +27,7 @@ COPY --chown=vlmserve:vlmserve . /opt/vlmserve/src
 # README install step (a regular, non-editable install: the embedded default model travels as package data).
 RUN python3 -m venv /opt/vlmserve/.venv \
     && . /opt/vlmserve/.venv/bin/activate \
-    && pip install torch==2.13.0 ./src \
+    && pip install torch==2.13.0 ./src ./src/client \
     && rm -rf /opt/vlmserve/src
 ENV PATH=/opt/vlmserve/.venv/bin:$PATH
 

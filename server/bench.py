@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import io
 import json
 import random
@@ -20,8 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 from PIL import Image, ImageDraw
+
+from vlmserve_client import AsyncClient, VlmserveError
 
 
 def synthetic_png(seed: int, side: int = 160) -> bytes:
@@ -43,40 +43,26 @@ class _Results:
     errors: dict[str, int] = field(default_factory=dict)
 
 
-async def _one(client: httpx.AsyncClient, args: argparse.Namespace, image: bytes, i: int, out: _Results) -> None:
-    url = "data:image/png;base64," + base64.b64encode(image).decode()
-    body: dict[str, Any] = {
-        "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
-                                                  {"type": "text", "text": args.prompt}]}],
-        "max_tokens": args.max_tokens, "temperature": 0, "stream": True, "stream_options": {"include_usage": True},
-        "ignore_eos": args.ignore_eos,
-    }
-    if args.model:
-        body["model"] = args.model
+async def _one(client: AsyncClient, args: argparse.Namespace, image: bytes, out: _Results) -> None:
+    stream = client.chat_stream(args.prompt, images=[image], model=args.model or None, max_tokens=args.max_tokens,
+                                temperature=0, extra_body={"ignore_eos": args.ignore_eos})
     t0 = time.perf_counter()
     last = None
     try:
-        async with client.stream("POST", args.url.rstrip("/") + "/v1/chat/completions", json=body) as r:
-            if r.status_code != 200:
-                await r.aread()
-                out.errors[str(r.status_code)] = out.errors.get(str(r.status_code), 0) + 1
-                return
-            usage = None
-            async for line in r.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
-                usage = chunk.get("usage") or usage
-                if any((c.get("delta") or {}).get("content") for c in chunk.get("choices", [])):
-                    now = time.perf_counter()
-                    if last is None:
-                        out.ttft.append(now - t0)
-                    else:
-                        out.itl.append(now - last)
-                    last = now
-            out.tokens.append(usage["completion_tokens"] if usage else 0)
-    except httpx.HTTPError as e:
-        out.errors[type(e).__name__] = out.errors.get(type(e).__name__, 0) + 1
+        async with stream:
+            async for _ in stream:
+                now = time.perf_counter()
+                if last is None:
+                    out.ttft.append(now - t0)
+                else:
+                    out.itl.append(now - last)
+                last = now
+        usage = stream.completion.usage
+        out.tokens.append(usage.completion_tokens if usage else 0)
+    except VlmserveError as e:
+        # An HTTP (or in-stream) error counts under its status; a connection failure under httpx's exception name.
+        key = str(e.status) if e.status is not None else type(e.__cause__ or e).__name__
+        out.errors[key] = out.errors.get(key, 0) + 1
 
 
 def _pct(xs: list[float], q: float) -> float | None:
@@ -88,12 +74,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     images = files or [synthetic_png(i) for i in range(args.distinct_images)]
     out = _Results()
     gate = asyncio.Semaphore(args.concurrency)
-    limits = httpx.Limits(max_connections=args.concurrency + 4)
-    async with httpx.AsyncClient(timeout=args.timeout, limits=limits) as client:
+    async with AsyncClient(args.url, timeout=args.timeout, max_retries=0,
+                           max_connections=args.concurrency + 4) as client:
 
         async def guarded(i: int) -> None:
             async with gate:
-                await _one(client, args, images[i % len(images)], i, out)
+                await _one(client, args, images[i % len(images)], out)
 
         t0 = time.perf_counter()
         await asyncio.gather(*(guarded(i) for i in range(args.requests)))

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import base64
-import json
 import logging
-import mimetypes
 import signal
 import sys
 from pathlib import Path
@@ -92,62 +89,50 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 1 if server.fatal else 0
 
 
-def cmd_ask(args: argparse.Namespace) -> int:
-    import httpx
+def _client_missing(command: str) -> int:
+    print(f"vlmserve {command}: vlmserve_client is not installed: pip install ./client (from the repository)",
+          file=sys.stderr)
+    return 2
 
-    content: list[dict[str, Any]] = []
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    try:
+        from vlmserve_client import APIConnectionError, Client, VlmserveError
+    except ModuleNotFoundError as e:
+        if e.name != "vlmserve_client":
+            raise
+        return _client_missing("ask")
+
+    images: list[bytes] = []
     for path in args.image:
-        p = Path(path)
         try:
-            data = p.read_bytes()
+            images.append(Path(path).read_bytes())
         except OSError as e:
             print(f"vlmserve ask: cannot read image {path}: {e.strerror}", file=sys.stderr)
             return 2
-        mime = mimetypes.guess_type(p.name)[0] or "application/octet-stream"
-        content.append({"type": "image_url",
-                        "image_url": {"url": f"data:{mime};base64,{base64.b64encode(data).decode()}"}})
-    content.append({"type": "text", "text": args.prompt})
-    body: dict[str, Any] = {"messages": [{"role": "user", "content": content}], "stream": args.stream}
-    for key in ("model", "max_tokens", "temperature", "seed"):
-        if getattr(args, key) is not None:
-            body[key] = getattr(args, key)
-    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    url = args.url.rstrip("/") + "/v1/chat/completions"
+    options: dict[str, Any] = {"model": args.model, "max_tokens": args.max_tokens,
+                               "temperature": args.temperature, "seed": args.seed}
+    wrote = False
     try:
-        with httpx.Client(timeout=args.timeout) as client:
+        with Client(args.url, api_key=args.api_key, timeout=args.timeout, max_retries=0) as client:
             if not args.stream:
-                r = client.post(url, json=body, headers=headers)
-                if r.status_code != 200:
-                    return _ask_error(r.status_code, r.text)
-                print(r.json()["choices"][0]["message"]["content"])
+                print(client.chat(args.prompt, images=images, **options).text)
                 return 0
-            with client.stream("POST", url, json=body, headers=headers) as r:
-                if r.status_code != 200:
-                    return _ask_error(r.status_code, r.read().decode(errors="replace"))
-                for line in r.iter_lines():
-                    if not line.startswith("data: ") or line == "data: [DONE]":
-                        continue
-                    chunk = json.loads(line[6:])
-                    if "error" in chunk:
-                        print(file=sys.stdout)
-                        return _ask_error(500, json.dumps(chunk))
-                    for choice in chunk.get("choices", []):
-                        sys.stdout.write(choice.get("delta", {}).get("content") or "")
-                        sys.stdout.flush()
-                print()
-                return 0
-    except httpx.HTTPError as e:
-        print(f"vlmserve ask: cannot reach {args.url}: {e}", file=sys.stderr)
+            with client.chat_stream(args.prompt, images=images, **options) as stream:
+                for delta in stream:
+                    sys.stdout.write(delta)
+                    sys.stdout.flush()
+                    wrote = True
+            print()
+            return 0
+    except VlmserveError as e:
+        if wrote:
+            print()  # end the partial answer's line
+        if isinstance(e, APIConnectionError):
+            print(f"vlmserve ask: {e.message}", file=sys.stderr)
+        else:
+            print(f"vlmserve ask: HTTP {e.status}: {e.message}", file=sys.stderr)
         return 1
-
-
-def _ask_error(status: int, text: str) -> int:
-    try:
-        message = json.loads(text)["error"]["message"]
-    except (ValueError, KeyError, TypeError):
-        message = text[:500]
-    print(f"vlmserve ask: HTTP {status}: {message}", file=sys.stderr)
-    return 1
 
 
 def cmd_train(argv: list[str]) -> int:
@@ -188,7 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "bench":
-        from .bench import main as bench_main
+        try:
+            from .bench import main as bench_main
+        except ModuleNotFoundError as e:
+            if e.name != "vlmserve_client":
+                raise
+            return _client_missing("bench")
 
         return bench_main(argv[1:])
     if argv and argv[0] in ("train", "eval"):

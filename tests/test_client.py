@@ -139,6 +139,32 @@ def test_chat_body_without_images_is_plain_text() -> None:
     assert body == {"messages": [{"role": "user", "content": "hi"}]}
 
 
+def test_chat_body_response_format_and_extra_body() -> None:
+    schema = {"type": "json_schema", "json_schema": {"name": "c", "schema": {"enum": ["red"]}}}
+    body = chat_body("hi", images=(), model=None, max_tokens=None, temperature=0.0, top_p=None, top_k=None,
+                     seed=None, stop=None, system=None, stream=True, response_format=schema,
+                     extra_body={"ignore_eos": True, "temperature": 0.5})
+    assert body["response_format"] == schema and body["ignore_eos"] is True
+    assert body["temperature"] == 0.5 and body["stream_options"] == {"include_usage": True}  # extra_body last
+
+
+def test_chat_and_streams_send_response_format_and_extra_body() -> None:
+    rec, fmt = Recorder(_chat_ok('"red"')), {"type": "json_object"}
+    with _client(rec, max_connections=2) as client:
+        assert client.chat("hi", response_format=fmt, extra_body={"top_k": 3}).text == '"red"'
+    body = json.loads(rec.requests[0].content)
+    assert body["response_format"] == fmt and body["top_k"] == 3
+
+    async def main() -> list[str]:
+        async with _async_client(stream_rec, max_connections=2) as client:
+            return [d async for d in client.chat_stream("hi", response_format=fmt, extra_body={"ignore_eos": True})]
+
+    stream_rec = Recorder(_sse(*STREAM))
+    assert asyncio.run(main()) == ["Hel", "lo"]
+    body = json.loads(stream_rec.requests[0].content)
+    assert body["response_format"] == fmt and body["ignore_eos"] is True and body["stream"] is True
+
+
 def test_bad_image_type() -> None:
     with pytest.raises(TypeError, match="path, bytes or a PIL image"):
         chat_body("hi", images=[42], model=None, max_tokens=None, temperature=None,  # type: ignore[list-item]
@@ -410,6 +436,18 @@ def test_package_is_light() -> None:
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True).stdout.strip() == "False"
     assert vlmserve_client.__version__
+
+
+def test_cli_imports_neither_training_nor_the_client_up_front() -> None:
+    """`vlmserve.server.cli` loads `training` (torch) and the client only inside the commands that use them."""
+    import subprocess
+    import sys
+
+    code = ("import sys, vlmserve.server.cli; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'vlmserve_client', 'httpx') "
+            "or m.startswith('vlmserve.training')))")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True).stdout.strip() == "[]"
 
 
 # ---------------------------------------------------------------- against the real server

@@ -265,3 +265,21 @@ def test_each_kinds_answer_schema_accepts_exactly_its_answers() -> None:
         jsonschema.validate(others["caption"], answer_schema("color"))
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate("a red circle and", answer_schema("caption"))
+
+
+def test_eval_url_scores_a_live_server(live_server, capsys: pytest.CaptureFixture[str]) -> None:
+    """`eval --url` asks the server through vlmserve_client (plain and `--json-schema`); an error answer is one
+    line on stderr and exit status 1."""
+    from vlmserve.training.cli import eval_main
+    from vlmserve.training.evaluate import eval_items, evaluate_url
+    from vlmserve_client import NotFoundError
+
+    items = eval_items(5, 3)
+    for json_schema in (False, True):
+        result = evaluate_url(live_server.url, items, model="tiny-llava", workers=2, json_schema=json_schema)
+        assert result["n"] == 5 and 0 <= result["correct"] <= 5 and "mistakes" in result and "per_kind" in result
+    with pytest.raises(NotFoundError):
+        evaluate_url(live_server.url, items[:1], model="nope")
+    assert eval_main(["--url", live_server.url, "--served-model", "nope", "--n", "2"]) == 1
+    err = capsys.readouterr().err
+    assert "vlmserve eval: HTTP 404" in err and "nope" in err

@@ -68,8 +68,16 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
     if args.json_schema and args.url is None:
         p.error("--json-schema goes with --url (it measures the server's structured outputs)")
     items = eval_items(args.n, args.seed)
-    result = (evaluate_url(args.url, items, model=args.served_model, json_schema=args.json_schema) if args.url
-              else evaluate_engine(args.model, items))
+    if args.url is None:
+        result = evaluate_engine(args.model, items)
+    else:
+        from vlmserve_client import VlmserveError
+
+        try:
+            result = evaluate_url(args.url, items, model=args.served_model, json_schema=args.json_schema)
+        except VlmserveError as e:
+            print(f"vlmserve eval: {e}", file=sys.stderr)
+            return 1
     json.dump(result, sys.stdout, indent=2)
     sys.stdout.write("\n")
     return 0

@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
 import statistics
@@ -122,28 +121,14 @@ def evaluate_url(base_url: str, items: Sequence[EvalItem], *, model: str | None 
                  json_schema: bool = False) -> dict:
     """Score a running server on `items` through POST {base}/v1/chat/completions (temperature 0, max_tokens 24).
     With `json_schema`, each answer is constrained by `response_format` to its kind's `answer_schema` (a JSON
-    string) and graded as the string it holds."""
-    import httpx
+    string) and graded as the string it holds. An error answer raises the client's `VlmserveError`."""
+    from vlmserve_client import Client
 
-    url = base_url.rstrip("/") + "/v1/chat/completions"
-
-    def ask(client: httpx.Client, item: EvalItem) -> str:
-        data = f"data:{item.mime};base64,{base64.b64encode(item.image).decode()}"
-        body: dict = {
-            "messages": [{"role": "user", "content": [
-                {"type": "image_url", "image_url": {"url": data}}, {"type": "text", "text": item.question},
-            ]}],
-            "temperature": 0,
-            "max_tokens": MAX_TOKENS,
-        }
-        if model:
-            body["model"] = model
-        if json_schema:
-            body["response_format"] = {"type": "json_schema",
-                                       "json_schema": {"name": item.kind, "schema": answer_schema(item.kind)}}
-        r = client.post(url, json=body, timeout=120)
-        r.raise_for_status()
-        content = r.json()["choices"][0]["message"]["content"] or ""
+    def ask(client: Client, item: EvalItem) -> str:
+        schema = {"name": item.kind, "schema": answer_schema(item.kind)}
+        response_format = {"type": "json_schema", "json_schema": schema} if json_schema else None
+        content = client.chat(item.question, images=[item.image], model=model, temperature=0, max_tokens=MAX_TOKENS,
+                              response_format=response_format).text
         if not json_schema:
             return content
         try:
@@ -153,7 +138,7 @@ def evaluate_url(base_url: str, items: Sequence[EvalItem], *, model: str | None 
         return answer if isinstance(answer, str) else content
 
     t0 = time.perf_counter()
-    with httpx.Client() as client, ThreadPoolExecutor(workers) as pool:
+    with Client(base_url, timeout=120, max_retries=0) as client, ThreadPoolExecutor(workers) as pool:
         preds = list(pool.map(lambda it: ask(client, it), items))
     return _summary(items, preds, time.perf_counter() - t0)
 

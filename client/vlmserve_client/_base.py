@@ -50,6 +50,12 @@ def as_timeout(timeout: float | httpx.Timeout | None) -> httpx.Timeout:
     return timeout if isinstance(timeout, httpx.Timeout) else httpx.Timeout(timeout)
 
 
+def pool_limits(max_connections: int | None) -> dict[str, httpx.Limits]:
+    """httpx's `limits` argument: its default pool (100 connections) for None, else `max_connections`, each idle
+    one kept alive."""
+    return {} if max_connections is None else {"limits": httpx.Limits(max_connections=max_connections)}
+
+
 # ---------------------------------------------------------------- images
 
 _MAGIC: tuple[tuple[bytes, str], ...] = (
@@ -119,8 +125,11 @@ def chat_body(
     stop: str | Sequence[str] | None,
     system: str | None,
     stream: bool,
+    response_format: Mapping[str, Any] | None = None,
+    extra_body: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The JSON body of POST /v1/chat/completions: image_url parts (data URLs) first, then the text part."""
+    """The JSON body of POST /v1/chat/completions: image_url parts (data URLs) first, then the text part;
+    `extra_body`'s fields last, as given (they override)."""
     parts: list[dict[str, Any]] = [{"type": "image_url", "image_url": {"url": data_url(im)}} for im in _images(images)]
     content: str | list[dict[str, Any]] = [*parts, {"type": "text", "text": prompt}] if parts else prompt
     messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if system is not None else []
@@ -132,9 +141,12 @@ def chat_body(
     stops = _stops(stop)
     if stops:
         body["stop"] = stops
+    if response_format is not None:
+        body["response_format"] = dict(response_format)
     if stream:
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}
+    body.update(extra_body or {})
     return body
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -24,6 +24,7 @@ from ._base import (
     normalize_base_url,
     parse_json,
     parse_retry_after,
+    pool_limits,
     resolve_api_key,
     retry_delay,
     retryable_transport_error,
@@ -101,7 +102,8 @@ class Client:
     variable `VLMSERVE_API_KEY`. 429 and 503 answers (honouring Retry-After, capped) and connection failures are
     retried up to `max_retries` times with exponential backoff from `backoff` seconds plus jitter; other errors are
     raised at once as typed exceptions (see `vlmserve_client.errors`). `model` is the default model of every call
-    (None: the server's). `transport` is handed to httpx (tests use `httpx.MockTransport`).
+    (None: the server's). `max_connections` caps the connection pool (None: httpx's 100; unused with a
+    `transport`). `transport` is handed to httpx (tests use `httpx.MockTransport`).
     """
 
     def __init__(
@@ -113,6 +115,7 @@ class Client:
         max_retries: int = 3,
         backoff: float = 0.5,
         model: str | None = None,
+        max_connections: int | None = None,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         self.base_url = normalize_base_url(base_url)
@@ -120,7 +123,8 @@ class Client:
         self.backoff = backoff
         self.model = model
         self._http = httpx.Client(base_url=self.base_url, timeout=as_timeout(timeout),
-                                  headers=default_headers(resolve_api_key(api_key)), transport=transport)
+                                  headers=default_headers(resolve_api_key(api_key)), transport=transport,
+                                  **pool_limits(max_connections))
 
     # ------------------------------------------------------------ public API
 
@@ -137,11 +141,18 @@ class Client:
         seed: int | None = None,
         stop: str | Sequence[str] | None = None,
         system: str | None = None,
+        response_format: Mapping[str, Any] | None = None,
+        extra_body: Mapping[str, Any] | None = None,
     ) -> Completion:
-        """Ask about images (paths, bytes or PIL images, in order) through POST /v1/chat/completions."""
+        """Ask about images (paths, bytes or PIL images, in order) through POST /v1/chat/completions.
+
+        `response_format` is OpenAI's (`{"type": "json_schema", "json_schema": {"name", "schema"}}` or
+        `{"type": "json_object"}`: the answer's text is then JSON); `extra_body`'s fields are added to the request
+        body as they are (the server's extras, such as `ignore_eos` or `repetition_penalty`).
+        """
         body = chat_body(prompt, images=images, model=model or self.model, max_tokens=max_tokens,
                          temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop, system=system,
-                         stream=False)
+                         response_format=response_format, extra_body=extra_body, stream=False)
         response = self._request("POST", "/v1/chat/completions", json=body)
         return completion_from_chat(parse_json(response.content))
 
@@ -158,11 +169,13 @@ class Client:
         seed: int | None = None,
         stop: str | Sequence[str] | None = None,
         system: str | None = None,
+        response_format: Mapping[str, Any] | None = None,
+        extra_body: Mapping[str, Any] | None = None,
     ) -> Stream:
         """Like `chat`, streamed: iterate the returned Stream for text deltas, then read `stream.completion`."""
         body = chat_body(prompt, images=images, model=model or self.model, max_tokens=max_tokens,
                          temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop, system=system,
-                         stream=True)
+                         response_format=response_format, extra_body=extra_body, stream=True)
         return Stream(lambda: self._request("POST", "/v1/chat/completions", json=body, stream=True))
 
     def generate(
