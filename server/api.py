@@ -27,7 +27,7 @@ from .completions import install_completion_routes
 from .engine import EngineError, EngineRequest, Failed, Finished, TextDelta
 from .errors import APIError, install_error_handlers
 from .forms import GENERATE_FIELDS, Form, read_form
-from .inputs import chat_input
+from .inputs import ImageRef, chat_input
 from .logprobs import choice_logprobs
 from .middleware import BodyBudget, BodyLimit, StatusCounter
 from .ollama import install_ollama_routes
@@ -37,6 +37,7 @@ from .pipeline import (
     check_stream_and_stops,
     choice_sampling,
     encode,
+    image_token_counts,
     load_images,
     logit_bias_pairs,
     max_tokens_for,
@@ -192,9 +193,10 @@ def _routes(app: FastAPI, state: ServerState) -> None:
             if chat.has_tool_turns and not preparer.tokenizer.renders_tools:
                 raise APIError(400, "this model's chat template does not render tool calls or tool messages",
                                param="messages", code="unsupported_parameter")
-            encoded = await encode(state, chat.messages, tools.tools if tools is not None else None)
+            counts = image_token_counts(state, chat.images)
+            encoded = await encode(state, chat.messages, tools.tools if tools is not None else None, counts)
             max_tokens = max_tokens_for(engine, len(encoded.input_ids), body.max_completion_tokens or body.max_tokens)
-            images = await load_images(state, [(url, param) for url, param in chat.image_urls], salt)
+            images = await load_images(state, [(ref.url, f"{ref.param}.url") for ref in chat.images], salt)
             if constraint is not None:
                 await compile_grammar(engine, *constraint)
             sampling = sampling_of(state, body, logit_bias_pairs(engine, body.logit_bias))
@@ -258,12 +260,17 @@ def _routes(app: FastAPI, state: ServerState) -> None:
         salt = cache_salt(request, salt_field)
         schema_text = fields.text("json_schema")
         grammar = schema_grammar(schema_text) if schema_text else None
+        detail = fields.text("detail")
+        if detail not in (None, "auto", "low", "high"):
+            raise APIError(400, f"detail must be low, high or auto, not {detail[:20]!r}", param="detail",
+                           code="invalid_value")
         engine, _ = state.require_ready()
         with admission(engine):
             if grammar is not None:
                 await compile_grammar(engine, grammar, "json_schema")
             content: list[dict[str, Any]] = [{"type": "image"} for _ in uploads] + [{"type": "text", "text": prompt}]
-            encoded = await encode(state, [{"role": "user", "content": content}])
+            counts = image_token_counts(state, [ImageRef("", f"image.{i}", detail) for i in range(len(uploads))])
+            encoded = await encode(state, [{"role": "user", "content": content}], None, counts)
             max_tokens = max_tokens_for(engine, len(encoded.input_ids), requested)
             datas = [await u.read() for u in uploads]
             images = await prepare_images(state, [(d, f"image.{i}") for i, d in enumerate(datas)], salt)

@@ -17,7 +17,7 @@ from .settings import Settings
 
 # The form fields of /v1/generate; any other is refused (a field silently ignored would be believed honoured)
 GENERATE_FIELDS = frozenset({"model", "prompt", "image", "stop", "temperature", "top_p", "top_k", "seed", "stream",
-                             "max_tokens", "cache_salt", "json_schema"})
+                             "max_tokens", "cache_salt", "json_schema", "detail"})
 
 
 async def read_form(request: Request, settings: Settings) -> Any:

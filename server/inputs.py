@@ -20,9 +20,19 @@ _IMAGE_MIMES = {"image/png", "image/jpeg", "image/jpg", "image/webp", "image/gif
 
 
 @dataclass(frozen=True)
+class ImageRef:
+    """One image of a request, before any of its bytes are read: where it is and its budget."""
+
+    url: str
+    param: str  # where it sits in the request, for errors
+    detail: str | None = None
+    max_image_tokens: int | None = None
+
+
+@dataclass(frozen=True)
 class ChatInput:
     messages: list[dict[str, Any]]  # tokenizer-shaped: image parts are markers
-    image_urls: list[tuple[str, str]]  # (url, param path) in prompt order
+    images: list[ImageRef]  # in prompt order
 
     @property
     def has_tool_turns(self) -> bool:
@@ -33,7 +43,7 @@ class ChatInput:
 def chat_input(messages: list[Message], settings: Settings) -> ChatInput:
     """Tokenizer messages plus the image URLs in order; refuses images past the per-request limit."""
     out: list[dict[str, Any]] = []
-    urls: list[tuple[str, str]] = []
+    urls: list[ImageRef] = []
     for i, m in enumerate(messages):
         role = "system" if m.role == "developer" else m.role
         turn: dict[str, Any] = {"role": role}
@@ -51,7 +61,8 @@ def chat_input(messages: list[Message], settings: Settings) -> ChatInput:
                 if role != "user":
                     raise APIError(400, f"images are only accepted in user messages (message {i} is {m.role})",
                                    param=f"messages.{i}.content.{j}", code="invalid_value")
-                urls.append((part.image_url.url, f"messages.{i}.content.{j}.image_url.url"))
+                urls.append(ImageRef(part.image_url.url, f"messages.{i}.content.{j}.image_url", part.image_url.detail,
+                                     part.image_url.max_image_tokens))
                 parts.append({"type": "image"})
             else:
                 parts.append({"type": "text", "text": part.text})

@@ -24,9 +24,19 @@ from vlmserve.model.serving_weights import PackedLinear
 from .engine import EngineRequest, Failed, Finished, TextDelta
 from .engine.structured import grammar_from
 from .errors import APIError
+from .inputs import ImageRef
 from .ollama_schemas import ChatRequest, GenerateRequest, Options, ShowRequest
 from .output_format import compile_grammar
-from .pipeline import admission, check_prompt_floor, encode, max_tokens_for, prepare_images, sampling_of, submit
+from .pipeline import (
+    admission,
+    check_prompt_floor,
+    encode,
+    image_token_counts,
+    max_tokens_for,
+    prepare_images,
+    sampling_of,
+    submit,
+)
 from .state import ServerState
 from .streaming import EventStream, collect
 
@@ -180,7 +190,8 @@ def install_ollama_routes(app: FastAPI, state: ServerState, authorize: Callable[
                 raise APIError(400, f"format: {str(e)[:300]}") from e
         salt = cache_salt(request, None)
         with admission(engine):
-            encoded = await encode(state, messages)
+            counts = image_token_counts(state, [ImageRef("", param) for _, param in images])
+            encoded = await encode(state, messages, None, counts)
             requested = options.num_predict if options.num_predict and options.num_predict > 0 else None
             max_tokens = max_tokens_for(engine, len(encoded.input_ids), requested)
             prepared = await prepare_images(state, images, salt)

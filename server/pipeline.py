@@ -17,7 +17,7 @@ from vlmserve.model.sampling import SamplingParams
 from .engine import EngineError, EngineRequest, Finished, ImageInput
 from .engine.prepare import image_hash
 from .errors import APIError
-from .inputs import image_bytes
+from .inputs import ImageRef, image_bytes
 from .schemas import PromptTokensDetails, Usage
 from .settings import Settings
 from .state import ServerState
@@ -97,10 +97,29 @@ def submit(engine: Any, req: EngineRequest) -> EventStream:
         raise APIError.from_exception(e) from e
 
 
-async def encode(state: ServerState, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
-                 ) -> Any:
-    """The chat's prompt ids (with the functions it offers, `tools`), tokenized in the thread pool; one that cannot
-    fit the context is refused before."""
+def image_token_counts(state: ServerState, refs: Sequence[ImageRef]) -> list[int]:
+    """Each image's visual tokens from its budget (`detail`, `max_image_tokens`), known before any pixel work: 400
+    naming the image when no setting fits it, or when they add up past --max-mm-tokens-per-request."""
+    assert state.preparer is not None
+    counts = []
+    for ref in refs:
+        try:
+            counts.append(state.preparer.visual_tokens(ref.detail, ref.max_image_tokens))
+        except EngineError as e:
+            raise APIError.from_exception(e, param=ref.param) from e
+    cap = state.settings.max_mm_tokens_per_request
+    if cap is not None and sum(counts) > cap:
+        each = ", ".join(map(str, counts))
+        raise APIError(400, f"the {len(counts)} images make {sum(counts)} visual tokens ({each}); the limit per "
+                       f"request is {cap} (--max-mm-tokens-per-request)", param=refs[0].param,
+                       code="too_many_image_tokens")
+    return counts
+
+
+async def encode(state: ServerState, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
+                 image_tokens: Sequence[int] | None = None) -> Any:
+    """The chat's prompt ids (with the functions it offers, `tools`; each image as its `image_tokens` slots),
+    tokenized in the thread pool; one that cannot fit the context is refused before."""
     assert state.preparer is not None and state.engine is not None
     preparer, context = state.preparer, state.engine.max_model_len
     floor = preparer.token_floor(messages)  # cheap: bytes counted, nothing tokenized
@@ -109,7 +128,7 @@ async def encode(state: ServerState, messages: list[dict[str, Any]], tools: list
                        code="context_length_exceeded")
     loop = asyncio.get_running_loop()
     try:
-        return await loop.run_in_executor(state.executor, preparer.encode, messages, tools)
+        return await loop.run_in_executor(state.executor, preparer.encode, messages, tools, image_tokens)
     except ValueError as e:
         raise APIError(400, str(e), param="messages", code="invalid_value") from e
 

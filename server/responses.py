@@ -20,8 +20,9 @@ from vlmserve.model.sampling import SamplingParams
 from .engine import EngineRequest, Failed, Finished, TextDelta
 from .engine.structured import grammar_from
 from .errors import APIError
+from .inputs import ImageRef
 from .output_format import compile_grammar
-from .pipeline import admission, encode, load_images, max_tokens_for, sampling_of, submit
+from .pipeline import admission, encode, image_token_counts, load_images, max_tokens_for, sampling_of, submit
 from .schemas import EXTRA, _refuse_unless_neutral, _Strict, sampling_params
 from .state import ServerState
 from .streaming import EventStream, collect, sse
@@ -114,10 +115,10 @@ class ResponsesRequest(_Strict):
         return _refuse_unless_neutral(info.field_name, value, _NEUTRAL[info.field_name])
 
 
-def _messages(body: ResponsesRequest) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
-    """Tokenizer messages and the image URLs in order."""
+def _messages(body: ResponsesRequest) -> tuple[list[dict[str, Any]], list[ImageRef]]:
+    """Tokenizer messages and the images in order."""
     out: list[dict[str, Any]] = [{"role": "system", "content": body.instructions}] if body.instructions else []
-    urls: list[tuple[str, str]] = []
+    urls: list[ImageRef] = []
     items = [InputMessage(role="user", content=body.input)] if isinstance(body.input, str) else body.input
     for i, item in enumerate(items):
         role = "system" if item.role == "developer" else item.role
@@ -130,7 +131,7 @@ def _messages(body: ResponsesRequest) -> tuple[list[dict[str, Any]], list[tuple[
                 if role != "user":
                     raise APIError(400, f"images are only accepted in user messages (input {i} is {item.role})",
                                    param=f"input.{i}.content.{j}", code="invalid_value")
-                urls.append((part.image_url, f"input.{i}.content.{j}.image_url"))
+                urls.append(ImageRef(part.image_url, f"input.{i}.content.{j}.image_url", part.detail))
                 parts.append({"type": "image"})
             else:
                 parts.append({"type": "text", "text": part.text})
@@ -165,9 +166,9 @@ def install_responses_routes(app: FastAPI, state: ServerState, auth: list[Any],
         engine, _ = state.require_ready()
         salt = cache_salt(request, body.cache_salt)
         with admission(engine):
-            encoded = await encode(state, messages)
+            encoded = await encode(state, messages, None, image_token_counts(state, urls))
             max_tokens = max_tokens_for(engine, len(encoded.input_ids), body.max_output_tokens)
-            images = await load_images(state, urls, salt)
+            images = await load_images(state, [(ref.url, ref.param) for ref in urls], salt)
             if grammar is not None:
                 await compile_grammar(engine, grammar, "text.format")
             sampling = sampling_of(state, body)

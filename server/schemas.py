@@ -83,7 +83,9 @@ class TextPart(_Strict):
 
 class ImageURL(_Strict):
     url: str = Field(max_length=64 * 1024**2)
-    detail: Literal["auto", "low", "high"] | None = None
+    detail: Literal["auto", "low", "high"] | None = None  # the image's resolution setting (see the README per family)
+    max_image_tokens: int | None = Field(None, ge=1, json_schema_extra=EXTRA,
+                                         description="the most visual tokens this image may become")
 
 
 class ImagePart(_Strict):

@@ -78,6 +78,9 @@ class Settings(BaseSettings):
     max_images_per_request: int = Field(
         8, ge=0, description="images in one request; past it: 400"
     )
+    max_mm_tokens_per_request: int | None = Field(
+        None, ge=1, description="visual tokens of all of a request's images together; past it: 400 (none: no cap)"
+    )
     max_stop_sequences: int = Field(8, ge=0, description="stop strings in one request; past it: 400")
     max_n: int = Field(8, ge=1, le=128, description="choices (`n`) in one chat request; past it: 400")
     vision_cache_mb: int = Field(EngineConfig.vision_cache_mb, ge=0, description="visual-token cache size")

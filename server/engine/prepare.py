@@ -17,7 +17,7 @@ from vlmserve.model.sampling import SamplingParams
 from vlmserve.model.tokenizer import ChatTokenizer, EncodedPrompt
 
 from .config import ImageLimits
-from .requests import EngineRequest, ImageInput
+from .requests import BadRequest, EngineRequest, ImageInput
 
 
 def image_hash(data: bytes) -> str:
@@ -43,6 +43,19 @@ class RequestPreparer:
         # tokens (and KV blocks over them) are reused only for the same bytes processed the same way.
         self.processing = hashlib.blake2b(repr(processor.config).encode(), digest_size=8).hexdigest()
 
+    def visual_tokens(self, detail: str | None = None, max_image_tokens: int | None = None) -> int:
+        """The visual tokens one image becomes at OpenAI's `detail` (low / high / auto) within `max_image_tokens`;
+        BadRequest naming the numbers when no setting fits. Known before any pixel work.
+
+        The llava-1.5 family has one resolution: every `detail` gives the checkpoint's `num_visual_tokens` (the
+        setting nearest to ~100 tokens for `low` is that one too)."""
+        if detail not in (None, "auto", "low", "high"):
+            raise BadRequest(f"detail must be low, high or auto, not {detail!r}")
+        if max_image_tokens is not None and max_image_tokens < self.num_visual_tokens:
+            raise BadRequest(f"this model makes every image {self.num_visual_tokens} visual tokens; "
+                             f"max_image_tokens {max_image_tokens} is below that")
+        return self.num_visual_tokens
+
     def image_key(self, digest: str) -> str:
         """The content key of an image with bytes hash `digest`, processed by this preparer."""
         return f"{digest}-{self.processing}"
@@ -53,11 +66,13 @@ class RequestPreparer:
             return None
         return ImageInput(self.image_key(digest), None, self.num_visual_tokens, visual_tokens=visual_tokens)
 
-    def encode(self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None = None
-               ) -> EncodedPrompt:
+    def encode(self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None = None,
+               image_tokens: Sequence[int] | None = None) -> EncodedPrompt:
         """Token ids of the chat (with the functions it offers, `tools`), each image part expanded to its
-        visual-token slots (cheap: no image work)."""
-        return self.tokenizer.encode_chat(messages, num_image_tokens=self.num_visual_tokens, tools=tools)
+        visual-token slots (`image_tokens`, one count per image; default `num_visual_tokens`), cheap: no image
+        work."""
+        counts = self.num_visual_tokens if image_tokens is None else list(image_tokens)
+        return self.tokenizer.encode_chat(messages, num_image_tokens=counts, tools=tools)
 
     def token_floor(self, messages: Sequence[Mapping[str, Any]]) -> int:
         """A lower bound on the chat's prompt tokens, without tokenizing: its text's bytes over the longest
