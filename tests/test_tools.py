@@ -411,3 +411,54 @@ def test_hostile_tool_requests_get_fast_4xx_and_the_server_keeps_serving(tools_s
             problems.append(f"{name}: {r.status_code} in {took:.1f}s: {r.text[:200]}")
     assert not problems, problems
     assert httpx.get(tools_server.url + "/health", timeout=5).status_code == 200
+
+
+# Qwen 2.5's chat template (the tools part as Qwen ships it): the shape most Hermes-format checkpoints use.
+QWEN25_TEMPLATE = """{%- if tools %}
+    {{- '<|im_start|>system\\n' }}
+    {%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] }}{%- else %}{{- 'You are Qwen.' }}{%- endif %}
+    {{- "\\n\\n# Tools\\n\\nYou are provided with function signatures within <tools></tools> XML tags:\\n<tools>" }}
+    {%- for tool in tools %}{{- "\\n" }}{{- tool | tojson }}{%- endfor %}
+    {{- "\\n</tools>\\n\\nFor each function call, return a json object within <tool_call></tool_call> XML tags."
+        "<|im_end|>\\n" }}
+{%- elif messages[0]['role'] == 'system' %}
+    {{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}
+{%- endif %}
+{%- for message in messages %}
+    {%- if (message.role == "user") or (message.role == "system" and not loop.first) or
+           (message.role == "assistant" and not message.tool_calls) %}
+        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}
+    {%- elif message.role == "assistant" %}
+        {{- '<|im_start|>' + message.role }}
+        {%- if message.content %}{{- '\\n' + message.content }}{%- endif %}
+        {%- for tool_call in message.tool_calls %}
+            {%- if tool_call.function is defined %}{%- set tool_call = tool_call.function %}{%- endif %}
+            {{- '\\n<tool_call>\\n{"name": "' }}{{- tool_call.name }}{{- '", "arguments": ' }}
+            {{- tool_call.arguments | tojson }}{{- '}\\n</tool_call>' }}
+        {%- endfor %}
+        {{- '<|im_end|>\\n' }}
+    {%- elif message.role == "tool" %}
+        {%- if (loop.index0 == 0) or (messages[loop.index0 - 1].role != "tool") %}{{- '<|im_start|>user' }}{%- endif %}
+        {{- '\\n<tool_response>\\n' }}{{- message.content }}{{- '\\n</tool_response>' }}
+        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}{{- '<|im_end|>\\n' }}{%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"""
+
+
+def test_a_qwen_style_template_renders_tools_and_tool_turns(checkpoint: Path) -> None:
+    """The message shapes we hand templates (calls with object arguments, tool turns with their call id) are the
+    ones released Hermes-format templates read; the parser picked for such a template is hermes."""
+    tokenizer = ChatTokenizer.from_pretrained(checkpoint, chat_template=QWEN25_TEMPLATE)
+    assert tokenizer.renders_tools and parser_for_template(QWEN25_TEMPLATE) == "hermes"
+    history = [{"role": "user", "content": "how many?"},
+               {"role": "assistant", "content": "", "tool_calls": [
+                   {"id": "c1", "type": "function", "function": {"name": "count", "arguments": '{"n": 2}'}}]},
+               {"role": "tool", "tool_call_id": "c1", "content": "2 shapes"}]
+    prompt = tokenizer.apply_chat_template(history, tools=[COUNT])
+    assert '<tools>\n{"type": "function", "function": {"name": "count"' in prompt
+    call = '<tool_call>\n{"name": "count", "arguments": {"n": 2}}\n</tool_call>'
+    assert f"<|im_start|>assistant\n{call}<|im_end|>" in prompt
+    assert "<|im_start|>user\n<tool_response>\n2 shapes\n</tool_response><|im_end|>\n<|im_start|>assistant\n" in prompt
+    assert PARSERS["hermes"].parse('<tool_call>\n{"name": "count", "arguments": {"n": 2}}\n</tool_call>',
+                                   final=True).calls[0].arguments == '{"n": 2}'
