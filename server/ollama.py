@@ -39,6 +39,7 @@ from .pipeline import (
 )
 from .state import ServerState
 from .streaming import EventStream, collect
+from .tools import ToolUse, tool_use_of
 
 
 def _now() -> str:
@@ -141,14 +142,27 @@ def install_ollama_routes(app: FastAPI, state: ServerState, authorize: Callable[
         for i, m in enumerate(body.messages):
             if m.images and m.role != "user":
                 raise APIError(400, f"images are only accepted in user messages (message {i} is {m.role})")
+            if m.tool_calls and m.role != "assistant":
+                raise APIError(400, f"only assistant messages carry tool_calls (message {i} is {m.role})")
             images += [(_image(b64, f"messages.{i}.images.{j}"), f"messages.{i}.images.{j}")
                        for j, b64 in enumerate(m.images or [])]
             parts = [{"type": "image"} for _ in m.images or []]
-            messages.append({"role": m.role, "content": [*parts, {"type": "text", "text": m.content}] if parts
-                             else m.content})
+            turn: dict[str, Any] = {"role": m.role, "content": [*parts, {"type": "text", "text": m.content}]
+                                    if parts else m.content}
+            if m.tool_calls:
+                turn["tool_calls"] = [{"id": c.id or f"call_{k}", "type": "function", "function": {
+                    "name": c.function.name, "arguments": json.dumps(c.function.arguments, ensure_ascii=False)}}
+                    for k, c in enumerate(m.tool_calls)]
+            if m.role == "tool":
+                turn["tool_call_id"] = m.tool_name or ""
+            messages.append(turn)
         if not messages:
             raise APIError(400, "messages must not be empty")
-        return await _generate(request, body, messages, images, "message")
+        _, preparer = state.require_ready()
+        if any(m.role == "tool" or m.tool_calls for m in body.messages) and not preparer.tokenizer.renders_tools:
+            raise APIError(400, "this model's chat template does not render tool calls or tool messages")
+        tools = tool_use_of(body.tools or [], None, None, preparer.tokenizer, state.tool_parser)
+        return await _generate(request, body, messages, images, "message", tools)
 
     async def generate(request: Request) -> Response:
         body: GenerateRequest = await _body(request, GenerateRequest)
@@ -168,7 +182,7 @@ def install_ollama_routes(app: FastAPI, state: ServerState, authorize: Callable[
             raise APIError(400, f"{param}: not base64") from None
 
     async def _generate(request: Request, body: ChatRequest | GenerateRequest, messages: list[dict[str, Any]],
-                        images: list[tuple[bytes, str]], field: str) -> Response:
+                        images: list[tuple[bytes, str]], field: str, tools: ToolUse | None = None) -> Response:
         rid = f"ollama-{uuid.uuid4().hex}"
         t0 = time.perf_counter_ns()
         if len(images) > settings.max_images_per_request:
@@ -191,10 +205,14 @@ def install_ollama_routes(app: FastAPI, state: ServerState, authorize: Callable[
         salt = cache_salt(request, None)
         with admission(engine):
             counts = image_token_counts(state, [ImageRef("", param) for _, param in images])
-            encoded = await encode(state, messages, None, counts)
+            encoded = await encode(state, messages, tools.tools if tools is not None else None, counts)
             requested = options.num_predict if options.num_predict and options.num_predict > 0 else None
             max_tokens = max_tokens_for(engine, len(encoded.input_ids), requested)
             prepared = await prepare_images(state, images, salt)
+            if tools is not None and tools.grammar is not None:  # strict functions constrain the answer
+                if grammar is not None:
+                    raise APIError(400, "format cannot constrain an answer that strict tools already constrain")
+                grammar = tools.grammar
             if grammar is not None:
                 await compile_grammar(engine, grammar, "format")
             sampling = sampling_of(state, options)
@@ -203,13 +221,16 @@ def install_ollama_routes(app: FastAPI, state: ServerState, authorize: Callable[
             stream = submit(engine, req)
         model = names()[1] if body.model.endswith(":latest") else body.model
         if body.stream:
-            return StreamingResponse(_ndjson(stream, model, field, t0), media_type="application/x-ndjson")
+            return StreamingResponse(_ndjson(stream, model, field, t0, tools), media_type="application/x-ndjson")
         final = await collect(stream, request)
         if final is None:
             return Response(status_code=499)
         if isinstance(final, Failed):
             raise APIError.from_exception(final.error)
-        return JSONResponse(_closing(final, model, field, t0, final.text, None))
+        if tools is None:
+            return JSONResponse(_closing(final, model, field, t0, final.text, None))
+        content, calls = _tool_answer(tools, final.text)
+        return JSONResponse(_closing(final, model, field, t0, content, None, calls))
 
     for path, route in (("/api/show", show), ("/api/chat", chat), ("/api/generate", generate)):
         app.add_api_route(path, guarded(route), methods=["POST"], response_model=None)
@@ -222,24 +243,59 @@ def _piece(model: str, field: str, text: str) -> dict[str, Any]:
     return {"model": model, "created_at": _now(), field: piece, "done": False}
 
 
-def _closing(final: Finished, model: str, field: str, t0: int, text: str, first_ns: int | None) -> dict[str, Any]:
+def _tool_answer(tools: ToolUse, text: str) -> tuple[str, list[dict[str, Any]]]:
+    """An answer's content and its calls in Ollama's shape (`arguments` an object); a call whose arguments are no
+    JSON object stays in the content as the model wrote it."""
+    parsed = tools.parser.parse(text, final=True)
+    content, calls = parsed.content, []
+    for call in parsed.calls[: tools.limit]:
+        try:
+            arguments = json.loads(call.arguments or "{}")
+        except ValueError:
+            arguments = None
+        if isinstance(arguments, dict):
+            calls.append({"function": {"index": len(calls), "name": call.name, "arguments": arguments}})
+        else:
+            content += call.arguments
+    return content, calls
+
+
+def _closing(final: Finished, model: str, field: str, t0: int, text: str, first_ns: int | None,
+             calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """The last object: the whole answer (or, streamed, nothing more), why it ended, counts and durations (ns)."""
     now = time.perf_counter_ns()
     first = first_ns if first_ns is not None else now
     out = _piece(model, field, text)
+    if calls:
+        out[field]["tool_calls"] = calls
     out.update(done=True, done_reason="length" if final.finish_reason == "length" else "stop",
                total_duration=now - t0, load_duration=0, prompt_eval_count=final.usage.prompt_tokens,
                prompt_eval_duration=first - t0, eval_count=final.usage.completion_tokens, eval_duration=now - first)
     return out
 
 
-async def _ndjson(stream: EventStream, model: str, field: str, t0: int) -> AsyncIterator[str]:
+async def _ndjson(stream: EventStream, model: str, field: str, t0: int, tools: ToolUse | None = None
+                 ) -> AsyncIterator[str]:
+    """Ollama's stream: a piece per delta, then the closing object. With tools, pieces carry the content as the
+    parser reads it, and the calls come whole in one piece before the close, as Ollama sends them."""
     first_ns: int | None = None
+    reader = tools.stream() if tools is not None else None
     async for event in stream:
         if isinstance(event, TextDelta):
             first_ns = first_ns or time.perf_counter_ns()
-            yield json.dumps(_piece(model, field, event.text), ensure_ascii=False) + "\n"
+            if reader is None:
+                yield json.dumps(_piece(model, field, event.text), ensure_ascii=False) + "\n"
+            for delta in reader.feed(event.text) if reader is not None else ():
+                if delta.get("content"):
+                    yield json.dumps(_piece(model, field, delta["content"]), ensure_ascii=False) + "\n"
         elif isinstance(event, Finished):
+            if tools is not None and reader is not None:
+                content, calls = _tool_answer(tools, reader.text)
+                piece = _piece(model, field, content[reader.content_sent:])  # what the reader still held back
+                if calls:
+                    piece[field]["tool_calls"] = calls
+                if calls or piece[field]["content"]:
+                    yield json.dumps(piece, ensure_ascii=False) + "\n"
             yield json.dumps(_closing(event, model, field, t0, "", first_ns), ensure_ascii=False) + "\n"
         elif isinstance(event, Failed):
             yield json.dumps({"error": APIError.from_exception(event.error).message}) + "\n"

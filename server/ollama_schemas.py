@@ -16,7 +16,7 @@ from pydantic_core import PydanticCustomError
 
 from vlmserve.model.sampling import SamplingParams
 
-from .schemas import StopStrings, sampling_params
+from .schemas import ChatTool, StopStrings, sampling_params
 
 # Options that change nothing here (resource and loading knobs of a llama.cpp runner)
 NO_OP_OPTIONS = frozenset({"num_gpu", "main_gpu", "num_thread", "num_batch", "numa", "low_vram", "f16_kv", "use_mmap",
@@ -106,32 +106,30 @@ class _Request(_Strict):
         return value
 
 
+class CalledFunction(_Strict):
+    name: str
+    arguments: dict[str, Any] = Field(default_factory=dict)
+    index: int | None = None  # annotation: the call's place in its answer
+
+
+class ToolCall(_Strict):
+    function: CalledFunction
+    id: str | None = None  # annotation (Ollama's calls carry no ids; ours are made up)
+    type: Literal["function"] | None = None
+
+
 class ChatMessage(_Strict):
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "user", "assistant", "tool"]
     content: str = ""
     images: list[str] | None = None  # base64
     thinking: str | None = None  # annotation: an earlier answer's thinking
-    tool_calls: list[Any] | None = None  # must be empty
-    tool_name: str | None = None  # must be null
-
-    @field_validator("tool_calls", "tool_name")
-    @classmethod
-    def _no_tools(cls, value: object, info: ValidationInfo) -> object:
-        if value not in (None, []):
-            raise PydanticCustomError("unsupported_parameter", f"{info.field_name} (tools) is not supported here")
-        return value
+    tool_calls: list[ToolCall] | None = Field(None, max_length=128)  # an assistant turn's calls
+    tool_name: str | None = None  # a tool turn: the function whose result it is (the template's tool_call_id)
 
 
 class ChatRequest(_Request):
     messages: list[ChatMessage] = Field(default_factory=list)
-    tools: list[Any] | None = None
-
-    @field_validator("tools")
-    @classmethod
-    def _no_tools(cls, value: list[Any] | None) -> list[Any] | None:
-        if value:
-            raise PydanticCustomError("unsupported_parameter", "tools are not supported here")
-        return value
+    tools: list[ChatTool] | None = Field(None, max_length=128)
 
 
 class GenerateRequest(_Request):

@@ -19,7 +19,7 @@ from vlmserve.model.tokenizer import ChatTokenizer
 
 from .engine.structured import grammar_from
 from .errors import APIError
-from .schemas import CalledFunction, ChatCompletionRequest, NamedToolChoice, ResponseMessage, ToolCall
+from .schemas import CalledFunction, ChatCompletionRequest, ChatTool, NamedToolChoice, ResponseMessage, ToolCall
 from .tool_parsers import PARSERS, ToolCallStream, ToolParser, ToolSpec, new_call_id
 
 
@@ -43,9 +43,14 @@ class ToolUse:
 
 
 def tool_use(body: ChatCompletionRequest, tokenizer: ChatTokenizer, parser_name: str) -> ToolUse | None:
-    """The request's tool use, or None when the model is shown no tools. 400 naming the field when the tools, the
-    choice and the template do not fit together."""
-    tools, choice = body.tools or [], body.tool_choice
+    """The chat request's tool use, or None when the model is shown no tools (`tool_use_of`)."""
+    return tool_use_of(body.tools or [], body.tool_choice, body.parallel_tool_calls, tokenizer, parser_name)
+
+
+def tool_use_of(tools: list[ChatTool], choice: str | NamedToolChoice | None, parallel: bool | None,
+                tokenizer: ChatTokenizer, parser_name: str) -> ToolUse | None:
+    """The tool use of these tools and choice, or None when the model is shown no tools. 400 naming the field when
+    the tools, the choice and the template do not fit together."""
     if not tools:
         if choice not in (None, "none"):
             raise APIError(400, "tool_choice needs tools", param="tool_choice", code="invalid_value")
@@ -60,7 +65,7 @@ def tool_use(body: ChatCompletionRequest, tokenizer: ChatTokenizer, parser_name:
         raise APIError(400, "tools: two functions share a name", param="tools", code="invalid_value")
     specs = [ToolSpec(t.function.name, t.function.parameters or {"type": "object", "properties": {}}) for t in tools]
     parser = PARSERS[parser_name]
-    one = body.parallel_tool_calls is False
+    one = parallel is False
     try:
         if isinstance(choice, NamedToolChoice):
             if choice.function.name not in names:

@@ -462,3 +462,35 @@ def test_a_qwen_style_template_renders_tools_and_tool_turns(checkpoint: Path) ->
     assert "<|im_start|>user\n<tool_response>\n2 shapes\n</tool_response><|im_end|>\n<|im_start|>assistant\n" in prompt
     assert PARSERS["hermes"].parse('<tool_call>\n{"name": "count", "arguments": {"n": 2}}\n</tool_call>',
                                    final=True).calls[0].arguments == '{"n": 2}'
+
+
+def test_the_ollama_client_sends_tools_and_tool_turns(tools_server: LiveServer) -> None:
+    """Ollama's API has no tool_choice, so a random model calls nothing: here the tools reach the prompt, the
+    answer streams the same as whole, and calls and tool turns go back as history in Ollama's shape."""
+    import ollama
+
+    client = ollama.Client(host=tools_server.url)
+    options = {"temperature": 0, "num_predict": 4}
+    plain = client.chat(model=MODEL, messages=HI, options=options)
+    with_tools = client.chat(model=MODEL, messages=HI, tools=[COUNT], options=options)
+    assert with_tools.prompt_eval_count > plain.prompt_eval_count + 20  # the function is in the prompt
+    streamed = "".join(c.message.content or "" for c in client.chat(model=MODEL, messages=HI, tools=[COUNT],
+                                                                      options=options, stream=True))
+    assert streamed == with_tools.message.content
+    history = [*HI, {"role": "assistant", "content": "", "tool_calls": [
+        {"function": {"name": "count", "arguments": {"n": 2}}}]}, {"role": "tool", "tool_name": "count",
+                                                                    "content": "2 shapes"}]
+    again = client.chat(model=MODEL, messages=history, tools=[COUNT], options=options)
+    assert again.done and again.prompt_eval_count > with_tools.prompt_eval_count
+
+
+@pytest.mark.parametrize("parser_name", sorted(PARSERS))
+def test_ollama_answers_carry_calls_with_object_arguments(parser_name: str) -> None:
+    from vlmserve.server.ollama import _tool_answer
+    from vlmserve.server.tools import ToolUse
+
+    text = {"hermes": 'Sure.<tool_call>\n{"name": "count", "arguments": {"n": 2}}\n</tool_call>',
+            "llama3_json": '{"name": "count", "parameters": {"n": 2}}'}[parser_name]
+    content, calls = _tool_answer(ToolUse([COUNT], PARSERS[parser_name], None, None), text)
+    assert calls == [{"function": {"index": 0, "name": "count", "arguments": {"n": 2}}}]
+    assert content == ("Sure." if parser_name == "hermes" else "")
