@@ -22,11 +22,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from vlmserve.model.messages import clean_text
+
 from .engine.structured import close_objects
 
 # Where a call's arguments begin: `{"name": "<name>", "arguments": ` (or "parameters"), whitespace anywhere.
 _HEADER = re.compile(r'\s*\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"(?:arguments|parameters)"\s*:\s*')
 _SEPARATOR = re.compile(r"\s*;?\s*")
+_DECODER = json.JSONDecoder()
 _COMPACT_JSON = {"whitespace_flexible": False}  # llguidance: no whitespace freedom to wander off with
 
 
@@ -71,41 +74,88 @@ def _held(text: str, tag: str) -> int:
     return 0
 
 
+def _text(value: str) -> str:
+    """Model text as valid Unicode (a lone surrogate written as a JSON escape becomes U+FFFD)."""
+    return clean_text(value)
+
+
+def _json_value(raw: str) -> tuple[Any, int, int] | None:
+    """The JSON value at the start of `raw` (after whitespace): (value, start, end), or None if it is not there
+    whole (still being written, broken, or absurdly deep)."""
+    start = len(raw) - len(raw.lstrip())
+    try:
+        value, end = _DECODER.raw_decode(raw, start)
+    except (ValueError, RecursionError):
+        return None
+    return value, start, end
+
+
 def _call(body: str, complete: bool) -> ParsedCall | None:
     """One call from its JSON text, whole (`complete`) or so far; None while it cannot be told, or if it is no call.
 
-    Once the header (name, then the arguments key) is read, the call is known and its arguments grow as written, up to
-    before the last `}` seen (that one may close the call itself)."""
+    Once the header (name, then the arguments key) is read, the call is known and its arguments grow as written: all
+    of them while their JSON value is open, then exactly that value's text."""
     header = _HEADER.match(body)
     if header is not None:
-        name, raw = json.loads(header.group(1)), body[header.end():]
-        if raw.lstrip().startswith("{"):
-            if complete:
-                end = raw.rstrip()
-                return ParsedCall(name, end[:-1].rstrip() if end.endswith("}") else end)
-            cut = raw.rfind("}")
-            return ParsedCall(name, (raw[:cut] if cut >= 0 else raw).rstrip())
-        if not complete:
-            return ParsedCall(name, "")  # arguments written as a JSON string, or not begun: known once whole
+        try:
+            name = _text(json.loads(header.group(1)))
+        except ValueError:  # an invalid escape in the name: no call
+            header = None
+    if header is not None:
+        raw = body[header.end():]
+        value = _json_value(raw)
+        if value is not None and isinstance(value[0], str):
+            return ParsedCall(name, _text(value[0]))  # arguments written as a JSON string
+        if value is not None:
+            return ParsedCall(name, _text(raw[value[1]: value[2]]))
+        if raw.lstrip().startswith(("{", "[")):
+            if complete:  # cut short or broken: what was written, without the call's own closing brace
+                end = raw.strip()
+                return ParsedCall(name, _text(end[:-1].rstrip() if end.endswith("}}") else end))
+            return ParsedCall(name, _text(raw.strip()))
+        return ParsedCall(name, "")  # not begun yet (or no JSON there): nothing more to tell
     if not complete:
         return None
-    try:
-        obj = json.loads(body)
-    except ValueError:  # broken JSON: a call once its header was read (a stream has sent it), else no call
-        return ParsedCall(json.loads(header.group(1)), "") if header is not None else None
-    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+    found = _json_value(body)
+    if found is None or not isinstance(found[0], dict) or not isinstance(found[0].get("name"), str):
         return None
+    obj = found[0]
     arguments = obj.get("arguments", obj.get("parameters", {}))
-    return ParsedCall(obj["name"], arguments if isinstance(arguments, str) else json.dumps(arguments,
-                                                                                          ensure_ascii=False))
+    try:
+        text = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
+    except (ValueError, RecursionError):
+        return None
+    return ParsedCall(_text(obj["name"]), _text(text))
 
 
-def _call_schema(tools: Sequence[ToolSpec], arguments_key: str) -> str:
-    """JSON schema text of one call of any of `tools`: `{"name": <const>, "<arguments_key>": <its parameters>}`."""
-    calls = [{"type": "object", "properties": {"name": {"const": t.name}, arguments_key: close_objects(t.parameters)},
-              "required": ["name", arguments_key], "additionalProperties": False} for t in tools]
-    schema = calls[0] if len(calls) == 1 else {"anyOf": calls}
-    return json.dumps({"x-guidance": _COMPACT_JSON, **schema}, ensure_ascii=False)
+def _end_of_block(text: str, start: int, tag: str) -> int:
+    """Where `tag` first stands in `text` after `start` outside JSON strings (a call's arguments may hold the closing
+    tag in a string), or -1."""
+    in_string, i, n = False, start, len(text)
+    while i < n:
+        ch = text[i]
+        if in_string:
+            if ch == "\\":
+                i += 2
+                continue
+            in_string = ch != '"'
+        elif ch == '"':
+            in_string = True
+        elif ch == tag[0] and text.startswith(tag, i):
+            return i
+        i += 1
+    return -1
+
+
+def _call_grammar(tools: Sequence[ToolSpec], arguments_key: str) -> str:
+    """Lark alternatives for one call of any of `tools`: `{"name":"<name>","<key>":` + the parameters' own JSON
+    schema (its own root, so that its `$ref`s resolve) + `}`."""
+    def one(t: ToolSpec) -> str:
+        head = json.dumps(f'{{"name":{json.dumps(t.name)},"{arguments_key}":')
+        schema = json.dumps({"x-guidance": _COMPACT_JSON, **close_objects(t.parameters)}, ensure_ascii=False)
+        return f'{head} %json{schema} "}}"'
+
+    return " | ".join(f"({one(t)})" for t in tools)
 
 
 class HermesParser:
@@ -120,7 +170,7 @@ class HermesParser:
         pos = start
         while pos >= 0:
             body_start = pos + len(self.open)
-            end = text.find(self.close, body_start)
+            end = _end_of_block(text, body_start, self.close)
             if end < 0:  # the last call, still open (or cut short by the end of the answer)
                 body = text[body_start:]
                 call = _call(body[: len(body) - _held(body, self.close)], final)  # a cut-off closing tag: none
@@ -141,9 +191,11 @@ class HermesParser:
         return Parsed("".join(content), tuple(calls))
 
     def grammar(self, tools: Sequence[ToolSpec], *, one: bool, or_text: bool) -> str:
-        call = f'"{self.open}\\n" %json{_call_schema(tools, "arguments")} "\\n{self.close}"'
+        call = f'"{self.open}\\n" ({_call_grammar(tools, "arguments")}) "\\n{self.close}"'
         calls = "call" if one else 'call ("\\n" call)*'
-        start = f"start: TEXT | {calls}\nTEXT: /[^<](.|\\n)*/" if or_text else f"start: {calls}"
+        # content is any text without the opening tag (so that no call hides in it)
+        text = f"TEXT: /(.|\\n)+/ & ~/(.|\\n)*{self.open}(.|\\n)*/"
+        start = f"start: TEXT | {calls}\n{text}" if or_text else f"start: {calls}"
         return f"{start}\ncall: {call}\n"
 
 
@@ -156,15 +208,15 @@ class Llama3JsonParser:
         if text.startswith(self.python_tag, pos):
             pos += len(self.python_tag)
             pos += len(text[pos:]) - len(text[pos:].lstrip())
-        if pos == len(text):
-            return Parsed(text if final else "")
+        if pos == len(text) or (not final and self.python_tag.startswith(text[pos:])):
+            return Parsed(text if final else "")  # nothing yet, or (part of) the python tag: not told yet
         if text[pos] != "{":
             return Parsed(text)
-        decoder, calls = json.JSONDecoder(), []
+        calls: list[ParsedCall] = []
         while pos < len(text):
             try:
-                _, end = decoder.raw_decode(text, pos)
-            except ValueError:  # an object still being written (or cut short)
+                _, end = _DECODER.raw_decode(text, pos)
+            except (ValueError, RecursionError):  # an object still being written (or cut short, or broken)
                 call = _call(text[pos:], final)
                 if call is not None:
                     calls.append(call)
@@ -182,8 +234,10 @@ class Llama3JsonParser:
 
     def grammar(self, tools: Sequence[ToolSpec], *, one: bool, or_text: bool) -> str:
         calls = "call" if one else 'call ("; " call)*'
-        start = f"start: TEXT | {calls}\nTEXT: /[^{{](.|\\n)*/" if or_text else f"start: {calls}"
-        return f"{start}\ncall: %json{_call_schema(tools, 'parameters')}\n"
+        # content is any text that does not open like a call (a `{`, after whitespace or the python tag)
+        text = "TEXT: /(.|\\n)+/ & ~/\\s*(<\\|python_tag\\|>)?\\s*\\{(.|\\n)*/"
+        start = f"start: TEXT | {calls}\n{text}" if or_text else f"start: {calls}"
+        return f"{start}\ncall: {_call_grammar(tools, 'parameters')}\n"
 
 
 PARSERS: dict[str, ToolParser] = {p.name: p for p in (HermesParser(), Llama3JsonParser())}

@@ -75,6 +75,16 @@ HERMES_CASES = [
     ('<tool_call>\n{"name": "count", "arguments": {"n": 2}}', Parsed("", (("count", '{"n": 2}'),))),  # cut short
     ('<tool_call>\n{"name": "count", "arguments": {"n": 2}}\n</tool_c', Parsed("", (("count", '{"n": 2}'),))),
     ('<tool_call>\n{"name": "f", "arguments": "{\\"a\\": 1}"}\n</tool_call>', Parsed("", (("f", '{"a": 1}'),))),
+    # the arguments are exactly their JSON value, whatever follows it
+    ('<tool_call>{"name":"f","arguments":{"a": 1}, "id": 2}</tool_call>', Parsed("", (("f", '{"a": 1}'),))),
+    ('<tool_call>{"name":"f","arguments":{"a": 1}}}</tool_call>', Parsed("", (("f", '{"a": 1}'),))),
+    ('<tool_call>\n{"name":"f","arguments":{"a":1}\n', Parsed("", (("f", '{"a":1}'),))),  # its own } missing
+    ('<tool_call>{"name":"f","arguments":{"a": "</tool_call>"}}\n</tool_call>',
+     Parsed("", (("f", '{"a": "</tool_call>"}'),))),  # the closing tag inside a string closes nothing
+    ('<tool_call>{"name": "\\q", "arguments": {}}</tool_call>', Parsed('<tool_call>{"name": "\\q", "arguments": {}}'
+                                                                      '</tool_call>')),  # an invalid escape: no call
+    ('<tool_call>{"name": "\\ud800", "arguments": {}}</tool_call>', Parsed("", (("\ufffd", "{}"),))),
+    ("<tool_call>" + "[" * 3000 + "</tool_call>", Parsed("<tool_call>" + "[" * 3000 + "</tool_call>")),
 ]
 LLAMA_CASES = [
     ('{"name": "count", "parameters": {"n": 3}}; {"name": "set_color", "parameters": {"color": "blue"}}',
@@ -82,6 +92,8 @@ LLAMA_CASES = [
     ("The answer is {red}.", Parsed("The answer is {red}.")),
     ('{"color": "red"}', Parsed('{"color": "red"}')),  # JSON that is no call is content
     ('  {"name": "count", "arguments": {"n": 1}}', Parsed("", (("count", '{"n": 1}'),))),
+    ('<|python_tag|>{"name": "count", "parameters": {"n": 1}}', Parsed("", (("count", '{"n": 1}'),))),
+    ('{"a": ' + "[" * 3000, Parsed('{"a": ' + "[" * 3000)),
 ]
 
 
@@ -170,6 +182,46 @@ def test_forced_calls_are_valid_calls_of_the_offered_functions(tokenizer: ChatTo
         assert not one or len(parsed.calls) == 1
         for call in parsed.calls:
             jsonschema.validate(json.loads(call.arguments), SCHEMAS[call.name])
+
+
+def test_forced_calls_of_nested_pydantic_parameters(tokenizer: ChatTokenizer) -> None:
+    """Parameters with `$defs` and `$ref` (every nested pydantic model) keep their own root: the refs resolve."""
+    class Inner(pydantic.BaseModel):
+        color: Literal["red", "blue"]
+
+    class Outer(pydantic.BaseModel):
+        inner: Inner
+        count: int
+
+    schema = openai.pydantic_function_tool(Outer)["function"]["parameters"]
+    assert "$defs" in schema
+    for name, parser in PARSERS.items():
+        grammar = grammar_from("lark", parser.grammar([ToolSpec("Outer", schema)], one=True, or_text=False))
+        call = parser.parse(_random_walk(tokenizer, grammar, seed=1), final=True).calls[0]
+        Outer.model_validate_json(call.arguments)
+        assert call.name == "Outer", name
+
+
+@pytest.mark.parametrize("parser_name", sorted(PARSERS))
+def test_strict_text_cannot_hide_a_call(tokenizer: ChatTokenizer, parser_name: str) -> None:
+    import llguidance
+    import llguidance.hf
+
+    parser = PARSERS[parser_name]
+    grammar = grammar_from("lark", parser.grammar([ToolSpec("count", SCHEMAS["count"])], one=False, or_text=True))
+    hf = tokenizer.tokenizer
+    lt = llguidance.hf.from_tokenizer(hf, n_vocab=len(hf), eos_token=hf.eos_token_id)
+    bad = {"hermes": ['\n<tool_call>\n{"name":"count","arguments":{"zzz":"x"}}\n</tool_call>',
+                      'ok <tool_call>\n{"name":"count","arguments":{"zzz":"x"}}\n</tool_call>'],
+           "llama3_json": [' {"name":"count","parameters":{"zzz":"x"}}']}[parser_name]
+    for text in bad:
+        assert parser.parse(text, final=True).calls  # the parser reads a call there: the grammar must refuse it
+        matcher = llguidance.LLMatcher(lt, grammar)
+        ids = tokenizer.encode_text(text)
+        assert not (all(matcher.consume_token(t) for t in ids) and matcher.is_accepting()), text
+    for text in ("plain words", "<think>hmm</think> no call"):
+        matcher = llguidance.LLMatcher(lt, grammar)
+        assert all(matcher.consume_token(t) for t in tokenizer.encode_text(text)), text
 
 
 def test_strict_auto_allows_content_or_valid_calls(tokenizer: ChatTokenizer) -> None:
