@@ -125,7 +125,7 @@ def parse_message(message: ChatMessage | Mapping[str, Any]) -> ChatMessage:
     calls = tuple(_parse_tool_call(c) for c in message.get("tool_calls") or ())
     call_id = message.get("tool_call_id")
     return ChatMessage(role=str(message.get("role")), content=content, tool_calls=calls,
-                       tool_call_id=str(call_id) if call_id is not None else None)
+                       tool_call_id=clean_text(str(call_id)) if call_id is not None else None)
 
 
 def nesting_depth(value: Any) -> int:
@@ -158,7 +158,18 @@ def _parse_tool_call(call: ToolCall | Mapping[str, Any]) -> ToolCall:
                 arguments = parsed
         except (ValueError, RecursionError):
             pass  # not JSON (or absurdly deep): the template gets the text as it was sent
-    return ToolCall(id=str(call.get("id") or ""), name=name, arguments=arguments)
+    return ToolCall(id=clean_text(str(call.get("id") or "")), name=clean_text(name), arguments=clean_strings(arguments))
+
+
+def clean_strings(value: Any) -> Any:
+    """JSON-like `value` with every string in it (keys too) made valid Unicode (`clean_text`)."""
+    if isinstance(value, str):
+        return clean_text(value)
+    if isinstance(value, Mapping):
+        return {clean_strings(k): clean_strings(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [clean_strings(v) for v in value]
+    return value
 
 
 def parse_messages(messages: Sequence[ChatMessage | Mapping[str, Any]]) -> list[ChatMessage]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from vlmserve.model.messages import clean_strings
 from vlmserve.model.tokenizer import ChatTokenizer
 
 from .engine.structured import grammar_from
@@ -84,4 +85,5 @@ def tool_use_of(tools: list[ChatTool], choice: str | NamedToolChoice | None, par
     except Exception as e:  # llguidance cannot read a parameters schema
         raise APIError(400, f"a function's parameters cannot be used: {str(e)[:300]}", param="tools",
                        code="invalid_value") from e
-    return ToolUse([t.model_dump(exclude_none=True) for t in tools], parser, grammar, 1 if one else None)
+    shown = [clean_strings(t.model_dump(exclude_none=True)) for t in tools]  # lone surrogates: U+FFFD
+    return ToolUse(shown, parser, grammar, 1 if one else None)
