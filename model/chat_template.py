@@ -64,7 +64,7 @@ def _local_file(path: str | os.PathLike[str], name: str) -> Path | None:
         candidate = Path(path) / name
         return candidate if candidate.is_file() else None
     try:  # a hub id: the files are cached (or fetched) next to the tokenizer's
-        from transformers.utils import cached_file
+        from transformers.utils.hub import cached_file
 
         resolved = cached_file(
             str(path),

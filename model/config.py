@@ -110,11 +110,11 @@ class RopeConfig:
     @classmethod
     def from_hf(cls, d: dict[str, Any]) -> RopeConfig:
         """Read transformers 5's `rope_parameters` or the older `rope_theta` + `rope_scaling` pair."""
-        params = dict(d.get("rope_parameters") or {})
+        params: dict[str, Any] = dict(d.get("rope_parameters") or {})
         if not params:
             params = dict(d.get("rope_scaling") or {})
             params.setdefault("rope_theta", d.get("rope_theta", 10000.0))
-        rope_type = params.get("rope_type", params.get("type", "default"))
+        rope_type = params["rope_type"] if "rope_type" in params else params.get("type", "default")
         return cls(
             rope_type=rope_type,
             theta=float(params.get("rope_theta", d.get("rope_theta", 10000.0))),

@@ -85,7 +85,7 @@ def generate(
     sampler.assign(0, params, input_ids)
     row = torch.zeros(1, dtype=torch.long, device=device)
     suppress = torch.as_tensor(list(suppress_token_ids), dtype=torch.long, device=device)
-    windows = {layer.self_attn.window for layer in lm.layers}
+    windows = lm.attention_windows()
     batch, positions = single_sequence_batch(cache, 0, prompt_len, device, windows)
     hidden = lm(inputs_embeds=embeds[None], positions=positions, paged=batch, logits=False)  # (1, T, D)
     logits = lm.lm_head(hidden[:, -1])  # (1, V)

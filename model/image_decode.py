@@ -21,11 +21,11 @@ import importlib
 import io
 import logging
 import struct
-from collections.abc import Iterable
-from typing import Any, Literal
+from collections.abc import Callable, Iterable
+from typing import IO, Literal, cast
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageFile
 
 logger = logging.getLogger(__name__)
 
@@ -149,7 +149,11 @@ def _identify(data: bytes, formats: Iterable[str]) -> Image.Image:
     raise ImageError("unrecognized or unsupported image format", code="invalid_image")
 
 
-def _open_entry(name: str) -> tuple[Any, Any] | None:
+# Pillow's registry entry of a format: the plugin's opener, and its header check (None: accepts anything)
+_OpenEntry = tuple[Callable[[IO[bytes], str | bytes], ImageFile.ImageFile], Callable[[bytes], bool | str] | None]
+
+
+def _open_entry(name: str) -> _OpenEntry | None:
     """Pillow's (factory, accept) pair for one format, importing its plugin on first use."""
     if name not in Image.OPEN and name in _FORMAT_PLUGINS:
         try:
@@ -197,7 +201,7 @@ def _wide_gray_to_8bit(image: Image.Image) -> Image.Image:
     its own maximum (negative values clipped to 0).
     """
     if image.mode == "I":
-        lo, hi = image.getextrema()
+        lo, hi = cast(tuple[float, float], image.getextrema())  # one band: (min, max)
         if lo >= 0 and hi <= 255:
             return image
         full_scale = 65535 if lo >= 0 and hi <= 65535 else max(int(hi), 1)

@@ -110,6 +110,7 @@ def token_logprobs(
     picked = torch.tensor([tokens[i] for i in rows], dtype=torch.long, device=lp.device)  # (S,)
     chosen = lp.gather(1, picked[:, None])[:, 0].tolist()  # (S,)
     k_max = min(max(ks[i] or 0 for i in rows), lp.shape[-1])
-    top_v, top_i = lp.topk(k_max, dim=-1) if k_max else (lp[:, :0], picked[:, None][:, :0])  # (S, k) each
-    top_v, top_i = top_v.tolist(), top_i.tolist()
+    values, ids = lp.topk(k_max, dim=-1) if k_max else (lp[:, :0], picked[:, None][:, :0])  # (S, k) each
+    top_v: list[list[float]] = values.tolist()
+    top_i: list[list[int]] = ids.tolist()
     return {i: (chosen[j], list(zip(top_i[j][: ks[i]], top_v[j][: ks[i]], strict=True))) for j, i in enumerate(rows)}

@@ -55,6 +55,9 @@ def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
 class RotaryEmbedding(nn.Module):
     """Precomputed cos/sin tables, looked up by position: no trigonometry in the decode step."""
 
+    cos: torch.Tensor  # (P, Dh), a non-persistent buffer
+    sin: torch.Tensor  # (P, Dh), a non-persistent buffer
+
     def __init__(self, rope: RopeConfig, head_dim: int, max_positions: int) -> None:
         super().__init__()
         self.rope, self.head_dim, self.max_positions = rope, head_dim, max_positions
@@ -152,6 +155,14 @@ class TextModel(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = RotaryEmbedding(config.rope, config.head_dim, max_positions or config.max_position_embeddings)
+
+    def decoder_layers(self) -> list[DecoderLayer]:
+        """The decoder layers, typed (an `nn.ModuleList` yields plain Modules)."""
+        return [layer for layer in self.layers if isinstance(layer, DecoderLayer)]
+
+    def attention_windows(self) -> set[int | None]:
+        """The layers' sliding windows (None: the layer attends to every earlier key)."""
+        return {layer.self_attn.window for layer in self.decoder_layers()}
 
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:

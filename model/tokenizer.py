@@ -124,7 +124,8 @@ class ChatTokenizer:
         if image_token is None:
             image_token = getattr(tokenizer, "image_token", None)
         if image_token is None and image_token_id is not None:
-            image_token = tokenizer.convert_ids_to_tokens(image_token_id)
+            token = tokenizer.convert_ids_to_tokens(image_token_id)  # one id: one token (or None)
+            image_token = token if isinstance(token, str) else None
         if image_token is None and DEFAULT_IMAGE_TOKEN in vocab:
             image_token = DEFAULT_IMAGE_TOKEN
         self.image_token: str | None = image_token
@@ -187,11 +188,13 @@ class ChatTokenizer:
 
     @property
     def bos_token_id(self) -> int | None:
-        return self.tokenizer.bos_token_id
+        bos: int | None = self.tokenizer.bos_token_id
+        return bos
 
     @property
     def pad_token_id(self) -> int | None:
-        return self.tokenizer.pad_token_id
+        pad: int | None = self.tokenizer.pad_token_id
+        return pad
 
     @property
     def image_token_id(self) -> int | None:
@@ -271,7 +274,8 @@ class ChatTokenizer:
         ids = self._encode_escaped(prompt, sentinel, add_special_tokens=add_special)
         display = sentinel.restore(prompt, self._control_tokens)
 
-        if n_images and self._image_token_id is None:
+        slot = self._image_token_id
+        if n_images and slot is None:
             raise ValueError("the tokenizer has no image token, so images cannot be placed in the prompt")
         placeholder = self._placeholder_id
         n_placeholders = 0 if placeholder is None else ids.count(placeholder)
@@ -290,16 +294,18 @@ class ChatTokenizer:
         spans: list[ImageSpan] = []
         images = iter(counts)
         if prepend:  # the template ignores images: every image's slots go in front of the text
+            assert slot is not None  # there are images (checked above)
             for n in counts:
                 spans.append(ImageSpan(len(out), n))
-                out.extend([self._image_token_id] * n)
+                out.extend([slot] * n)
             out.extend(ids)
         else:
             for tok in ids:
                 if tok == placeholder:
+                    assert slot is not None  # a placeholder means there are images (checked above)
                     n = next(images)
                     spans.append(ImageSpan(len(out), n))
-                    out.extend([self._image_token_id] * n)
+                    out.extend([slot] * n)
                 else:
                     out.append(tok)
         # The slots are exactly the expanded image parts: any other image-token id means something slipped through.
@@ -318,7 +324,7 @@ class ChatTokenizer:
                 tools: Sequence[Mapping[str, Any]] | None = None) -> str:
         conversation = [_to_hf(m, transform) for m in messages]
         try:
-            return self.tokenizer.apply_chat_template(
+            rendered = self.tokenizer.apply_chat_template(
                 conversation,
                 tools=_map_strings(list(tools), transform) if tools else None,
                 chat_template=self.chat_template,
@@ -327,6 +333,8 @@ class ChatTokenizer:
             )
         except TemplateError as e:  # templates reject conversations with raise_exception(...)
             raise ValueError(f"the chat template rejected the conversation: {e}") from e
+        assert isinstance(rendered, str)  # tokenize=False: the rendered text
+        return rendered
 
     def _encode_escaped(self, prompt: str, sentinel: _Sentinel, *, add_special_tokens: bool) -> list[int]:
         """Tokenize a rendered prompt whose user text has sentinels in place of control-token strings.

@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
@@ -199,7 +200,8 @@ def _routes(app: FastAPI, state: ServerState) -> None:
             images = await load_images(state, [(ref.url, f"{ref.param}.url") for ref in chat.images], salt)
             if constraint is not None:
                 await compile_grammar(engine, *constraint)
-            sampling = sampling_of(state, body, logit_bias_pairs(engine, body.logit_bias))
+            sampling = sampling_of(state, partial(body.to_sampling_params,
+                                                 logit_bias=logit_bias_pairs(engine, body.logit_bias)))
             reqs = [EngineRequest(rid if body.n == 1 else f"{rid}-{i}", encoded.input_ids, images,
                                   choice_sampling(sampling, i), max_tokens, body.stop, ignore_eos=body.ignore_eos,
                                   cache_salt=salt, logprobs=(body.top_logprobs or 0) if body.logprobs else None,
@@ -251,7 +253,7 @@ def _routes(app: FastAPI, state: ServerState) -> None:
         if len(stops) > settings.max_stop_sequences or any(not s or len(s) > MAX_STOP_CHARS for s in stops):
             raise APIError(400, f"stop: up to {settings.max_stop_sequences} non-empty strings of at most "
                            f"{MAX_STOP_CHARS} characters", param="stop")
-        sampling = sampling_of(state, fields)
+        sampling = sampling_of(state, fields.to_sampling_params)
         stream_flag = fields.boolean("stream")
         requested = fields.integer("max_tokens", 1)
         salt_field = fields.text("cache_salt")
@@ -339,7 +341,7 @@ async def _chat_sse(choices: ChoiceStreams, rid: str, model: str, include_usage:
                 yield chunk(i, delta)
             yield chunk(i, {}, _finish_reason(event.finish_reason, calls is not None and calls[i].called))
         elif isinstance(event, Failed):
-            yield sse(APIError.from_exception(event.error).response().body.decode())
+            yield sse(APIError.from_exception(event.error).body_text())
             break
     if include_usage and len(finals) == len(choices.reqs):
         yield sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [],
@@ -355,5 +357,5 @@ async def _generate_sse(stream: EventStream, rid: str) -> AsyncIterator[str]:
             yield sse({"id": rid, "finish_reason": event.finish_reason,
                        "usage": usage_of(event).model_dump(exclude={"prompt_tokens_details"})})
         elif isinstance(event, Failed):
-            yield sse(APIError.from_exception(event.error).response().body.decode())
+            yield sse(APIError.from_exception(event.error).body_text())
     yield sse("[DONE]")

@@ -7,7 +7,12 @@ import logging
 import signal
 import sys
 from pathlib import Path
-from typing import Any, get_args, get_origin
+from typing import TYPE_CHECKING, Any, get_args, get_origin
+
+if TYPE_CHECKING:
+    from types import FrameType
+
+    from .settings import Settings
 
 log = logging.getLogger("vlmserve")
 
@@ -35,7 +40,7 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
                             metavar=None if choices else name.upper())
 
 
-def _settings_from_args(args: argparse.Namespace) -> Any:
+def _settings_from_args(args: argparse.Namespace) -> Settings:
     from .settings import Settings
 
     given = {k: v for k, v in vars(args).items() if k in Settings.model_fields}
@@ -70,7 +75,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     class Server(uvicorn.Server):
         fatal = False
 
-        def handle_exit(self, sig: int, frame: Any) -> None:
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
             state.begin_drain()
             super().handle_exit(sig, frame)
 

@@ -7,9 +7,10 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
+from functools import partial
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, params
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import Field, field_validator
 
@@ -85,7 +86,7 @@ def _legacy_logprobs(pieces: TokenPieces, logprobs: list[TokenLogprob], offset: 
     return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
 
 
-def install_completion_routes(app: FastAPI, state: ServerState, auth: list[Any],
+def install_completion_routes(app: FastAPI, state: ServerState, auth: list[params.Depends],
                               cache_salt: Callable[[Request, str | None], str],
                               check_model: Callable[[str | None], None]) -> None:
     settings = state.settings
@@ -116,7 +117,7 @@ def install_completion_routes(app: FastAPI, state: ServerState, auth: list[Any],
         elif all(isinstance(p, int) for p in raw):
             prompts = [list(raw)]  # type: ignore[arg-type]
         else:
-            prompts = [list(p) for p in raw]  # type: ignore[arg-type, union-attr]
+            prompts = [list(p) for p in raw]  # type: ignore[arg-type]
         if len(prompts) * body.n > settings.max_n:
             raise APIError(400, f"prompts x n is at most {settings.max_n} here (--max-n)", param="n",
                            code="invalid_value")
@@ -126,7 +127,8 @@ def install_completion_routes(app: FastAPI, state: ServerState, auth: list[Any],
         texts = [tokenizer.decode(p) for p in prompts] if body.echo else [""] * len(prompts)
         salt = cache_salt(request, body.cache_salt)
         with admission(engine):
-            sampling = sampling_of(state, body, logit_bias_pairs(engine, body.logit_bias))
+            sampling = sampling_of(state, partial(body.to_sampling_params,
+                                                 logit_bias=logit_bias_pairs(engine, body.logit_bias)))
             groups = []
             for k, ids in enumerate(prompts):
                 max_tokens = max_tokens_for(engine, len(ids), body.max_tokens)
@@ -201,7 +203,7 @@ async def _stream(groups: list[ChoiceStreams], rid: str, model: str, body: Compl
                 finals[-1].append(event)
                 yield chunk(index, "", event.finish_reason)
             elif isinstance(event, Failed):
-                yield sse(APIError.from_exception(event.error).response().body.decode())
+                yield sse(APIError.from_exception(event.error).body_text())
                 for g in groups:
                     g.close()
                 yield sse("[DONE]")

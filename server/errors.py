@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -78,6 +79,10 @@ class APIError(Exception):
                           code=self.code)
         return JSONResponse(body, status_code=self.status, headers=headers)
 
+    def body_text(self) -> str:
+        """The JSON body `response()` sends, as text (a stream's error event carries it)."""
+        return bytes(self.response().body).decode()
+
 
 # Validation error types that are codes of their own (the rest are `invalid_value`)
 _CODES = {
@@ -100,7 +105,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
-        first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+        first: dict[str, Any] = errors[0] if errors else {"loc": (), "msg": "invalid request"}
         param = _loc(tuple(first.get("loc", ())))
         kind = first.get("type", "")
         if kind == "json_invalid":

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from fastapi import Request
-from starlette.datastructures import UploadFile
+from starlette.datastructures import FormData, UploadFile
 
 from vlmserve.model.sampling import SamplingParams
 
@@ -20,7 +20,7 @@ GENERATE_FIELDS = frozenset({"model", "prompt", "image", "stop", "temperature", 
                              "max_tokens", "cache_salt", "json_schema", "detail"})
 
 
-async def read_form(request: Request, settings: Settings) -> Any:
+async def read_form(request: Request, settings: Settings) -> FormData:
     """The multipart (or urlencoded) form of a /v1/generate request, within the settings' caps."""
     ctype = request.headers.get("content-type", "")
     if not ctype.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
@@ -36,7 +36,7 @@ async def read_form(request: Request, settings: Settings) -> Any:
 class Form:
     """Typed access to multipart fields, each mistake a 400 naming the field."""
 
-    def __init__(self, form: Any) -> None:
+    def __init__(self, form: FormData) -> None:
         self.form = form
 
     def to_sampling_params(self, defaults: Mapping[str, Any]) -> SamplingParams:
@@ -47,9 +47,10 @@ class Form:
 
     def texts(self, name: str) -> list[str]:
         values = self.form.getlist(name)
-        if any(not isinstance(v, str) for v in values):
+        texts = [v for v in values if isinstance(v, str)]
+        if len(texts) != len(values):
             raise APIError(400, f"form field {name!r} must be text, not a file", param=name)
-        return values
+        return texts
 
     def text(self, name: str) -> str | None:
         values = self.texts(name)
@@ -59,9 +60,10 @@ class Form:
 
     def files(self, name: str) -> list[UploadFile]:
         values = self.form.getlist(name)
-        if any(not isinstance(v, UploadFile) for v in values):
+        files = [v for v in values if isinstance(v, UploadFile)]
+        if len(files) != len(values):
             raise APIError(400, f"form field {name!r} must be a file upload", param=name)
-        return values
+        return files
 
     def number(self, name: str, lo: float, hi: float) -> float | None:
         raw = self.text(name)

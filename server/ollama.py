@@ -10,10 +10,10 @@ import hashlib
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from importlib import metadata
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -41,6 +41,8 @@ from .state import ServerState
 from .streaming import EventStream, collect
 from .tools import ToolUse, tool_use_of
 
+M = TypeVar("M", bound=BaseModel)
+
 
 def _now() -> str:
     return datetime.now(UTC).isoformat().replace("+00:00", "Z")
@@ -50,7 +52,7 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-async def _body(request: Request, model: type[BaseModel]) -> Any:
+async def _body(request: Request, model: type[M]) -> M:
     try:
         data = await request.json()
     except (ValueError, UnicodeDecodeError):
@@ -94,7 +96,7 @@ def install_ollama_routes(app: FastAPI, state: ServerState, authorize: Callable[
                 "digest": hashlib.sha256(state.model_id.encode()).hexdigest(),
                 "modified_at": datetime.fromtimestamp(state.created, UTC).isoformat().replace("+00:00", "Z")}
 
-    def guarded(route: Callable[[Request], Any]) -> Callable[[Request], Any]:
+    def guarded(route: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
         """Authorization, then the route; every error in Ollama's shape, whatever raised it."""
         async def run(request: Request) -> Response:
             try:
@@ -215,7 +217,7 @@ def install_ollama_routes(app: FastAPI, state: ServerState, authorize: Callable[
                 grammar = tools.grammar
             if grammar is not None:
                 await compile_grammar(engine, grammar, "format")
-            sampling = sampling_of(state, options)
+            sampling = sampling_of(state, options.to_sampling_params)
             req = EngineRequest(rid, encoded.input_ids, prepared, sampling, max_tokens, options.stop or (),
                                 cache_salt=salt, grammar=grammar)
             stream = submit(engine, req)
@@ -247,7 +249,8 @@ def _tool_answer(tools: ToolUse, text: str) -> tuple[str, list[dict[str, Any]]]:
     """An answer's content and its calls in Ollama's shape (`arguments` an object); a call whose arguments are no
     JSON object stays in the content as the model wrote it."""
     parsed = tools.parser.parse(text, final=True)
-    content, calls = parsed.content, []
+    content = parsed.content
+    calls: list[dict[str, Any]] = []
     for call in parsed.calls[: tools.limit]:
         try:
             arguments = json.loads(call.arguments or "{}")

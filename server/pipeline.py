@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from fastapi import Depends, Request
+from fastapi import Depends, Request, params
 
 from vlmserve.model.sampling import SamplingParams
 
@@ -22,6 +22,11 @@ from .schemas import PromptTokensDetails, Usage
 from .settings import Settings
 from .state import ServerState
 from .streaming import EventStream
+
+if TYPE_CHECKING:
+    from vlmserve.model.tokenizer import EncodedPrompt
+
+    from .engine import Engine
 
 
 def usage_of(*finals: Finished) -> Usage:
@@ -44,10 +49,11 @@ def check_stream_and_stops(settings: Settings, stream: bool | None, stream_optio
         raise APIError(400, f"at most {settings.max_stop_sequences} stop sequences", param="stop")
 
 
-def sampling_of(state: ServerState, source: Any, *args: Any) -> SamplingParams:
-    """`source.to_sampling_params(the checkpoint's defaults, *args)`: a 400 when the values do not fit together."""
+def sampling_of(state: ServerState, build: Callable[[Mapping[str, Any]], SamplingParams]) -> SamplingParams:
+    """`build(the checkpoint's defaults)`, `build` being a body's `to_sampling_params` (with its other arguments
+    bound): a 400 when the values do not fit together."""
     try:
-        return source.to_sampling_params(state.generation_defaults, *args)
+        return build(state.generation_defaults)
     except ValueError as e:
         raise APIError(400, str(e), code="invalid_value") from e
 
@@ -60,7 +66,7 @@ def choice_sampling(sampling: SamplingParams, index: int) -> SamplingParams:
 
 
 @contextmanager
-def admission(engine: Any) -> Iterator[None]:
+def admission(engine: Engine) -> Iterator[None]:
     """Admission before any expensive work: a place in the queue is held while the request is prepared (so a burst
     is refused here, before image decoding) and given back once it is submitted or refused."""
     try:
@@ -73,7 +79,7 @@ def admission(engine: Any) -> Iterator[None]:
         engine.unreserve()
 
 
-def logit_bias_pairs(engine: Any, bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
+def logit_bias_pairs(engine: Engine, bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
     """OpenAI's logit_bias as (token id, bias) pairs, each id checked against the vocabulary."""
     out = tuple(sorted((int(token), float(value)) for token, value in (bias or {}).items()))
     bad = [token for token, _ in out if token >= engine.vocab_size]
@@ -83,14 +89,14 @@ def logit_bias_pairs(engine: Any, bias: dict[str, float] | None) -> tuple[tuple[
     return out
 
 
-def max_tokens_for(engine: Any, prompt_len: int, requested: int | None) -> int:
+def max_tokens_for(engine: Engine, prompt_len: int, requested: int | None) -> int:
     try:
         return engine.resolve_max_tokens(prompt_len, requested)
     except EngineError as e:
         raise APIError.from_exception(e) from e
 
 
-def submit(engine: Any, req: EngineRequest) -> EventStream:
+def submit(engine: Engine, req: EngineRequest) -> EventStream:
     try:
         return EventStream(engine, req)
     except EngineError as e:
@@ -117,7 +123,7 @@ def image_token_counts(state: ServerState, refs: Sequence[ImageRef]) -> list[int
 
 
 async def encode(state: ServerState, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
-                 image_tokens: Sequence[int] | None = None) -> Any:
+                 image_tokens: Sequence[int] | None = None) -> EncodedPrompt:
     """The chat's prompt ids (with the functions it offers, `tools`; each image as its `image_tokens` slots),
     tokenized in the thread pool; one that cannot fit the context is refused before."""
     assert state.preparer is not None and state.engine is not None
@@ -171,13 +177,14 @@ async def check_prompt_floor(state: ServerState, request: Request) -> None:
                        param="messages", code="context_length_exceeded")
 
 
-def prompt_floor_check(state: ServerState) -> Any:
+def prompt_floor_check(state: ServerState) -> params.Depends:
     """`check_prompt_floor` as a route dependency (it runs before FastAPI validates the body)."""
 
     async def check(request: Request) -> None:
         await check_prompt_floor(state, request)
 
-    return Depends(check)
+    dependency: params.Depends = Depends(check)
+    return dependency
 
 
 async def load_images(state: ServerState, urls: Sequence[tuple[str, str]], salt: str) -> list[ImageInput]:

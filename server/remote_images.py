@@ -49,7 +49,7 @@ async def _resolve_public(host: str, port: int) -> str:
         infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as e:
         raise RemoteImageError(f"cannot resolve image host {host!r}") from e
-    addresses = sorted({info[4][0] for info in infos})
+    addresses = sorted({str(info[4][0]) for info in infos})  # the host of (host, port[, flow, scope])
     if not addresses or not all(is_public_address(a) for a in addresses):
         raise RemoteImageError(f"image host {host!r} resolves to a non-public address")
     return addresses[0]

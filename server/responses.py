@@ -11,7 +11,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, Literal
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, params
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import Field, ValidationInfo, field_validator
 
@@ -139,7 +139,7 @@ def _messages(body: ResponsesRequest) -> tuple[list[dict[str, Any]], list[ImageR
     return out, urls
 
 
-def install_responses_routes(app: FastAPI, state: ServerState, auth: list[Any],
+def install_responses_routes(app: FastAPI, state: ServerState, auth: list[params.Depends],
                              cache_salt: Callable[[Request, str | None], str],
                              check_model: Callable[[str | None], None]) -> None:
     settings = state.settings
@@ -171,7 +171,7 @@ def install_responses_routes(app: FastAPI, state: ServerState, auth: list[Any],
             images = await load_images(state, [(ref.url, ref.param) for ref in urls], salt)
             if grammar is not None:
                 await compile_grammar(engine, grammar, "text.format")
-            sampling = sampling_of(state, body)
+            sampling = sampling_of(state, body.to_sampling_params)
             stream = submit(engine, EngineRequest(rid, encoded.input_ids, images, sampling, max_tokens,
                                                   cache_salt=salt, grammar=grammar))
         shell = _Shell(rid, state.model_id, body, int(time.time()))

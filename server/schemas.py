@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -24,7 +24,10 @@ from pydantic_core import PydanticCustomError
 from vlmserve.model.messages import MAX_NESTING, nesting_depth
 from vlmserve.model.sampling import SamplingParams
 
-EXTRA = {"x-vlmserve-extra": True}  # marks fields OpenAI's API does not have
+if TYPE_CHECKING:
+    from pydantic.config import JsonDict
+
+EXTRA: JsonDict = {"x-vlmserve-extra": True}  # marks fields OpenAI's API does not have
 MAX_STOP_CHARS = 1024  # one stop string's length (the stop matcher holds back up to this much text)
 
 

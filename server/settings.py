@@ -14,6 +14,11 @@ from .engine.config import CPU_KV_CACHE_MB, CUDA_KV_CACHE_SHARE, EngineConfig, I
 C = TypeVar("C", EngineConfig, ImageLimits)
 
 
+def _whole_mb(mb: float | None) -> int | None:
+    """An EngineConfig size (fractional MB allowed there) as the default of a whole-MB setting."""
+    return None if mb is None else int(mb)
+
+
 def default_model_path() -> str:
     """The embedded default model: `vlmserve/weights/shapes-llava` once installed, `weights/shapes-llava` in the
     source tree (an editable install maps the same relative path)."""
@@ -52,7 +57,7 @@ class Settings(BaseSettings):
         description=f"context per sequence (default: model's, capped {EngineConfig.max_model_len_cap})",
     )
     kv_cache_mb: int | None = Field(
-        EngineConfig.kv_cache_mb, ge=1,
+        _whole_mb(EngineConfig.kv_cache_mb), ge=1,
         description=f"KV block pool in MB (default: {CPU_KV_CACHE_MB} on CPU, {CUDA_KV_CACHE_SHARE:.0%} of free "
                     "memory on CUDA)",
     )
@@ -83,7 +88,7 @@ class Settings(BaseSettings):
     )
     max_stop_sequences: int = Field(8, ge=0, description="stop strings in one request; past it: 400")
     max_n: int = Field(8, ge=1, le=128, description="choices (`n`) in one chat request; past it: 400")
-    vision_cache_mb: int = Field(EngineConfig.vision_cache_mb, ge=0, description="visual-token cache size")
+    vision_cache_mb: int = Field(int(EngineConfig.vision_cache_mb), ge=0, description="visual-token cache size")
     preprocess_workers: int = Field(4, ge=1, description="threads that decode and preprocess images")
     allow_remote_images: bool = Field(False, description="fetch http(s) image URLs (off: data URLs only)")
     remote_image_hosts: Annotated[list[str], NoDecode] = Field(

@@ -14,8 +14,10 @@ import math
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 from PIL import Image
 
 logger = logging.getLogger(__name__)
@@ -169,14 +171,15 @@ def coverage(obj: SceneObject, size: int, antialias: bool) -> tuple[slice, slice
     return slice(i0, i1), slice(j0, j1), cov
 
 
-def render(scene: Scene) -> np.ndarray:
+def render(scene: Scene) -> npt.NDArray[np.uint8]:
     """The scene as an (S, S, 3) uint8 array: each pixel blends background and object by its coverage."""
     canvas = np.full((scene.size, scene.size, 3), float(scene.background))
     for obj in scene.objects:
         rows, cols, cov = coverage(obj, scene.size, scene.antialias)
         region = canvas[rows, cols]
         canvas[rows, cols] = region * (1.0 - cov[..., None]) + np.asarray(obj.rgb, dtype=float) * cov[..., None]
-    return np.clip(np.rint(canvas), 0, 255).astype(np.uint8)
+    pixels: npt.NDArray[np.uint8] = np.clip(np.rint(canvas), 0, 255).astype(np.uint8)
+    return pixels
 
 
 def encode(pixels: np.ndarray, fmt: str, quality: int | None = None, lossless: bool = False) -> tuple[bytes, str]:
@@ -303,7 +306,7 @@ def grade(prediction: str, answer: str) -> bool:
     return normalize(prediction) == normalize(answer)
 
 
-def score(items: Sequence[EvalItem], predictions: Sequence[str]) -> dict:
+def score(items: Sequence[EvalItem], predictions: Sequence[str]) -> dict[str, Any]:
     """Overall and per-kind accuracy with counts.
 
     Returns {"accuracy", "correct", "n", "per_kind": {kind: {"accuracy", "correct", "n"}}}; every kind in KINDS

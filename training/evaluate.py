@@ -11,7 +11,7 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -36,7 +36,7 @@ MAX_PIXELS = 4096 * 4096
 MAX_TOKENS = 24
 
 
-def _messages(question: str) -> list[dict]:
+def _messages(question: str) -> list[dict[str, Any]]:
     return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
 
 
@@ -58,7 +58,7 @@ class LocalAnswerer:
         return self.chat.decode(out, skip_special_tokens=True).strip()
 
 
-def evaluate_local(model_dir: str | Path, items: Sequence[EvalItem], *, log_every: int = 100) -> dict:
+def evaluate_local(model_dir: str | Path, items: Sequence[EvalItem], *, log_every: int = 100) -> dict[str, Any]:
     """Score a checkpoint directory on `items` through vlmserve's generate; adds per-item mistakes (first 20)."""
     answer = LocalAnswerer(model_dir)
     preds: list[str] = []
@@ -70,14 +70,14 @@ def evaluate_local(model_dir: str | Path, items: Sequence[EvalItem], *, log_ever
     return _summary(items, preds, time.perf_counter() - t0)
 
 
-def evaluate_engine(model_dir: str | Path, items: Sequence[EvalItem], *, max_running: int = 16) -> dict:
+def evaluate_engine(model_dir: str | Path, items: Sequence[EvalItem], *, max_running: int = 16) -> dict[str, Any]:
     """Score a checkpoint directory on `items` through the serving engine (continuous batching, greedy): the same
     code path as the server, without HTTP."""
     import queue as queue_mod
 
     from vlmserve.model.sampling import SamplingParams
-    from vlmserve.server.engine import Engine, EngineConfig, Failed, Finished
-    from vlmserve.server.engine.prepare import ImageLimits, RequestPreparer
+    from vlmserve.server.engine import Engine, EngineConfig, Failed, Finished, ImageLimits
+    from vlmserve.server.engine.prepare import RequestPreparer
 
     model = load_model(model_dir)
     chat = ChatTokenizer.from_pretrained(model_dir)
@@ -85,7 +85,7 @@ def evaluate_engine(model_dir: str | Path, items: Sequence[EvalItem], *, max_run
                                ImageLimits(max_image_pixels=MAX_PIXELS))
     engine = Engine(model, chat, EngineConfig(max_running=max_running, max_waiting=len(items)),
                     model_id=Path(model_dir).name).start()
-    done: queue_mod.Queue = queue_mod.Queue()
+    done: queue_mod.Queue[Finished | Failed] = queue_mod.Queue()
     t0 = time.perf_counter()
     try:
         for i, item in enumerate(items):
@@ -103,7 +103,7 @@ def evaluate_engine(model_dir: str | Path, items: Sequence[EvalItem], *, max_run
     return _summary(items, preds, time.perf_counter() - t0)
 
 
-def answer_schema(kind: str) -> dict:
+def answer_schema(kind: str) -> dict[str, Any]:
     """The JSON schema of a question kind's answers: an enum, or for captions the pattern every caption follows."""
     if kind == "color":
         return {"enum": list(EVAL_COLORS)}
@@ -118,7 +118,7 @@ def answer_schema(kind: str) -> dict:
 
 
 def evaluate_url(base_url: str, items: Sequence[EvalItem], *, model: str | None = None, workers: int = 8,
-                 json_schema: bool = False) -> dict:
+                 json_schema: bool = False) -> dict[str, Any]:
     """Score a running server on `items` through POST {base}/v1/chat/completions (temperature 0, max_tokens 24).
     With `json_schema`, each answer is constrained by `response_format` to its kind's `answer_schema` (a JSON
     string) and graded as the string it holds. An error answer raises the client's `VlmserveError`."""
@@ -143,7 +143,7 @@ def evaluate_url(base_url: str, items: Sequence[EvalItem], *, model: str | None 
     return _summary(items, preds, time.perf_counter() - t0)
 
 
-def _summary(items: Sequence[EvalItem], preds: Sequence[str], seconds: float) -> dict:
+def _summary(items: Sequence[EvalItem], preds: Sequence[str], seconds: float) -> dict[str, Any]:
     result = score(items, preds)
     result["seconds"] = round(seconds, 1)
     result["mistakes"] = [

@@ -7,6 +7,7 @@ import math
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -28,12 +29,12 @@ def train_loop(
     name: str,
     run_dir: Path,
     modules: dict[str, nn.Module],
-    param_groups: list[dict],
+    param_groups: list[dict[str, Any]],
     budget: StageBudget,
     step_fn: Callable[[int], tuple[torch.Tensor, int]],
     *,
     resume: bool = True,
-) -> dict:
+) -> dict[str, Any]:
     """Run `budget.steps` optimiser steps of `step_fn(step) -> (loss, examples)`; resumable from run_dir/name.ckpt.
 
     Each param group may carry `lr_scale` (its rate relative to the schedule). Returns a summary with the loss

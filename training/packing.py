@@ -16,10 +16,13 @@ import torch.nn.functional as F
 
 from vlmserve.model.vlm import VisionLanguageModel
 
+# What pack_rows returns: ids (B, T), positions (B, T), mask (B, 1, T, T) and targets (B, T - 1)
+PackedRows = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
 
 def pack_rows(
     prefix: Sequence[int], segments: Sequence[Sequence[tuple[list[int], list[int]]]], pad_id: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> PackedRows:
     """Rows of `prefix` + (prompt part, answer) segments -> ids (B, T), positions (B, T), mask (B, 1, T, T) and
     targets (B, T - 1) (-100 except where the next token belongs to an answer)."""
     p = len(prefix)

@@ -16,6 +16,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +31,7 @@ from vlmserve.model.weights import save_model
 
 from .heads import PatchHeads
 from .loop import train_loop
-from .packing import pack_rows, packed_loss
+from .packing import PackedRows, pack_rows, packed_loss
 from .recipe import Recipe
 from .tokenizer import PromptCodec, save_text_side, train_tokenizer
 from .world import KINDS, Pool, random_world, render, render_pool, sample_questions
@@ -71,7 +72,7 @@ class Run:
         self.processor = ImageProcessor(ImageProcessorConfig.clip(self.recipe.image_size))
         self.grid = self.recipe.image_size // self.recipe.patch_size
         self.summary_path = self.dir / "summary.json"
-        self.summary: dict = json.loads(self.summary_path.read_text()) if self.summary_path.is_file() else {}
+        self.summary: dict[str, Any] = json.loads(self.summary_path.read_text()) if self.summary_path.is_file() else {}
 
     def pool(self, which: str) -> Pool:
         """The `vision` pool (stage 0) or the `lm` pool (stages 2-3), rendered once per process."""
@@ -100,7 +101,7 @@ class Run:
 # ---------------------------------------------------------------------------------------------------- stage 0
 
 
-def train_vision(run: Run) -> dict:
+def train_vision(run: Run) -> dict[str, Any]:
     """Pretrain the ViT to label every patch (pair, colour, shape, left-to-right rank, object count)."""
     torch.manual_seed(run.recipe.seed)
     tower = VisionTransformer(run.config.vision)
@@ -140,7 +141,7 @@ def _pad(rows: list[list[int]], pad: int) -> torch.Tensor:
     return torch.tensor([r + [pad] * (width - len(r)) for r in rows])  # (B, T)
 
 
-def train_lm(run: Run) -> dict:
+def train_lm(run: Run) -> dict[str, Any]:
     """Pretrain the LM on chat-formatted questions and answers about random scenes, without image slots."""
     torch.manual_seed(run.recipe.seed)
     lm = TextModel(run.config.text)
@@ -152,8 +153,7 @@ def train_lm(run: Run) -> dict:
         worlds = [random_world(rng) for _ in range(budget.batch)]
         rows = []
         for _, _, q, a in sample_questions(worlds, rng, weights):
-            ids = [t for t in codec.prompt(q) if t != codec.image_token_id] + codec.answer(a)
-            rows.append(ids)
+            rows.append([t for t in codec.prompt(q) if t != codec.image_token_id] + codec.answer(a))
         ids = _pad(rows, codec.pad_id)  # (B, T)
         logits = lm(ids)  # (B, T, V)
         target = ids[:, 1:].masked_fill(ids[:, 1:] == codec.pad_id, -100)  # (B, T - 1)
@@ -224,7 +224,7 @@ def _answer_loss(
     return F.cross_entropy(logits[:, :-1].flatten(0, 1), target.flatten(), ignore_index=-100)
 
 
-def train_align(run: Run) -> dict:
+def train_align(run: Run) -> dict[str, Any]:
     """Only the projector learns, on captions; encoder and LM stay frozen."""
     model = run.model()
     _load_previous(run, model, "vision", "lm")
@@ -250,7 +250,8 @@ def train_align(run: Run) -> dict:
     return out
 
 
-def packed_batch(run: Run, stage: str, step: int, images: int, per_image: int, weights: dict[str, float]) -> tuple:
+def packed_batch(run: Run, stage: str, step: int, images: int, per_image: int, weights: dict[str, float]
+                 ) -> tuple[torch.Tensor, PackedRows]:
     """(pool indices (B,), packed rows): `per_image` questions about each of `images` pool images, see packing.py."""
     rng = run.step_rng(stage, step)
     pool = run.pool("lm")
@@ -270,7 +271,7 @@ def packed_batch(run: Run, stage: str, step: int, images: int, per_image: int, w
     return torch.tensor(idx), pack_rows(prefix, segments, run.codec.pad_id)
 
 
-def train_instruct(run: Run) -> dict:
+def train_instruct(run: Run) -> dict[str, Any]:
     """Projector + LM on the whole question mix, loss on answer tokens; the encoder stays frozen (cached features).
 
     Each row packs `questions_per_image` questions about one image (packing.py): same gradients per question as lone
@@ -299,7 +300,7 @@ def train_instruct(run: Run) -> dict:
 
 
 def fresh_packed_batch(run: Run, stage: str, step: int, images: int, per_image: int, weights: dict[str, float],
-                       object_weights: tuple[float, ...]) -> tuple[torch.Tensor, tuple]:
+                       object_weights: tuple[float, ...]) -> tuple[torch.Tensor, PackedRows]:
     """(pixels (B, 3, H, W), packed rows) of `images` scenes rendered for this step alone (deterministic per step)."""
     rng = run.step_rng(stage, step)
     worlds = [random_world(rng, rng.choices((1, 2, 3), object_weights)[0]) for _ in range(images)]
@@ -313,7 +314,7 @@ def fresh_packed_batch(run: Run, stage: str, step: int, images: int, per_image: 
     return pixels, pack_rows(prefix, segments, run.codec.pad_id)
 
 
-def train_finetune(run: Run) -> dict:
+def train_finetune(run: Run) -> dict[str, Any]:
     """Stage 3 continued with everything trainable: encoder at `unfreeze_vision_lr`, projector + LM at the stage's
     rate; features computed in the loop (no cache), images rendered fresh every step with more 3-object scenes."""
     budget = run.recipe.finetune
@@ -330,7 +331,7 @@ def train_finetune(run: Run) -> dict:
                                            run.recipe.finetune_object_weights)
         return packed_loss(model, batch, model.select_features(pixels)), budget.batch * per_image
 
-    params = [
+    params: list[dict[str, Any]] = [
         {"params": list(model.vision_tower.parameters()), "lr_scale": run.recipe.unfreeze_vision_lr / budget.lr},
         {"params": [*model.multi_modal_projector.parameters(), *model.language_model.parameters()]},
     ]
@@ -365,7 +366,7 @@ TRAINERS = {"vision": train_vision, "lm": train_lm, "align": train_align, "instr
 
 def run_stages(
     recipe: Recipe, out: Path, stages: list[str], *, resume: bool = True, share: Run | None = None
-) -> dict:
+) -> dict[str, Any]:
     """Run the given stages in order; a finished stage (its result file present) is skipped when resuming.
 
     `share`: a run with the same encoder and `lm` pool whose rendered pools and cached features are reused.

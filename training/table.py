@@ -14,6 +14,7 @@ import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
@@ -29,7 +30,8 @@ from .stages import Run, run_stages
 log = logging.getLogger(__name__)
 
 
-def run_variant(base: Path, out: Path, projector: str, n_eval: int, seed: int, share: Run | None = None) -> dict:
+def run_variant(base: Path, out: Path, projector: str, n_eval: int, seed: int, share: Run | None = None
+                ) -> dict[str, Any]:
     """Train one projector variant (stages align + instruct) on the base run's encoder and LM, then measure it."""
     recipe = get_recipe(f"table-{projector}")
     prepare_variant_dir(base, out)
@@ -64,7 +66,7 @@ def prepare_variant_dir(base: Path, out: Path) -> None:
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
 
 
-def markdown(rows: list[dict]) -> str:
+def markdown(rows: list[dict[str, Any]]) -> str:
     """The table as markdown."""
     kinds = ["color", "shape", "count", "exists", "caption"]
     head = ["projector", "visual tokens", "projector params", "prefill ms", "train s (align+instruct)",

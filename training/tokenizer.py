@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from typing import Any
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
@@ -122,9 +123,11 @@ class PromptCodec:
         self._answers["two"] = full[len(prompt) :]
 
     @staticmethod
-    def messages(question: str, answer: str | None = None) -> list[dict]:
+    def messages(question: str, answer: str | None = None) -> list[dict[str, Any]]:
         """The OpenAI-style conversation: an image part, then the question; the answer as an assistant turn."""
-        msgs: list[dict] = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        msgs: list[dict[str, Any]] = [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}
+        ]
         if answer is not None:
             msgs.append({"role": "assistant", "content": answer})
         return msgs

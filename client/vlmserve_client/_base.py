@@ -10,7 +10,7 @@ import os
 import random
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, TypedDict
 
 import httpx
 
@@ -50,7 +50,13 @@ def as_timeout(timeout: float | httpx.Timeout | None) -> httpx.Timeout:
     return timeout if isinstance(timeout, httpx.Timeout) else httpx.Timeout(timeout)
 
 
-def pool_limits(max_connections: int | None) -> dict[str, httpx.Limits]:
+class PoolLimits(TypedDict, total=False):
+    """The keyword arguments `pool_limits` hands to `httpx.Client` / `httpx.AsyncClient`."""
+
+    limits: httpx.Limits
+
+
+def pool_limits(max_connections: int | None) -> PoolLimits:
     """httpx's `limits` argument: its default pool (100 connections) for None, else `max_connections`, each idle
     one kept alive."""
     return {} if max_connections is None else {"limits": httpx.Limits(max_connections=max_connections)}
@@ -101,8 +107,8 @@ def data_url(image: ImageInput) -> str:
 def _images(images: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
     # One image passed without a list is accepted too (a str or bytes is one image, not a sequence of them).
     if isinstance(images, str | bytes | bytearray | memoryview | os.PathLike) or hasattr(images, "save"):
-        return [images]  # type: ignore[list-item]
-    return list(images)  # type: ignore[arg-type]
+        return [images]  # pyright: ignore[reportReturnType]  (mypy narrows by hasattr, pyright does not)
+    return list(images)  # pyright: ignore[reportArgumentType]
 
 
 def _stops(stop: str | Sequence[str] | None) -> list[str]:
@@ -203,7 +209,7 @@ def retry_delay(attempt: int, backoff: float, retry_after: float | None) -> floa
     with jitter (half fixed, half random)."""
     if retry_after is not None:
         return min(retry_after, MAX_RETRY_AFTER)
-    base = min(backoff * 2**attempt, MAX_BACKOFF)
+    base = min(backoff * 2.0**attempt, MAX_BACKOFF)
     return base / 2 + random.uniform(0, base / 2)
 
 

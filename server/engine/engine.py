@@ -19,12 +19,15 @@ import torch
 from vlmserve.model.tokenizer import ChatTokenizer
 from vlmserve.model.vlm import VisionLanguageModel
 
-from .core import EngineConfig, EngineCore
+from .config import EngineConfig
+from .core import EngineCore
 from .observer import Observer
 from .requests import EngineError, EngineRequest, Event, EventSink, Failed, Finished, QueueFull, Unavailable
 from .sequence import Sequence
 
 log = logging.getLogger(__name__)
+# What a command to the engine thread carries: ("submit", (sequence, sink)), ("cancel", request id), ("wake", None)
+_CommandArg = tuple[Sequence, EventSink] | str | None
 
 
 class Engine:
@@ -45,7 +48,7 @@ class Engine:
         self.model_id, self.observer, self.counters = model_id, self.core.observer, self.core.counters
         self.max_model_len, self.weight_layout = self.core.max_model_len, self.core.weight_layout
         self.vision_cache = self.core.vision_cache
-        self._commands: queue.Queue[tuple[str, object]] = queue.Queue()
+        self._commands: queue.Queue[tuple[str, _CommandArg]] = queue.Queue()
         self._sinks: dict[str, EventSink] = {}
         self._lock = threading.RLock()
         self._in_flight = 0  # submitted, not yet handed to the core (guarded by _lock)
@@ -186,8 +189,8 @@ class Engine:
             return
         while True:
             if cmd == "submit":
-                seq, sink = arg  # type: ignore[misc]
-                assert isinstance(seq, Sequence)
+                assert isinstance(arg, tuple)
+                seq, sink = arg
                 self._sinks[seq.request_id] = sink
                 self.core.add(seq)
                 with self._lock:
@@ -218,7 +221,8 @@ class Engine:
             except queue.Empty:
                 break
             if cmd == "submit":
-                seq, sink = arg  # type: ignore[misc]
+                assert isinstance(arg, tuple)
+                seq, sink = arg
                 try:
                     sink(Failed(seq.request_id, error))
                 except Exception:

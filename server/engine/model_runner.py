@@ -55,7 +55,7 @@ class ModelRunner:
         param = next(lm.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.sampler = SamplerState(max_rows, lm.lm_head.out_features, self.device)
-        self.windows = {layer.self_attn.window for layer in lm.layers}
+        self.windows = lm.attention_windows()
         self.bidirectional_images = bool(getattr(model, "bidirectional_images", False))
         self.max_images_per_encode = max_images_per_encode
         self.counters, self.observer = counters, observer

@@ -12,15 +12,23 @@ import multiprocessing as mp
 import queue
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import EngineConfig
 from .requests import EngineError, EngineRequest, Event, Failed, Finished, Unavailable
 
+if TYPE_CHECKING:
+    import multiprocessing.queues
+
+    # A process queue of (kind, payload) pairs. In: ("submit", EngineRequest), ("abort", request id) or ("stop",
+    # None); out: ("ready", max_model_len), then ("events", [Event, ...]).
+    Channel = multiprocessing.queues.Queue[tuple[str, Any]]
+
 log = logging.getLogger(__name__)
 
 
-def _serve(checkpoint: str, config: EngineConfig, model_id: str, dtype: str, inbox: Any, outbox: Any) -> None:
+def _serve(checkpoint: str, config: EngineConfig, model_id: str, dtype: str, inbox: Channel, outbox: Channel
+           ) -> None:
     import torch
 
     from vlmserve.model.tokenizer import ChatTokenizer

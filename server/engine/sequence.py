@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -13,6 +13,9 @@ from vlmserve.model.detokenizer import IncrementalDetokenizer
 from .kv_cache_manager import BlockKey, block_key
 from .requests import EngineRequest, TokenLogprob
 from .stops import StopMatcher
+
+if TYPE_CHECKING:
+    from llguidance import LLMatcher
 
 
 @dataclass(frozen=True)
@@ -76,7 +79,7 @@ class Sequence:
     pending: list[int] = field(default_factory=list)  # tokens accepted since the last TextDelta
     logprobs: list[TokenLogprob] = field(default_factory=list)  # when the request asks: one per reported token
     reported: int = 0  # logprobs already sent in a TextDelta
-    matcher: Any = None  # llguidance's matcher of req.grammar, tracking the generated tokens (structured.py)
+    matcher: LLMatcher | None = None  # llguidance's matcher of req.grammar, following the generated tokens
     first_token_at: float = 0.0
     last_token_at: float = 0.0
 

@@ -14,13 +14,16 @@ import json
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from vlmserve.model.tokenizer import ChatTokenizer
 
 from .requests import BadRequest
+
+if TYPE_CHECKING:
+    from llguidance import LLMatcher, LLTokenizer
 
 TEMPLATES = 256  # compiled grammars kept (LRU)
 _LITERALS = ("const", "enum", "default", "examples")  # values, not schemas
@@ -73,16 +76,19 @@ class StructuredOutputs:
     def __init__(self, tokenizer: ChatTokenizer, vocab_size: int) -> None:
         self.hf_tokenizer, self.vocab_size = tokenizer.tokenizer, vocab_size
         self.eos_ids = list(tokenizer.eos_token_ids)
-        self._tokenizer: Any = None  # llguidance's view of the vocabulary, built on first use
-        self._templates: OrderedDict[str, Any] = OrderedDict()
+        self._tokenizer: LLTokenizer | None = None  # llguidance's view of the vocabulary, built on first use
+        self._templates: OrderedDict[str, LLMatcher] = OrderedDict()
         self._lock = threading.Lock()
         self._mask: torch.Tensor | None = None  # (R, ceil(V / 32)) int32 bitmask, grown on demand
 
-    def _ll_tokenizer(self) -> Any:
+    def _ll_tokenizer(self) -> LLTokenizer:
         with self._lock:
             if self._tokenizer is None:
                 import llguidance.hf
+                from transformers import PreTrainedTokenizerFast
 
+                if not isinstance(self.hf_tokenizer, PreTrainedTokenizerFast):  # llguidance's own check, typed
+                    raise ValueError("Only fast tokenizers are supported")
                 eos = self.eos_ids[0] if self.eos_ids else None
                 self._tokenizer = llguidance.hf.from_tokenizer(self.hf_tokenizer, n_vocab=self.vocab_size,
                                                                eos_token=eos)
@@ -109,7 +115,7 @@ class StructuredOutputs:
             while len(self._templates) > TEMPLATES:
                 self._templates.popitem(last=False)
 
-    def matcher(self, grammar: str) -> Any:
+    def matcher(self, grammar: str) -> LLMatcher:
         """A fresh matcher for one sequence (compiling the grammar if no template is cached)."""
         with self._lock:
             template = self._templates.get(grammar)
@@ -119,16 +125,17 @@ class StructuredOutputs:
                 template = self._templates[grammar]
         return template.deep_copy()
 
-    def mask(self, logits: torch.Tensor, matchers: Sequence[Any]) -> torch.Tensor:
+    def mask(self, logits: torch.Tensor, matchers: Sequence[LLMatcher | None]) -> torch.Tensor:
         """Logits (B, V) with every token its row's matcher forbids at -inf (rows with no matcher: unchanged)."""
         import llguidance.torch as llt
 
-        rows = [i for i, m in enumerate(matchers) if m is not None]
+        present = [(i, m) for i, m in enumerate(matchers) if m is not None]
+        rows = [i for i, _ in present]
         if self._mask is None or self._mask.shape[0] < len(rows):
             self._mask = llt.allocate_token_bitmask(max(len(rows), 8), self.vocab_size)
         mask = self._mask[: len(rows)]
-        for j, i in enumerate(rows):
-            llt.fill_next_token_bitmask(matchers[i], mask, j)
+        for j, (_, matcher) in enumerate(present):
+            llt.fill_next_token_bitmask(matcher, mask, j)
         sub = logits[rows].float()  # (S, V)
         llt.apply_token_bitmask_inplace(sub, mask.to(sub.device, non_blocking=True))
         out = logits.to(torch.float32, copy=True)  # (B, V): one copy, whatever the dtype
