@@ -83,6 +83,14 @@ class EncodedPrompt:
         return len(self.input_ids)
 
 
+class PromptTooLong(ValueError):
+    """The rendered prompt is surely over `limit` tokens: at least `floor` (from its bytes, before tokenizing)."""
+
+    def __init__(self, floor: int, limit: int) -> None:
+        super().__init__(f"the prompt is at least {floor} tokens; the limit is {limit}")
+        self.floor, self.limit = floor, limit
+
+
 class ChatTokenizer:
     """A checkpoint's tokenizer and chat template, with image-span aware chat encoding."""
 
@@ -256,6 +264,7 @@ class ChatTokenizer:
         num_image_tokens: int | Sequence[int],
         add_generation_prompt: bool = True,
         tools: Sequence[Mapping[str, Any]] | None = None,
+        token_limit: int | None = None,
     ) -> EncodedPrompt:
         """Render `messages` with the chat template and tokenize it, each image expanded to its visual-token slots.
 
@@ -270,9 +279,14 @@ class ChatTokenizer:
 
         sentinel = _Sentinel.choose(self._reserved_chars, _texts(parsed, tools))
         prompt = self._render(parsed, add_generation_prompt, lambda text: self._escape(text, sentinel), tools)
+        display = sentinel.restore(prompt, self._control_tokens)
+        if token_limit is not None:  # the rendered text's bytes bound its tokens: a prompt far over is not tokenized
+            plain = self._control_re.sub("", display) if self._control_re is not None else display
+            floor = len(plain.encode("utf-8", errors="replace")) // self.max_token_bytes
+            if floor > token_limit:
+                raise PromptTooLong(floor, token_limit)
         add_special = not (self.tokenizer.bos_token and prompt.startswith(self.tokenizer.bos_token))
         ids = self._encode_escaped(prompt, sentinel, add_special_tokens=add_special)
-        display = sentinel.restore(prompt, self._control_tokens)
 
         slot = self._image_token_id
         if n_images and slot is None:

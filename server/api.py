@@ -183,6 +183,10 @@ def _routes(app: FastAPI, state: ServerState) -> None:
         if tools is not None and body.logprobs:
             raise APIError(400, "logprobs are not reported together with tools", param="logprobs",
                            code="unsupported_value")
+        if tools is not None and tools.grammar is None and constraint is not None:
+            raise APIError(400, f"{constraint[1]} together with tools the model may call is not supported (the "
+                           "constraint would leave it no way to call them): use tool_choice none or required",
+                           param=constraint[1], code="unsupported_value")
         if tools is not None and tools.grammar is not None:
             if constraint is not None:
                 raise APIError(400, f"{constraint[1]} cannot constrain an answer that tool_choice or strict tools "
@@ -226,7 +230,8 @@ def _routes(app: FastAPI, state: ServerState) -> None:
         messages = [tools.message(f.text) if tools is not None else ResponseMessage(content=f.text) for f in done]
         return JSONResponse(ChatCompletion(
             id=rid, model=state.model_id, usage=usage_of(*done),
-            choices=[Choice(index=i, message=m, finish_reason=_finish_reason(f.finish_reason, bool(m.tool_calls)),
+            choices=[Choice(index=i, message=m,
+                            finish_reason=_finish_reason(f.finish_reason, bool(m.tool_calls), tools),
                             logprobs=choice_logprobs(pieces, f.logprobs) if pieces is not None else None)
                      for i, (f, m) in enumerate(zip(done, messages, strict=True))],
         ).model_dump(), headers={"X-Request-Id": rid})
@@ -303,9 +308,10 @@ async def final_of(stream: EventStream, request: Request) -> Finished | None:
     return final
 
 
-def _finish_reason(reason: str, called: bool) -> str:
-    """OpenAI's finish_reason: "tool_calls" for an answer that ended by itself after calling functions."""
-    return "tool_calls" if called and reason == "stop" else reason
+def _finish_reason(reason: str, called: bool, tools: ToolUse | None) -> str:
+    """OpenAI's finish_reason: "tool_calls" for an answer that ended by itself after calling functions it chose
+    (a function named by tool_choice ends with "stop", as OpenAI's answers do)."""
+    return "tool_calls" if called and reason == "stop" and not (tools is not None and tools.named) else reason
 
 
 async def _chat_sse(choices: ChoiceStreams, rid: str, model: str, include_usage: bool,
@@ -339,7 +345,7 @@ async def _chat_sse(choices: ChoiceStreams, rid: str, model: str, include_usage:
             finals.append(event)
             for delta in calls[i].feed("", final=True) if calls is not None else ():
                 yield chunk(i, delta)
-            yield chunk(i, {}, _finish_reason(event.finish_reason, calls is not None and calls[i].called))
+            yield chunk(i, {}, _finish_reason(event.finish_reason, calls is not None and calls[i].called, tools))
         elif isinstance(event, Failed):
             yield sse(APIError.from_exception(event.error).body_text())
             break

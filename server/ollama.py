@@ -211,9 +211,9 @@ def install_ollama_routes(app: FastAPI, state: ServerState, authorize: Callable[
             requested = options.num_predict if options.num_predict and options.num_predict > 0 else None
             max_tokens = max_tokens_for(engine, len(encoded.input_ids), requested)
             prepared = await prepare_images(state, images, salt)
+            if tools is not None and grammar is not None:  # the format would leave the model no way to call
+                raise APIError(400, "format together with tools is not supported")
             if tools is not None and tools.grammar is not None:  # strict functions constrain the answer
-                if grammar is not None:
-                    raise APIError(400, "format cannot constrain an answer that strict tools already constrain")
                 grammar = tools.grammar
             if grammar is not None:
                 await compile_grammar(engine, grammar, "format")

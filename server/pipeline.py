@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import Depends, Request, params
 
 from vlmserve.model.sampling import SamplingParams
+from vlmserve.model.tokenizer import PromptTooLong
 
 from .engine import EngineError, EngineRequest, Finished, ImageInput
 from .engine.prepare import image_hash
@@ -134,7 +135,10 @@ async def encode(state: ServerState, messages: list[dict[str, Any]], tools: list
                        code="context_length_exceeded")
     loop = asyncio.get_running_loop()
     try:
-        return await loop.run_in_executor(state.executor, preparer.encode, messages, tools, image_tokens)
+        return await loop.run_in_executor(state.executor, preparer.encode, messages, tools, image_tokens, context)
+    except PromptTooLong as e:  # the rendered template (tools included) is surely over: refused untokenized
+        raise APIError(400, f"the prompt is at least {e.floor} tokens; the context is {context}", param="messages",
+                       code="context_length_exceeded") from e
     except ValueError as e:
         raise APIError(400, str(e), param="messages", code="invalid_value") from e
 

@@ -30,6 +30,7 @@ class ToolUse:
     parser: ToolParser
     grammar: str | None  # llguidance grammar when the answer is constrained
     limit: int | None  # calls kept (None: all)
+    named: bool = False  # tool_choice named the function: the answer "stop"s, as OpenAI's does
 
     def stream(self) -> ToolCallStream:
         return ToolCallStream(self.parser, self.limit)
@@ -86,4 +87,4 @@ def tool_use_of(tools: list[ChatTool], choice: str | NamedToolChoice | None, par
         raise APIError(400, f"a function's parameters cannot be used: {str(e)[:300]}", param="tools",
                        code="invalid_value") from e
     shown = [clean_strings(t.model_dump(exclude_none=True)) for t in tools]  # lone surrogates: U+FFFD
-    return ToolUse(shown, parser, grammar, 1 if one else None)
+    return ToolUse(shown, parser, grammar, 1 if one else None, named=isinstance(choice, NamedToolChoice))

@@ -202,6 +202,17 @@ def test_forced_calls_of_nested_pydantic_parameters(tokenizer: ChatTokenizer) ->
         assert call.name == "Outer", name
 
 
+def test_closing_objects_leaves_combined_schemas_satisfiable() -> None:
+    from vlmserve.server.engine.structured import close_objects, json_schema_grammar
+
+    both = {"type": "object", "allOf": [{"properties": {"a": {"type": "integer"}}, "required": ["a"]},
+                                        {"properties": {"b": {"type": "integer"}}, "required": ["b"]}]}
+    assert close_objects(both) == both
+    json_schema_grammar(json.dumps(both))  # compiles: closing a branch would make it unsatisfiable
+    plain = close_objects({"type": "object", "properties": {"a": {"type": "object", "properties": {}}}})
+    assert plain["additionalProperties"] is False and plain["properties"]["a"]["additionalProperties"] is False
+
+
 @pytest.mark.parametrize("parser_name", sorted(PARSERS))
 def test_strict_text_cannot_hide_a_call(tokenizer: ChatTokenizer, parser_name: str) -> None:
     import llguidance
@@ -289,7 +300,7 @@ def _calls(message: Any) -> list[tuple[str, dict[str, Any]]]:
 def test_forced_choices_return_valid_calls(client: openai.OpenAI) -> None:
     named = client.chat.completions.create(model=MODEL, messages=HI, tools=[COLOR, COUNT], max_tokens=120,
                                            tool_choice={"type": "function", "function": {"name": "count"}})
-    assert named.choices[0].finish_reason == "tool_calls"
+    assert named.choices[0].finish_reason == "stop"  # as OpenAI ends an answer whose function was named
     assert [name for name, _ in _calls(named.choices[0].message)] == ["count"]
     assert named.choices[0].message.content is None
     required = client.chat.completions.create(model=MODEL, messages=HI, tools=[COLOR, COUNT], max_tokens=120,
@@ -315,7 +326,7 @@ def test_streamed_tool_calls_assemble_to_the_same_calls(client: openai.OpenAI) -
             entry["id"] += delta.id or ""
             entry["name"] += delta.function.name or "" if delta.function else ""
             entry["arguments"] += delta.function.arguments or "" if delta.function else ""
-    assert finish == "tool_calls"
+    assert finish == "stop"  # a named function
     assert [(c["name"], c["arguments"]) for c in calls.values()] == [
         (c.function.name, c.function.arguments) for c in whole.tool_calls]
     assert calls[0]["id"].startswith("call_")
@@ -359,6 +370,7 @@ def test_the_sdk_parses_strict_pydantic_tools(client: openai.OpenAI) -> None:
     ({"tools": [{"type": "custom", "custom": {"name": "x"}}]}, "tools"),
     ({"tools": [COUNT], "tool_choice": "required", "response_format": {"type": "json_object"}}, "response_format"),
     ({"tools": [COUNT], "logprobs": True}, "logprobs"),
+    ({"tools": [COUNT], "response_format": {"type": "json_object"}}, "response_format"),  # would forbid calls
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
         "a": {"type": "string", "pattern": "("}}}}}], "tool_choice": "required"}, "tools"),
     ({"messages": [{"role": "tool", "content": "x"}]}, "messages"),  # no tool_call_id
@@ -447,6 +459,8 @@ _HOSTILE: list[tuple[str, dict[str, Any], set[int]]] = [
         {**_CALL, "function": {"name": "f", "arguments": json.dumps({"a": "x" * 200_000})}}]}]}, {400}),
     ("a call without function", {"messages": [*HI, {"role": "assistant", "tool_calls": [{"id": "c"}]}]}, {400}),
     ("tool_call_id on a user turn", {"messages": [{"role": "user", "content": "x", "tool_call_id": "c"}]}, {400}),
+    ("3 MB description", {"tools": [{"type": "function", "function": {"name": "f", "description": "word " * 600_000}}]},
+     {400}),  # refused from the rendered prompt's size, before tokenizing
 ]
 
 

@@ -67,12 +67,12 @@ class RequestPreparer:
         return ImageInput(self.image_key(digest), None, self.num_visual_tokens, visual_tokens=visual_tokens)
 
     def encode(self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None = None,
-               image_tokens: Sequence[int] | None = None) -> EncodedPrompt:
+               image_tokens: Sequence[int] | None = None, token_limit: int | None = None) -> EncodedPrompt:
         """Token ids of the chat (with the functions it offers, `tools`), each image part expanded to its
         visual-token slots (`image_tokens`, one count per image; default `num_visual_tokens`), cheap: no image
-        work."""
+        work. A rendered prompt surely over `token_limit` raises PromptTooLong before it is tokenized."""
         counts = self.num_visual_tokens if image_tokens is None else list(image_tokens)
-        return self.tokenizer.encode_chat(messages, num_image_tokens=counts, tools=tools)
+        return self.tokenizer.encode_chat(messages, num_image_tokens=counts, tools=tools, token_limit=token_limit)
 
     def token_floor(self, messages: Sequence[Mapping[str, Any]]) -> int:
         """A lower bound on the chat's prompt tokens, without tokenizing: its text's bytes over the longest

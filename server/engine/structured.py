@@ -28,25 +28,29 @@ if TYPE_CHECKING:
 TEMPLATES = 256  # compiled grammars kept (LRU)
 _LITERALS = ("const", "enum", "default", "examples")  # values, not schemas
 _SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_COMBINED = ("allOf", "not", "if", "then", "else", "dependentSchemas")  # subschemas whose keys others complete
 
 
-def close_objects(schema: Any) -> Any:
+def close_objects(schema: Any, *, close: bool = True) -> Any:
     """`schema` with every object that lists its properties closed (`additionalProperties: false`) unless it says
     otherwise, as xgrammar's strict mode (vLLM's default) reads schemas: an open object lets a model add keys
-    without end, and the answer never finishes."""
+    without end, and the answer never finishes. Schemas combined with others (`allOf` branches and the object that
+    holds them, `not`, `if` / `then` / `else`, `dependentSchemas`) stay as they are: closing one would forbid the
+    keys the others add."""
     if isinstance(schema, list):
-        return [close_objects(s) for s in schema]
+        return [close_objects(s, close=close) for s in schema]
     if not isinstance(schema, dict):
         return schema
     out: dict[str, Any] = {}
     for key, value in schema.items():
+        inner = close and key not in _COMBINED
         if key in _LITERALS:
             out[key] = value
         elif key in _SCHEMA_MAPS and isinstance(value, dict):  # name -> schema: the names are no keywords
-            out[key] = {name: close_objects(sub) for name, sub in value.items()}
+            out[key] = {name: close_objects(sub, close=inner) for name, sub in value.items()}
         else:
-            out[key] = close_objects(value)
-    if "properties" in out and "additionalProperties" not in out and "patternProperties" not in out:
+            out[key] = close_objects(value, close=inner)
+    if close and "properties" in out and not {"additionalProperties", "patternProperties", "allOf"} & out.keys():
         out["additionalProperties"] = False
     return out
 
