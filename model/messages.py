@@ -71,6 +71,7 @@ class ChatMessage:
     content: str | tuple[Part, ...]
     tool_calls: tuple[ToolCall, ...] = ()
     tool_call_id: str | None = None
+    name: str | None = None  # OpenAI's participant name (templates that read `message.name` show it)
 
     def __post_init__(self) -> None:
         if self.role not in _ROLES:
@@ -124,8 +125,10 @@ def parse_message(message: ChatMessage | Mapping[str, Any]) -> ChatMessage:
         content = tuple(parse_part(p) for p in content)
     calls = tuple(_parse_tool_call(c) for c in message.get("tool_calls") or ())
     call_id = message.get("tool_call_id")
+    name = message.get("name")
     return ChatMessage(role=str(message.get("role")), content=content, tool_calls=calls,
-                       tool_call_id=clean_text(str(call_id)) if call_id is not None else None)
+                       tool_call_id=clean_text(str(call_id)) if call_id is not None else None,
+                       name=clean_text(str(name)) if name is not None else None)
 
 
 def nesting_depth(value: Any) -> int:

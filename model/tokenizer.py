@@ -453,8 +453,7 @@ def _texts(messages: list[ChatMessage], tools: Sequence[Mapping[str, Any]] | Non
         else:
             out.extend(p.text for p in m.content if isinstance(p, TextPart))
         out.extend(_strings_in([(c.id, c.name, c.arguments) for c in m.tool_calls]))
-        if m.tool_call_id is not None:
-            out.append(m.tool_call_id)
+        out.extend(t for t in (m.tool_call_id, m.name) if t is not None)
     out.extend(_strings_in(list(tools or ())))
     return out
 
@@ -499,6 +498,8 @@ def _to_hf(message: ChatMessage, transform: Callable[[str], str]) -> dict[str, A
             "name": transform(c.name), "arguments": _map_strings(c.arguments, transform)}} for c in message.tool_calls]
     if message.tool_call_id is not None:
         out["tool_call_id"] = transform(message.tool_call_id)
+    if message.name is not None:
+        out["name"] = transform(message.name)
     return out
 
 

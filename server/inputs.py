@@ -51,6 +51,8 @@ def chat_input(messages: list[Message], settings: Settings) -> ChatInput:
             turn["tool_calls"] = [c.model_dump() for c in m.tool_calls]
         if m.tool_call_id is not None:
             turn["tool_call_id"] = m.tool_call_id
+        if m.name is not None:
+            turn["name"] = m.name
         out.append(turn)
         if m.content is None or isinstance(m.content, str):
             turn["content"] = m.content or ""

@@ -146,6 +146,8 @@ def install_ollama_routes(app: FastAPI, state: ServerState, authorize: Callable[
                 raise APIError(400, f"images are only accepted in user messages (message {i} is {m.role})")
             if m.tool_calls and m.role != "assistant":
                 raise APIError(400, f"only assistant messages carry tool_calls (message {i} is {m.role})")
+            if m.tool_name is not None and m.role != "tool":
+                raise APIError(400, f"only tool messages carry tool_name (message {i} is {m.role})")
             images += [(_image(b64, f"messages.{i}.images.{j}"), f"messages.{i}.images.{j}")
                        for j, b64 in enumerate(m.images or [])]
             parts = [{"type": "image"} for _ in m.images or []]

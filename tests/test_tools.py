@@ -512,6 +512,14 @@ QWEN25_TEMPLATE = """{%- if tools %}
 {%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"""
 
 
+def test_message_names_reach_the_template(checkpoint: Path) -> None:
+    template = "{% for m in messages %}[{{ m.name or '-' }}] {{ m.content }}\n{% endfor %}"
+    tokenizer = ChatTokenizer.from_pretrained(checkpoint, chat_template=template)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "hi", "name": "ada"},
+                                            {"role": "user", "content": "yo"}])
+    assert prompt == "[ada] hi\n[-] yo\n"
+
+
 def test_a_qwen_style_template_renders_tools_and_tool_turns(checkpoint: Path) -> None:
     """The message shapes we hand templates (calls with object arguments, tool turns with their call id) are the
     ones released Hermes-format templates read; the parser picked for such a template is hermes."""
@@ -548,6 +556,9 @@ def test_the_ollama_client_sends_tools_and_tool_turns(tools_server: LiveServer) 
                                                                     "content": "2 shapes"}]
     again = client.chat(model=MODEL, messages=history, tools=[COUNT], options=options)
     assert again.done and again.prompt_eval_count > with_tools.prompt_eval_count
+    stray = httpx.post(tools_server.url + "/api/chat", timeout=30, json={
+        "model": MODEL, "stream": False, "messages": [{"role": "user", "content": "hi", "tool_name": "count"}]})
+    assert stray.status_code == 400 and "tool_name" in stray.json()["error"]  # refused, not dropped
 
 
 @pytest.mark.parametrize("parser_name", sorted(PARSERS))
