@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -61,8 +63,12 @@ class ModelRunner:
         self.counters, self.observer = counters, observer
         # Decode-only steps through torch.compile: the layers are traced, the attention is one opaque op per layer
         # (model/step_attention.py), so the graph's one varying size is the number of decodes (one graph for a
-        # single decode, one for two and more). Eager if compiling fails (no C++ compiler, ...).
-        self._compiled = torch.compile(lm.forward) if compile_decode else None
+        # single decode, one for two and more). Eager if compiling fails (no C++ compiler, ...). On a CPU the graph's
+        # wrapper is C++ too (inductor's cpp_wrapper): the kernels are called without Python between them, ~8 % off a
+        # bf16 decode step at batch 1 here (8.8-9.8 against 9.5-10.7 ms per token, three paired runs).
+        options: dict[str, str | int | bool | Callable[..., Any]] | None = (
+            {"cpp_wrapper": True} if self.device.type == "cpu" else None)
+        self._compiled = torch.compile(lm.forward, options=options) if compile_decode else None
         self._step_attention = StepAttention()
         self.structured = structured
 
