@@ -5,18 +5,18 @@ part. Image positions come from image *parts* only: every special-token string a
 `</s>`, ...) is swapped for a private sentinel before the template is rendered and tokenized as ordinary text
 afterwards, so typed text can never become an image slot or a control token (the trap of vLLM #57740).
 
-The message types are in model/messages.py, the template lookup in model/chat_template.py and the incremental
-detokenizer (`ChatTokenizer.detokenizer`) in model/detokenizer.py.
+The message types are in model/messages.py, the template lookup in model/chat_template.py, the sentinels and the
+message shapes templates read in model/chat_render.py, and the incremental detokenizer (`ChatTokenizer.detokenizer`)
+in model/detokenizer.py.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +24,7 @@ from jinja2 import TemplateError
 from tokenizers import Tokenizer
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from .chat_render import Sentinel, client_texts, image_token_counts, map_strings, to_hf, without_first_prepend
 from .chat_template import (
     LLAVA_15_CHAT_TEMPLATE,
     read_json,
@@ -32,14 +33,13 @@ from .chat_template import (
     template_renders_tools,
 )
 from .detokenizer import IncrementalDetokenizer
-from .messages import ChatMessage, TextPart, parse_messages
+from .messages import ChatMessage, parse_messages
 from .token_pieces import TokenPieces
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_IMAGE_TOKEN = "<image>"
 
-_PRIVATE_USE = range(0xE000, 0xF900)  # Unicode private use area: sentinel characters come from here
 
 
 # ----------------------------------------------------------------------------------------------------------- encoding
@@ -115,7 +115,7 @@ class ChatTokenizer:
         self._backend_plain.encode_special_tokens = True
         # For text that continues a prompt mid-way: a Metaspace pre-tokenizer with prepend_scheme "first" adds its
         # "▁" only at offset 0 of the whole input, so a piece encoded on its own must not get one.
-        self._backend_inner = _without_first_prepend(self._backend_plain)
+        self._backend_inner = without_first_prepend(self._backend_plain)
 
         if chat_template is None:
             chat_template = template_from_tokenizer(tokenizer)
@@ -275,9 +275,9 @@ class ChatTokenizer:
         """
         parsed = parse_messages(messages)
         n_images = sum(m.num_images for m in parsed)
-        counts = _image_token_counts(num_image_tokens, n_images)
+        counts = image_token_counts(num_image_tokens, n_images)
 
-        sentinel = _Sentinel.choose(self._reserved_chars, _texts(parsed, tools))
+        sentinel = Sentinel.choose(self._reserved_chars, client_texts(parsed, tools))
         prompt = self._render(parsed, add_generation_prompt, lambda text: self._escape(text, sentinel), tools)
         display = sentinel.restore(prompt, self._control_tokens)
         if token_limit is not None:  # the rendered text's bytes bound its tokens: a prompt far over is not tokenized
@@ -329,18 +329,18 @@ class ChatTokenizer:
 
     # ---------------------------------------------------------------------------------------------------- helpers
 
-    def _escape(self, text: str, sentinel: _Sentinel) -> str:
+    def _escape(self, text: str, sentinel: Sentinel) -> str:
         if self._control_re is None:
             return text
         return self._control_re.sub(lambda m: sentinel.wrap(self._control_index[m.group()]), text)
 
     def _render(self, messages: list[ChatMessage], add_generation_prompt: bool, transform: Callable[[str], str],
                 tools: Sequence[Mapping[str, Any]] | None = None) -> str:
-        conversation = [_to_hf(m, transform) for m in messages]
+        conversation = [to_hf(m, transform) for m in messages]
         try:
             rendered = self.tokenizer.apply_chat_template(
                 conversation,
-                tools=_map_strings(list(tools), transform) if tools else None,
+                tools=map_strings(list(tools), transform) if tools else None,
                 chat_template=self.chat_template,
                 add_generation_prompt=add_generation_prompt,
                 tokenize=False,
@@ -350,7 +350,7 @@ class ChatTokenizer:
         assert isinstance(rendered, str)  # tokenize=False: the rendered text
         return rendered
 
-    def _encode_escaped(self, prompt: str, sentinel: _Sentinel, *, add_special_tokens: bool) -> list[int]:
+    def _encode_escaped(self, prompt: str, sentinel: Sentinel, *, add_special_tokens: bool) -> list[int]:
         """Tokenize a rendered prompt whose user text has sentinels in place of control-token strings.
 
         Every added token in `prompt` comes from the template. The whole prompt is encoded in one call (so text
@@ -385,131 +385,3 @@ class ChatTokenizer:
                 run.append(tok)
         close_run(len(prompt))
         return out
-
-
-# ----------------------------------------------------------------------------------------------------- internals
-
-
-@dataclass(frozen=True)
-class _Sentinel:
-    """`open + index + close` stands for control token `index` inside message text while the template renders."""
-
-    open: str
-    close: str
-
-    @classmethod
-    def choose(cls, reserved: frozenset[str], texts: Sequence[str]) -> _Sentinel:
-        used = set(reserved).union(*texts)
-        free = (chr(c) for c in _PRIVATE_USE if chr(c) not in used)
-        try:
-            return cls(next(free), next(free))
-        except StopIteration:  # every private-use character already appears in the input
-            raise ValueError("message text uses every private-use character; cannot encode it safely") from None
-
-    def wrap(self, index: int) -> str:
-        return f"{self.open}{index}{self.close}"
-
-    def occurs_in(self, text: str) -> bool:
-        return self.open in text or self.close in text
-
-    def restore(self, text: str, tokens: Sequence[str]) -> str:
-        pattern = f"{re.escape(self.open)}([0-9]+){re.escape(self.close)}"
-        text = re.sub(pattern, lambda m: tokens[int(m.group(1))], text)
-        # A template that cut a sentinel in half leaves stray halves: they are ours, drop them.
-        return text.replace(self.open, "").replace(self.close, "")
-
-
-def _without_first_prepend(backend: Tokenizer) -> Tokenizer:
-    """`backend` with every Metaspace prepend_scheme "first" turned to "never" (itself when there is none)."""
-    spec = json.loads(backend.to_str())
-    changed = False
-
-    def visit(node: Any) -> None:
-        nonlocal changed
-        if isinstance(node, dict):
-            if node.get("type") == "Metaspace" and node.get("prepend_scheme") == "first":
-                node["prepend_scheme"] = "never"
-                changed = True
-            for value in node.values():
-                visit(value)
-        elif isinstance(node, list):
-            for value in node:
-                visit(value)
-
-    visit(spec.get("pre_tokenizer"))
-    if not changed:
-        return backend
-    inner = Tokenizer.from_str(json.dumps(spec))
-    inner.encode_special_tokens = True
-    return inner
-
-
-def _texts(messages: list[ChatMessage], tools: Sequence[Mapping[str, Any]] | None = None) -> list[str]:
-    """Every client-written text of a chat: its messages', its tool calls' and its tool definitions'."""
-    out: list[str] = []
-    for m in messages:
-        if isinstance(m.content, str):
-            out.append(m.content)
-        else:
-            out.extend(p.text for p in m.content if isinstance(p, TextPart))
-        out.extend(_strings_in([(c.id, c.name, c.arguments) for c in m.tool_calls]))
-        out.extend(t for t in (m.tool_call_id, m.name) if t is not None)
-    out.extend(_strings_in(list(tools or ())))
-    return out
-
-
-def _strings_in(value: Any) -> Iterator[str]:
-    """Every string in `value` (JSON-like), keys included."""
-    if isinstance(value, str):
-        yield value
-    elif isinstance(value, Mapping):
-        for k, v in value.items():
-            yield from _strings_in(k)
-            yield from _strings_in(v)
-    elif isinstance(value, list | tuple):
-        for v in value:
-            yield from _strings_in(v)
-
-
-def _map_strings(value: Any, transform: Callable[[str], str]) -> Any:
-    """`value` (JSON-like) with `transform` applied to every string in it, keys included."""
-    if isinstance(value, str):
-        return transform(value)
-    if isinstance(value, Mapping):
-        return {_map_strings(k, transform): _map_strings(v, transform) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_map_strings(v, transform) for v in value]
-    return value
-
-
-def _to_hf(message: ChatMessage, transform: Callable[[str], str]) -> dict[str, Any]:
-    """A message as HF templates expect it: string content stays a string, parts become text/image dicts; tool
-    calls as `{"id", "type": "function", "function": {"name", "arguments": {...}}}`, a tool turn with its call id."""
-    if isinstance(message.content, str):
-        out: dict[str, Any] = {"role": message.role, "content": transform(message.content)}
-    else:
-        parts = [
-            {"type": "text", "text": transform(p.text)} if isinstance(p, TextPart) else {"type": "image"}
-            for p in message.content
-        ]
-        out = {"role": message.role, "content": parts}
-    if message.tool_calls:
-        out["tool_calls"] = [{"id": transform(c.id), "type": "function", "function": {
-            "name": transform(c.name), "arguments": _map_strings(c.arguments, transform)}} for c in message.tool_calls]
-    if message.tool_call_id is not None:
-        out["tool_call_id"] = transform(message.tool_call_id)
-    if message.name is not None:
-        out["name"] = transform(message.name)
-    return out
-
-
-def _image_token_counts(num_image_tokens: int | Sequence[int], n_images: int) -> list[int]:
-    if isinstance(num_image_tokens, int):
-        counts = [num_image_tokens] * n_images
-    else:
-        counts = [int(n) for n in num_image_tokens]
-        if len(counts) != n_images:
-            raise ValueError(f"got {len(counts)} image token counts for {n_images} image part(s)")
-    if any(n <= 0 for n in counts):
-        raise ValueError("every image needs a positive number of visual tokens")
-    return counts
