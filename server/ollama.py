@@ -250,7 +250,7 @@ def _piece(model: str, field: str, text: str) -> dict[str, Any]:
 def _tool_answer(tools: ToolUse, text: str) -> tuple[str, list[dict[str, Any]]]:
     """An answer's content and its calls in Ollama's shape (`arguments` an object); a call whose arguments are no
     JSON object stays in the content as the model wrote it."""
-    parsed = tools.parser.parse(text, final=True)
+    parsed = tools.parser.parse(text, final=True, names=tools.names)
     content = parsed.content
     calls: list[dict[str, Any]] = []
     for call in parsed.calls[: tools.limit]:

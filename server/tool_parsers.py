@@ -56,8 +56,9 @@ class ToolSpec:
 class ToolParser(Protocol):
     name: str
 
-    def parse(self, text: str, final: bool) -> Parsed:
-        """What `text` (the output so far; all of it when `final`) surely holds."""
+    def parse(self, text: str, final: bool, names: frozenset[str] | None = None) -> Parsed:
+        """What `text` (the output so far; all of it when `final`) surely holds; with `names`, a call of any other
+        function is no call (it stays content)."""
         ...
 
     def grammar(self, tools: Sequence[ToolSpec], *, one: bool, or_text: bool) -> str:
@@ -90,7 +91,7 @@ def _json_value(raw: str) -> tuple[Any, int, int] | None:
     return value, start, end
 
 
-def _call(body: str, complete: bool) -> ParsedCall | None:
+def _call(body: str, complete: bool, names: frozenset[str] | None = None) -> ParsedCall | None:
     """One call from its JSON text, whole (`complete`) or so far; None while it cannot be told, or if it is no call.
 
     Once the header (name, then the arguments key) is read, the call is known and its arguments grow as written: all
@@ -101,6 +102,8 @@ def _call(body: str, complete: bool) -> ParsedCall | None:
             name = _text(json.loads(header.group(1)))
         except ValueError:  # an invalid escape in the name: no call
             header = None
+    if header is not None and names is not None and name not in names:
+        return None  # a function that was not offered: no call (known from the header, so a stream never sent it)
     if header is not None:
         raw = body[header.end():]
         value = _json_value(raw)
@@ -124,6 +127,8 @@ def _call(body: str, complete: bool) -> ParsedCall | None:
     try:
         text = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
     except (ValueError, RecursionError):
+        return None
+    if names is not None and obj["name"] not in names:
         return None
     return ParsedCall(_text(obj["name"]), _text(text))
 
@@ -162,7 +167,7 @@ class HermesParser:
     name = "hermes"
     open, close = "<tool_call>", "</tool_call>"
 
-    def parse(self, text: str, final: bool) -> Parsed:
+    def parse(self, text: str, final: bool, names: frozenset[str] | None = None) -> Parsed:
         start = text.find(self.open)
         if start < 0:
             return Parsed(text if final else text[: len(text) - _held(text, self.open)])
@@ -173,13 +178,13 @@ class HermesParser:
             end = _end_of_block(text, body_start, self.close)
             if end < 0:  # the last call, still open (or cut short by the end of the answer)
                 body = text[body_start:]
-                call = _call(body[: len(body) - _held(body, self.close)], final)  # a cut-off closing tag: none
+                call = _call(body[: len(body) - _held(body, self.close)], final, names)  # a cut-off closing tag
                 if call is not None:
                     calls.append(call)
                 elif final:
                     content.append(text[pos:])
                 break
-            call = _call(text[body_start:end], True)
+            call = _call(text[body_start:end], True, names)
             if call is not None:
                 calls.append(call)
             else:  # a block that holds no call is content
@@ -203,7 +208,7 @@ class Llama3JsonParser:
     name = "llama3_json"
     python_tag = "<|python_tag|>"
 
-    def parse(self, text: str, final: bool) -> Parsed:
+    def parse(self, text: str, final: bool, names: frozenset[str] | None = None) -> Parsed:
         pos = len(text) - len(text.lstrip())
         if text.startswith(self.python_tag, pos):
             pos += len(self.python_tag)
@@ -217,13 +222,13 @@ class Llama3JsonParser:
             try:
                 _, end = _DECODER.raw_decode(text, pos)
             except (ValueError, RecursionError):  # an object still being written (or cut short, or broken)
-                call = _call(text[pos:], final)
+                call = _call(text[pos:], final, names)
                 if call is not None:
                     calls.append(call)
                 elif final:
                     return Parsed(text[pos:] if calls else text, tuple(calls))
                 break
-            call = _call(text[pos:end], True)
+            call = _call(text[pos:end], True, names)
             if call is None:  # JSON that is no call: the answer is content (once the first object shows it)
                 return Parsed(text, ()) if not calls else Parsed(text[pos:] if final else "", tuple(calls))
             calls.append(call)
@@ -261,8 +266,8 @@ class ToolCallStream:
     """One choice's text deltas as OpenAI's chat deltas: content once it is surely content, each call's id and name
     once, then its arguments as they grow. `limit` keeps only the first calls (`parallel_tool_calls: false`)."""
 
-    def __init__(self, parser: ToolParser, limit: int | None = None) -> None:
-        self.parser, self.limit = parser, limit
+    def __init__(self, parser: ToolParser, limit: int | None = None, names: frozenset[str] | None = None) -> None:
+        self.parser, self.limit, self.names = parser, limit, names
         self.text = ""
         self.content_sent = 0
         self.ids: list[str] = []
@@ -270,7 +275,7 @@ class ToolCallStream:
 
     def feed(self, text: str, final: bool = False) -> list[dict[str, Any]]:
         self.text += text
-        parsed = self.parser.parse(self.text, final)
+        parsed = self.parser.parse(self.text, final, self.names)
         deltas: list[dict[str, Any]] = []
         if len(parsed.content) > self.content_sent:
             deltas.append({"content": parsed.content[self.content_sent:]})

@@ -31,13 +31,14 @@ class ToolUse:
     grammar: str | None  # llguidance grammar when the answer is constrained
     limit: int | None  # calls kept (None: all)
     named: bool = False  # tool_choice named the function: the answer "stop"s, as OpenAI's does
+    names: frozenset[str] | None = None  # the functions offered: a "call" of any other stays content
 
     def stream(self) -> ToolCallStream:
-        return ToolCallStream(self.parser, self.limit)
+        return ToolCallStream(self.parser, self.limit, self.names)
 
     def message(self, text: str) -> ResponseMessage:
         """A whole answer as an assistant message: its content (None when it is only calls) and its calls."""
-        parsed = self.parser.parse(text, final=True)
+        parsed = self.parser.parse(text, final=True, names=self.names)
         calls = [ToolCall(id=new_call_id(), function=CalledFunction(name=c.name, arguments=c.arguments))
                  for c in parsed.calls[: self.limit]]
         return ResponseMessage(content=parsed.content if parsed.content or not calls else None,
@@ -87,4 +88,5 @@ def tool_use_of(tools: list[ChatTool], choice: str | NamedToolChoice | None, par
         raise APIError(400, f"a function's parameters cannot be used: {str(e)[:300]}", param="tools",
                        code="invalid_value") from e
     shown = [clean_strings(t.model_dump(exclude_none=True)) for t in tools]  # lone surrogates: U+FFFD
-    return ToolUse(shown, parser, grammar, 1 if one else None, named=isinstance(choice, NamedToolChoice))
+    return ToolUse(shown, parser, grammar, 1 if one else None, named=isinstance(choice, NamedToolChoice),
+                   names=frozenset(names))

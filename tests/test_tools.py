@@ -43,9 +43,9 @@ SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in (COLOR, C
 
 
 # --------------------------------------------------------------------------------------------------- parsers
-def streamed(parser_name: str, text: str, cuts: list[int]) -> Parsed:
+def streamed(parser_name: str, text: str, cuts: list[int], names: frozenset[str] | None = None) -> Parsed:
     """What a client assembles from the stream's deltas, the text fed in pieces cut at `cuts`."""
-    stream = ToolCallStream(PARSERS[parser_name])
+    stream = ToolCallStream(PARSERS[parser_name], names=names)
     deltas: list[dict[str, Any]] = []
     bounds = [0, *sorted(set(cuts)), len(text)]
     for a, b in itertools.pairwise(bounds):
@@ -125,6 +125,21 @@ def test_streamed_deltas_always_add_up_to_the_whole_answer(parser_name: str, pie
     text = "".join(pieces)
     whole = PARSERS[parser_name].parse(text, final=True)
     assert streamed(parser_name, text, [c for c in cuts if c <= len(text)]) == whole
+
+
+@pytest.mark.parametrize(("parser_name", "text"), [
+    ("hermes", 'Hi <tool_call>\n{"name": "ghost", "arguments": {}}\n</tool_call><tool_call>\n'
+               '{"name": "count", "arguments": {"n": 1}}\n</tool_call>'),
+    ("llama3_json", '{"name": "ghost", "parameters": {"a": 1}}'),
+])
+def test_a_call_of_a_function_not_offered_stays_content(parser_name: str, text: str) -> None:
+    names = frozenset({"count"})
+    whole = PARSERS[parser_name].parse(text, final=True, names=names)
+    assert "ghost" in whole.content and all(c.name == "count" for c in whole.calls)
+    rng = random.Random(1)
+    for _ in range(30):
+        cuts = [rng.randrange(len(text) + 1) for _ in range(rng.randrange(1, 10))]
+        assert streamed(parser_name, text, cuts, names) == whole
 
 
 def test_the_parser_is_chosen_from_the_template() -> None:
