@@ -194,11 +194,11 @@ def _routes(app: FastAPI, state: ServerState) -> None:
             constraint = tools.grammar, "tools"
         salt = cache_salt(request, body.cache_salt)
         with admission(engine):
-            chat = chat_input(body.messages, settings)
+            chat = chat_input(body.messages)
             if chat.has_tool_turns and not preparer.tokenizer.renders_tools:
                 raise APIError(400, "this model's chat template does not render tool calls or tool messages",
                                param="messages", code="unsupported_parameter")
-            counts = image_token_counts(state, chat.images)
+            counts = image_token_counts(state, chat.images, "messages")
             encoded = await encode(state, chat.messages, tools.tools if tools is not None else None, counts)
             max_tokens = max_tokens_for(engine, len(encoded.input_ids), body.max_completion_tokens or body.max_tokens)
             images = await load_images(state, [(ref.url, f"{ref.param}.url") for ref in chat.images], salt)
@@ -251,9 +251,6 @@ def _routes(app: FastAPI, state: ServerState) -> None:
         if prompt is None:
             raise APIError(400, "the form field 'prompt' is required", param="prompt", code="missing_field")
         uploads = fields.files("image")
-        if len(uploads) > settings.max_images_per_request:
-            raise APIError(400, f"{len(uploads)} images; the limit is {settings.max_images_per_request}",
-                           param="image", code="too_many_images")
         stops = fields.texts("stop")
         if len(stops) > settings.max_stop_sequences or any(not s or len(s) > MAX_STOP_CHARS for s in stops):
             raise APIError(400, f"stop: up to {settings.max_stop_sequences} non-empty strings of at most "
@@ -276,7 +273,8 @@ def _routes(app: FastAPI, state: ServerState) -> None:
             if grammar is not None:
                 await compile_grammar(engine, grammar, "json_schema")
             content: list[dict[str, Any]] = [{"type": "image"} for _ in uploads] + [{"type": "text", "text": prompt}]
-            counts = image_token_counts(state, [ImageRef("", f"image.{i}", detail) for i in range(len(uploads))])
+            counts = image_token_counts(state, [ImageRef("", f"image.{i}", detail) for i in range(len(uploads))],
+                                        "image")
             encoded = await encode(state, [{"role": "user", "content": content}], None, counts)
             max_tokens = max_tokens_for(engine, len(encoded.input_ids), requested)
             datas = [await u.read() for u in uploads]

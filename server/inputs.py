@@ -40,8 +40,8 @@ class ChatInput:
         return any(m["role"] == "tool" or m.get("tool_calls") for m in self.messages)
 
 
-def chat_input(messages: list[Message], settings: Settings) -> ChatInput:
-    """Tokenizer messages plus the image URLs in order; refuses images past the per-request limit."""
+def chat_input(messages: list[Message]) -> ChatInput:
+    """Tokenizer messages plus the images in order (their count and budgets are checked by the pipeline)."""
     out: list[dict[str, Any]] = []
     urls: list[ImageRef] = []
     for i, m in enumerate(messages):
@@ -60,19 +60,21 @@ def chat_input(messages: list[Message], settings: Settings) -> ChatInput:
         parts: list[dict[str, Any]] = []
         for j, part in enumerate(m.content):
             if isinstance(part, ImagePart):
-                if role != "user":
-                    raise APIError(400, f"images are only accepted in user messages (message {i} is {m.role})",
-                                   param=f"messages.{i}.content.{j}", code="invalid_value")
+                check_image_role(role, f"messages.{i}.content.{j}")
                 urls.append(ImageRef(part.image_url.url, f"messages.{i}.content.{j}.image_url", part.image_url.detail,
                                      part.image_url.max_image_tokens))
                 parts.append({"type": "image"})
             else:
                 parts.append({"type": "text", "text": part.text})
         turn["content"] = parts
-    if len(urls) > settings.max_images_per_request:
-        raise APIError(400, f"{len(urls)} images in one request; the limit is {settings.max_images_per_request}",
-                       param="messages", code="too_many_images")
     return ChatInput(out, urls)
+
+
+def check_image_role(role: str, param: str) -> None:
+    """Images go in user turns only (every route's rule): a 400 naming where one stands otherwise."""
+    if role != "user":
+        raise APIError(400, f"images are only accepted in user messages ({param} is in a {role} message)",
+                       param=param, code="invalid_value")
 
 
 def decode_data_url(url: str, max_bytes: int, param: str) -> bytes:

@@ -24,7 +24,7 @@ from vlmserve.model.serving_weights import PackedLinear
 from .engine import EngineRequest, Failed, Finished, TextDelta
 from .engine.structured import grammar_from
 from .errors import APIError
-from .inputs import ImageRef
+from .inputs import ImageRef, check_image_role
 from .ollama_schemas import ChatRequest, GenerateRequest, Options, ShowRequest
 from .output_format import compile_grammar
 from .pipeline import (
@@ -142,8 +142,8 @@ def install_ollama_routes(app: FastAPI, state: ServerState, authorize: Callable[
         messages: list[dict[str, Any]] = []
         images: list[tuple[bytes, str]] = []
         for i, m in enumerate(body.messages):
-            if m.images and m.role != "user":
-                raise APIError(400, f"images are only accepted in user messages (message {i} is {m.role})")
+            if m.images:
+                check_image_role(m.role, f"messages.{i}.images")
             if m.tool_calls and m.role != "assistant":
                 raise APIError(400, f"only assistant messages carry tool_calls (message {i} is {m.role})")
             if m.tool_name is not None and m.role != "tool":
@@ -189,8 +189,6 @@ def install_ollama_routes(app: FastAPI, state: ServerState, authorize: Callable[
                         images: list[tuple[bytes, str]], field: str, tools: ToolUse | None = None) -> Response:
         rid = f"ollama-{uuid.uuid4().hex}"
         t0 = time.perf_counter_ns()
-        if len(images) > settings.max_images_per_request:
-            raise APIError(400, f"{len(images)} images; the limit is {settings.max_images_per_request}")
         options = body.options or Options()
         if options.stop is not None and len(options.stop) > settings.max_stop_sequences:
             raise APIError(400, f"options.stop: at most {settings.max_stop_sequences} stop sequences")
@@ -208,7 +206,7 @@ def install_ollama_routes(app: FastAPI, state: ServerState, authorize: Callable[
                 raise APIError(400, f"format: {str(e)[:300]}") from e
         salt = cache_salt(request, None)
         with admission(engine):
-            counts = image_token_counts(state, [ImageRef("", param) for _, param in images])
+            counts = image_token_counts(state, [ImageRef("", param) for _, param in images], "images")
             encoded = await encode(state, messages, tools.tools if tools is not None else None, counts)
             requested = options.num_predict if options.num_predict and options.num_predict > 0 else None
             max_tokens = max_tokens_for(engine, len(encoded.input_ids), requested)

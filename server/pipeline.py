@@ -104,10 +104,15 @@ def submit(engine: Engine, req: EngineRequest) -> EventStream:
         raise APIError.from_exception(e) from e
 
 
-def image_token_counts(state: ServerState, refs: Sequence[ImageRef]) -> list[int]:
+def image_token_counts(state: ServerState, refs: Sequence[ImageRef], param: str) -> list[int]:
     """Each image's visual tokens from its budget (`detail`, `max_image_tokens`), known before any pixel work: 400
-    naming the image when no setting fits it, or when they add up past --max-mm-tokens-per-request."""
+    naming `param` past --max-images-per-request, naming the image when no setting fits it, or when they add up
+    past --max-mm-tokens-per-request."""
     assert state.preparer is not None
+    limit = state.settings.max_images_per_request
+    if len(refs) > limit:
+        raise APIError(400, f"{len(refs)} images in one request; the limit is {limit}", param=param,
+                       code="too_many_images")
     counts = []
     for ref in refs:
         try:

@@ -20,7 +20,7 @@ from vlmserve.model.sampling import SamplingParams
 from .engine import EngineRequest, Failed, Finished, TextDelta
 from .engine.structured import grammar_from
 from .errors import APIError
-from .inputs import ImageRef
+from .inputs import ImageRef, check_image_role
 from .output_format import compile_grammar
 from .pipeline import admission, encode, image_token_counts, load_images, max_tokens_for, sampling_of, submit
 from .schemas import EXTRA, _refuse_unless_neutral, _Strict, sampling_params
@@ -128,9 +128,7 @@ def _messages(body: ResponsesRequest) -> tuple[list[dict[str, Any]], list[ImageR
         parts: list[dict[str, Any]] = []
         for j, part in enumerate(item.content):
             if isinstance(part, InputImage):
-                if role != "user":
-                    raise APIError(400, f"images are only accepted in user messages (input {i} is {item.role})",
-                                   param=f"input.{i}.content.{j}", code="invalid_value")
+                check_image_role(role, f"input.{i}.content.{j}")
                 urls.append(ImageRef(part.image_url, f"input.{i}.content.{j}.image_url", part.detail))
                 parts.append({"type": "image"})
             else:
@@ -142,16 +140,11 @@ def _messages(body: ResponsesRequest) -> tuple[list[dict[str, Any]], list[ImageR
 def install_responses_routes(app: FastAPI, state: ServerState, auth: list[params.Depends],
                              cache_salt: Callable[[Request, str | None], str],
                              check_model: Callable[[str | None], None]) -> None:
-    settings = state.settings
-
     @app.post("/v1/responses", response_model=None, dependencies=auth)
     async def responses(body: ResponsesRequest, request: Request) -> Response:
         rid = f"resp_{uuid.uuid4().hex}"
         check_model(body.model)
         messages, urls = _messages(body)
-        if len(urls) > settings.max_images_per_request:
-            raise APIError(400, f"{len(urls)} images; the limit is {settings.max_images_per_request}",
-                           param="input", code="too_many_images")
         fmt = body.text.format if body.text else None
         grammar = None
         if fmt is not None and fmt.type != "text":
@@ -166,7 +159,7 @@ def install_responses_routes(app: FastAPI, state: ServerState, auth: list[params
         engine, _ = state.require_ready()
         salt = cache_salt(request, body.cache_salt)
         with admission(engine):
-            encoded = await encode(state, messages, None, image_token_counts(state, urls))
+            encoded = await encode(state, messages, None, image_token_counts(state, urls, "input"))
             max_tokens = max_tokens_for(engine, len(encoded.input_ids), body.max_output_tokens)
             images = await load_images(state, [(ref.url, ref.param) for ref in urls], salt)
             if grammar is not None:
