@@ -136,6 +136,8 @@ def _call(body: str, complete: bool, names: frozenset[str] | None = None) -> Par
 def _end_of_block(text: str, start: int, tag: str) -> int:
     """Where `tag` first stands in `text` after `start` outside JSON strings (a call's arguments may hold the closing
     tag in a string), or -1."""
+    if text.find(tag, start) < 0:  # the common case while a call streams: no closing tag yet, no scan
+        return -1
     in_string, i, n = False, start, len(text)
     while i < n:
         ch = text[i]
