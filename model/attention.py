@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .kernels import paged_decode_op
 from .kv_cache import PagedKVCache
 
 
@@ -149,12 +150,20 @@ class PagedBatch:
 
     def _decodes(self, layer: int, q: torch.Tensor, window: int | None, scale: float | None) -> torch.Tensor:
         assert self.decode_tables is not None and self.decode_lens is not None
+        b, h, dh = q.shape
+        hkv = self.cache.num_kv_heads
+        kernel = paged_decode_op() if q.device.type == "cpu" else None
+        if kernel is not None:
+            # On a CPU, our kernel reads every decode's keys in place through its block table (model/csrc/): no
+            # gather, no mask. 16 bf16 decodes x 290 keys: 0.37 against 0.51 ms a layer (gather + SDPA here).
+            qd = q.reshape(b, hkv, h // hkv, dh).contiguous()  # (B, Hkv, G, Dh)
+            out = kernel(qd, self.cache.k[layer], self.cache.v[layer], self.decode_tables, self.decode_lens,
+                         dh**-0.5 if scale is None else scale, -1 if window is None else window)  # (B, Hkv, G, Dh)
+            return out.view(b, h, dh)  # (B, H, Dh)
         if self.decode_run is not None:
             keys, values = self.cache.run(layer, self.decode_run, self.decode_max_len)  # (1, S, Hkv, Dh) each
         else:
             keys, values = self.cache.gather(layer, self.decode_tables, self.decode_max_len)  # (B, S, Hkv, Dh) each
-        b, h, dh = q.shape
-        hkv = keys.shape[2]
         # The query heads that share a KV head attend as that head's rows: (B, Hkv, G, Dh) against (B, Hkv, S, Dh),
         # half the (batch, head) tasks of a grouped-query call and no key expansion.
         qd = q.view(b, hkv, h // hkv, dh)  # (B, Hkv, G, Dh)

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from vlmserve.model.attention import PagedBatch, Segment
+from vlmserve.model.kernels import paged_decode_op
 from vlmserve.model.kv_cache import PagedKVCache
 from vlmserve.model.sampler import SamplerState, token_logprobs
 from vlmserve.model.step_attention import StepAttention, stepping
@@ -70,6 +71,8 @@ class ModelRunner:
             {"cpp_wrapper": True} if self.device.type == "cpu" else None)
         self._compiled = torch.compile(lm.forward, options=options) if compile_decode else None
         self._step_attention = StepAttention()
+        if self.device.type == "cpu":
+            paged_decode_op()  # built (once per machine, ~10 s) or found now, not in the first decode step
         self.structured = structured
 
     def assign(self, seq: Sequence) -> None:

@@ -1,0 +1,124 @@
+// Paged decode attention on a CPU: one query per sequence against its keys and values read in place from the
+// paged KV pool through its block table (no gather, no mask tensor).
+//
+//   q       (B, Hkv, G, D)      the decodes' queries, the G query heads that share KV head h as its rows
+//   k, v    (NB, BS, Hkv, D)    one layer's pool of NB blocks of BS tokens
+//   tables  (B, nb) int64       each sequence's blocks in order (padding entries are never read)
+//   lens    (B,) int64          keys per sequence, its own new token included
+//   window  keys older than lens - window are not seen (-1: none)
+//   -> out  (B, Hkv, G, D)
+//
+// Work is split over (sequence, KV head) pairs; each reads its keys once for all G query heads, keeps the scores
+// in float32 (two passes: scores and their max, then exp and the weighted sum of values) and writes its rows in the
+// query's dtype. The loops over D vectorize (the file is built for the machine it runs on).
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace {
+
+template <typename T>
+void decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& tables,
+            const at::Tensor& lens, double scale, int64_t window, at::Tensor& out) {
+  const int64_t B = q.size(0), Hkv = q.size(1), G = q.size(2), D = q.size(3);
+  const int64_t BS = k.size(1), nb = tables.size(1);
+  const T* qd = q.const_data_ptr<T>();
+  const T* kd = k.const_data_ptr<T>();
+  const T* vd = v.const_data_ptr<T>();
+  const int64_t* td = tables.const_data_ptr<int64_t>();
+  const int64_t* ld = lens.const_data_ptr<int64_t>();
+  T* od = out.mutable_data_ptr<T>();
+  const int64_t token_stride = Hkv * D, block_stride = BS * Hkv * D;
+  int64_t longest = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(ld[b] >= 1 && ld[b] <= nb * BS, "paged_decode: sequence ", b, " has ", ld[b], " keys for ", nb,
+                " blocks of ", BS);
+    longest = std::max(longest, ld[b]);
+  }
+  const float s = static_cast<float>(scale);
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(G * longest), acc(G * D), qf(G * D), top(G), sum(G);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / Hkv, h = i % Hkv, len = ld[b];
+      const int64_t first = window < 0 ? 0 : std::max<int64_t>(0, len - window);
+      const int64_t n = len - first;
+      const int64_t* table = td + b * nb;
+      const T* qrow = qd + i * G * D;
+      for (int64_t j = 0; j < G * D; ++j) qf[j] = static_cast<float>(qrow[j]) * s;
+      std::fill(top.begin(), top.end(), -std::numeric_limits<float>::infinity());
+      for (int64_t t = 0; t < n; ++t) {
+        const int64_t p = first + t;
+        const T* key = kd + table[p / BS] * block_stride + (p % BS) * token_stride + h * D;
+        for (int64_t g = 0; g < G; ++g) {
+          const float* qq = qf.data() + g * D;
+          float dot = 0.f;
+          for (int64_t d = 0; d < D; ++d) dot += qq[d] * static_cast<float>(key[d]);
+          scores[g * n + t] = dot;
+          top[g] = std::max(top[g], dot);
+        }
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        float total = 0.f;
+        float* row = scores.data() + g * n;
+        for (int64_t t = 0; t < n; ++t) {
+          row[t] = std::exp(row[t] - top[g]);
+          total += row[t];
+        }
+        sum[g] = total;
+      }
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t t = 0; t < n; ++t) {
+        const int64_t p = first + t;
+        const T* value = vd + table[p / BS] * block_stride + (p % BS) * token_stride + h * D;
+        for (int64_t g = 0; g < G; ++g) {
+          const float w = scores[g * n + t];
+          float* a = acc.data() + g * D;
+          for (int64_t d = 0; d < D; ++d) a[d] += w * static_cast<float>(value[d]);
+        }
+      }
+      T* orow = od + i * G * D;
+      for (int64_t g = 0; g < G; ++g) {
+        const float inv = 1.f / sum[g];
+        for (int64_t d = 0; d < D; ++d) orow[g * D + d] = static_cast<T>(acc[g * D + d] * inv);
+      }
+    }
+  });
+}
+
+at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& tables,
+                        const at::Tensor& lens, double scale, int64_t window) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "paged_decode: q, k and v must be 4-D");
+  TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous() && tables.is_contiguous() &&
+                  lens.is_contiguous(), "paged_decode: inputs must be contiguous");
+  TORCH_CHECK(k.sizes() == v.sizes() && k.size(2) == q.size(1) && k.size(3) == q.size(3),
+              "paged_decode: q ", q.sizes(), " does not match the pool ", k.sizes());
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+              "paged_decode: q, k and v must share a dtype");
+  TORCH_CHECK(tables.scalar_type() == at::kLong && lens.scalar_type() == at::kLong && tables.dim() == 2 &&
+                  tables.size(0) == q.size(0) && lens.numel() == q.size(0),
+              "paged_decode: tables (B, nb) and lens (B,) must be int64 for B sequences");
+  at::Tensor out = at::empty_like(q);
+  switch (q.scalar_type()) {
+    case at::kFloat: decode<float>(q, k, v, tables, lens, scale, window, out); break;
+    case at::kBFloat16: decode<c10::BFloat16>(q, k, v, tables, lens, scale, window, out); break;
+    case at::kHalf: decode<c10::Half>(q, k, v, tables, lens, scale, window, out); break;
+    default: TORCH_CHECK(false, "paged_decode: unsupported dtype ", q.scalar_type());
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(vlmserve_kernels, m) {
+  m.def("paged_decode(Tensor q, Tensor k, Tensor v, Tensor tables, Tensor lens, float scale, int window) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(vlmserve_kernels, CPU, m) { m.impl("paged_decode", &paged_decode); }
