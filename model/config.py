@@ -12,10 +12,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from .anyres import parse_pinpoints
+
 VisionFlavour = Literal["clip", "siglip"]
 ProjectorKind = Literal["linear", "mlp", "resampler"]
 
-SUPPORTED_MODEL_TYPES = ("llava",)
+SUPPORTED_MODEL_TYPES = ("llava", "llava_next")
+Family = Literal["llava", "llava_next"]  # the composition's model_type: how visual tokens are laid out per image
+# llava-v1.6's pinpoints, transformers' LlavaNextConfig default
+DEFAULT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
 SUPPORTED_TEXT_TYPES = ("llama", "qwen2", "mistral")
 SUPPORTED_VISION_TYPES = ("clip_vision_model", "siglip_vision_model")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -256,6 +261,8 @@ class VLMConfig:
     vision_feature_layer: int | tuple[int, ...] = -2
     vision_feature_select_strategy: Literal["default", "full"] = "default"
     tie_word_embeddings: bool = False
+    family: Family = "llava"
+    image_grid_pinpoints: tuple[tuple[int, int], ...] = ()  # llava_next: the grid resolutions (h, w)
     num_feature_layers: int = field(init=False)
     num_visual_tokens: int = field(init=False)
 
@@ -271,6 +278,11 @@ class VLMConfig:
             if not -n_states <= layer < n_states:
                 raise ConfigError(f"vision_feature_layer {layer} out of range for {n_states} hidden states")
         object.__setattr__(self, "num_feature_layers", len(layers))
+        if self.family == "llava_next":
+            if self.vision_feature_select_strategy != "default" or self.projector.kind != "mlp":
+                raise ConfigError("llava_next needs vision_feature_select_strategy 'default' and the MLP projector")
+            if not self.image_grid_pinpoints:
+                raise ConfigError("llava_next needs image_grid_pinpoints")
         if self.projector.kind == "resampler":
             tokens = self.projector.num_queries
         else:
@@ -308,6 +320,12 @@ class VLMConfig:
             raise ConfigError(f"projector_type {proj_kind!r} is not supported; supported: linear, mlp, resampler")
         layer = d.get("vision_feature_layer", -2)
         text = TextConfig.from_hf(text_d)
+        pinpoints: tuple[tuple[int, int], ...] = ()
+        if model_type == "llava_next":
+            try:
+                pinpoints = parse_pinpoints(d.get("image_grid_pinpoints", DEFAULT_PINPOINTS))
+            except ValueError as e:
+                raise ConfigError(str(e)) from e
         return cls(
             vision=VisionConfig.from_hf(vision_d),
             text=text,
@@ -321,6 +339,8 @@ class VLMConfig:
             vision_feature_layer=tuple(layer) if isinstance(layer, list) else layer,
             vision_feature_select_strategy=d.get("vision_feature_select_strategy", "default"),
             tie_word_embeddings=text.tie_word_embeddings,
+            family="llava_next" if model_type == "llava_next" else "llava",
+            image_grid_pinpoints=pinpoints,
         )
 
     def to_hf(self) -> dict[str, Any]:
@@ -338,6 +358,10 @@ class VLMConfig:
             "multimodal_projector_bias": self.projector.bias,
             "tie_word_embeddings": self.tie_word_embeddings,
         }
+        if self.family == "llava_next":
+            out.update(model_type="llava_next", architectures=["LlavaNextForConditionalGeneration"],
+                       image_grid_pinpoints=[list(p) for p in self.image_grid_pinpoints])
+            del out["image_seq_length"]  # per image
         if self.projector.kind != "mlp":
             # LLaVA has no name for these projectors: our own fields, ignored by transformers.
             out["projector_type"] = self.projector.kind

@@ -107,13 +107,14 @@ def _shortest_longest_size(height: int, width: int, shortest: int, longest: int)
     return max(1, shortest), max(1, new_w)
 
 
-ProcessorKind = Literal["clip", "siglip", "llava"]
+ProcessorKind = Literal["clip", "siglip", "llava", "llava_next"]
 
 # transformers' image_processor_type (with any Fast/Pil suffix removed) -> our kind.
 _KIND_FOR_TYPE: dict[str, ProcessorKind] = {
     "CLIPImageProcessor": "clip",
     "SiglipImageProcessor": "siglip",
     "LlavaImageProcessor": "llava",
+    "LlavaNextImageProcessor": "llava_next",  # each tile as CLIP's; the tiling is model/anyres.py's
 }
 
 
@@ -141,6 +142,7 @@ class ImageProcessorConfig:
     _DEFAULTS: ClassVar[dict[str, dict[str, Any]]] = {
         "clip": {},
         "llava": {},
+        "llava_next": {},
         "siglip": {
             "size": SizeSpec(height=224, width=224),
             "do_center_crop": False,
@@ -196,7 +198,7 @@ class ImageProcessorConfig:
         for key in ("image_mean", "image_std"):
             if key in d:
                 values[key] = _three_floats(d[key], key)
-        if d.get("do_pad"):
+        if d.get("do_pad") and kind != "llava_next":  # llava_next's do_pad fills a batch's tile axis: not ours
             if kind == "llava":
                 values["do_pad_to_square"] = True
             else:

@@ -61,6 +61,7 @@ _TRANSPOSE_FOR_ORIENTATION = {
     7: Image.Transpose.TRANSVERSE,
     8: Image.Transpose.ROTATE_90,
 }
+_SWAPS_AXES = frozenset({5, 6, 7, 8})  # orientations that turn the image a quarter
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 
 ImageErrorCode = Literal["invalid_image", "unsupported_image", "image_too_large", "image_too_many_pixels"]
@@ -123,6 +124,35 @@ def open_image(
     if orientation in _TRANSPOSE_FOR_ORIENTATION:
         rgb = rgb.transpose(_TRANSPOSE_FOR_ORIENTATION[orientation])
     return rgb
+
+
+def image_size(
+    data: bytes | bytearray | memoryview,
+    *,
+    max_pixels: int,
+    max_bytes: int | None = None,
+    formats: Iterable[str] = ALLOWED_FORMATS,
+) -> tuple[int, int]:
+    """(height, width) that `open_image` will return for `data` (EXIF orientation applied), from the header only:
+    nothing is decoded. The same refusals as `open_image` before its decoding. (An orientation Pillow reads only
+    while decoding, a PNG's eXIf chunk after its pixels, is not seen here: the count then follows the header.)"""
+    data = bytes(data)
+    if not data:
+        raise ImageError("empty image data", code="invalid_image")
+    if max_bytes is not None and len(data) > max_bytes:
+        raise ImageError(f"image is {len(data)} bytes, over the limit of {max_bytes}", code="image_too_large")
+    image = _identify(data, formats)
+    width, height = image.size
+    if width <= 0 or height <= 0:
+        raise ImageError(f"image has an empty size ({width}x{height})", code="invalid_image")
+    if width * height > max_pixels:
+        raise ImageError(
+            f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}",
+            code="image_too_many_pixels",
+        )
+    if _exif_orientation(image) in _SWAPS_AXES:
+        return width, height
+    return height, width
 
 
 def _identify(data: bytes, formats: Iterable[str]) -> Image.Image:

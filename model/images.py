@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .anyres import Layout, tiles
 from .image_config import ImageProcessorConfig
 from .image_decode import ImageError, to_rgb
 
@@ -115,6 +116,18 @@ class ImageProcessor:
     def preprocess_one(self, image: Image.Image) -> torch.Tensor:
         """Process one image; returns `(3, H, W)` float32."""
         return self([image])[0]
+
+    def preprocess_tiled(self, image: Image.Image, layout: Layout, tile: int) -> torch.Tensor:
+        """llava_next: the whole image then its grid's tiles (model/anyres.py), each processed as one image;
+        returns `(1 + rows * cols, 3, H, W)` float32, as transformers' `LlavaNextImageProcessorPil`."""
+        cfg = self.config
+        if cfg.do_convert_rgb:
+            image = to_rgb(image)
+        size = cfg.size
+        base = (size.height, size.width) if size.height and size.width else (size.shortest_edge, size.shortest_edge)
+        if base[0] is None or base[1] is None:
+            raise ValueError(f"llava_next needs a square or shortest-edge size, not {size.to_dict()}")
+        return self(tiles(image, layout, tile, (base[0], base[1]), cfg.resample))  # (T, 3, H, W)
 
     # -- steps -----------------------------------------------------------------------------------------------
 

@@ -1,5 +1,8 @@
 """The composition: vision encoder -> projector -> language model. This file only wires the three together.
 
+Each image's visual tokens are its features through the projector: for `llava`, one encoder-sized view of the
+image; for `llava_next`, a grid of tiles plus the whole image, packed as model/anyres.py says.
+
 Images enter the prompt in one of two ways:
 - at the placeholder: the prompt carries `image_token_index` once per visual token (LLaVA); those positions take
   the visual tokens, in order;
@@ -12,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .anyres import Anyres, Layout
 from .config import VLMConfig
 from .projector import build_projector
 from .text import TextModel
@@ -27,6 +31,11 @@ class VisionLanguageModel(nn.Module):
             config.projector, vision_dim=config.vision_feature_dim, llm_dim=config.text.hidden_size
         )
         self.language_model = TextModel(config.text, max_positions=max_positions)
+        self.anyres: Anyres | None = None
+        if config.family == "llava_next":
+            v = config.vision
+            self.anyres = Anyres(config.image_grid_pinpoints, v.image_size, v.image_size // v.patch_size)
+            self.image_newline = nn.Parameter(torch.zeros(config.text.hidden_size))  # (D,) after each grid row
 
     # -- vision ---------------------------------------------------------------------------------------------------
     def select_features(self, pixel_values: torch.Tensor) -> torch.Tensor:  # (N, C, H, W)
@@ -42,6 +51,15 @@ class VisionLanguageModel(nn.Module):
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:  # (N, C, H, W)
         return self.project(self.select_features(pixel_values))  # (N, N_vis, D)
+
+    def encode_tiled(self, pixel_values: torch.Tensor, layouts: list[Layout]) -> list[torch.Tensor]:
+        """llava_next: (N, T, C, H, W) tiles of N images with the same number of tiles T and their layouts -> each
+        image's visual tokens (n_i, D), one encoder call for all tiles."""
+        assert self.anyres is not None
+        n, t = pixel_values.shape[:2]
+        features = self.encode_images(pixel_values.flatten(0, 1))  # (N * T, S*S, D)
+        per_image = features.view(n, t, *features.shape[1:])  # (N, T, S*S, D)
+        return [self.anyres.pack(f, layout, self.image_newline) for f, layout in zip(per_image, layouts, strict=True)]
 
     # -- text + images ----------------------------------------------------------------------------------------------
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:  # (B, T)

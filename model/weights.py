@@ -43,6 +43,7 @@ _LOAD_RULES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
         (r"^(?:model\.)?language_model\.(?:model\.)?", "language_model."),
         (r"^(?:model\.)?vision_tower\.(?:vision_model\.)?", "vision_tower."),
         (r"^(?:model\.)?multi_modal_projector\.", "multi_modal_projector."),
+        (r"^(?:model\.)?image_newline$", "image_newline"),
     )
 )
 # Checkpoint tensors that exist in some LLaVA checkpoints but play no part in LLaVA's forward.
@@ -54,6 +55,7 @@ _SAVE_RULES: tuple[tuple[str, str], ...] = (
     ("language_model.", "language_model.model."),
     ("vision_tower.", "vision_tower.vision_model."),
     ("multi_modal_projector.", "multi_modal_projector."),
+    ("image_newline", "image_newline"),
 )
 _CHECKPOINT_FILES = ("*.json", "*.safetensors", "*.jinja", "*.model", "*.txt")
 # (our module path, the checkpoint's parts in order, the fused module): q/k/v and gate/up, one matmul each.

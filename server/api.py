@@ -35,11 +35,12 @@ from .ollama import install_ollama_routes
 from .output_format import compile_grammar, grammar_of, schema_grammar
 from .pipeline import (
     admission,
+    check_image_count,
     check_stream_and_stops,
     choice_sampling,
     encode,
-    image_token_counts,
-    load_images,
+    fetch_images,
+    image_plans,
     logit_bias_pairs,
     max_tokens_for,
     prepare_images,
@@ -198,10 +199,14 @@ def _routes(app: FastAPI, state: ServerState) -> None:
             if chat.has_tool_turns and not preparer.tokenizer.renders_tools:
                 raise APIError(400, "this model's chat template does not render tool calls or tool messages",
                                param="messages", code="unsupported_parameter")
-            counts = image_token_counts(state, chat.images, "messages")
-            encoded = await encode(state, chat.messages, tools.tools if tools is not None else None, counts)
+            check_image_count(state, len(chat.images), "messages")
+            urls = [(ref.url, f"{ref.param}.url") for ref in chat.images]
+            datas = await fetch_images(state, urls)
+            plans = await image_plans(state, chat.images, "messages", datas)
+            encoded = await encode(state, chat.messages, tools.tools if tools is not None else None,
+                                   [p.tokens for p in plans])
             max_tokens = max_tokens_for(engine, len(encoded.input_ids), body.max_completion_tokens or body.max_tokens)
-            images = await load_images(state, [(ref.url, f"{ref.param}.url") for ref in chat.images], salt)
+            images = await prepare_images(state, [(d, p) for d, (_, p) in zip(datas, urls, strict=True)], salt, plans)
             if constraint is not None:
                 await compile_grammar(engine, *constraint)
             sampling = sampling_of(state, partial(body.to_sampling_params,
@@ -273,12 +278,13 @@ def _routes(app: FastAPI, state: ServerState) -> None:
             if grammar is not None:
                 await compile_grammar(engine, grammar, "json_schema")
             content: list[dict[str, Any]] = [{"type": "image"} for _ in uploads] + [{"type": "text", "text": prompt}]
-            counts = image_token_counts(state, [ImageRef("", f"image.{i}", detail) for i in range(len(uploads))],
-                                        "image")
-            encoded = await encode(state, [{"role": "user", "content": content}], None, counts)
-            max_tokens = max_tokens_for(engine, len(encoded.input_ids), requested)
+            check_image_count(state, len(uploads), "image")
             datas = [await u.read() for u in uploads]
-            images = await prepare_images(state, [(d, f"image.{i}") for i, d in enumerate(datas)], salt)
+            plans = await image_plans(state, [ImageRef("", f"image.{i}", detail) for i in range(len(uploads))],
+                                      "image", datas)
+            encoded = await encode(state, [{"role": "user", "content": content}], None, [p.tokens for p in plans])
+            max_tokens = max_tokens_for(engine, len(encoded.input_ids), requested)
+            images = await prepare_images(state, [(d, f"image.{i}") for i, d in enumerate(datas)], salt, plans)
             req = EngineRequest(rid, encoded.input_ids, images, sampling, max_tokens, stops, cache_salt=salt,
                                 grammar=grammar)
             log.info("%s: %d prompt tokens, %d images, max_tokens %d", rid, len(encoded.input_ids), len(images),

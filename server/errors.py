@@ -105,7 +105,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
-        first: dict[str, Any] = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+        # The deepest location names the problem best: a content part that fits none of a union's shapes fails
+        # every branch, and the branch that got furthest (`...image_url.detail`) is the one the client meant.
+        first: dict[str, Any] = (max(errors, key=lambda e: len(e.get("loc", ()))) if errors
+                                 else {"loc": (), "msg": "invalid request"})
         param = _loc(tuple(first.get("loc", ())))
         kind = first.get("type", "")
         if kind == "json_invalid":

@@ -31,7 +31,7 @@ from .pipeline import (
     admission,
     check_prompt_floor,
     encode,
-    image_token_counts,
+    image_plans,
     max_tokens_for,
     prepare_images,
     sampling_of,
@@ -206,11 +206,13 @@ def install_ollama_routes(app: FastAPI, state: ServerState, authorize: Callable[
                 raise APIError(400, f"format: {str(e)[:300]}") from e
         salt = cache_salt(request, None)
         with admission(engine):
-            counts = image_token_counts(state, [ImageRef("", param) for _, param in images], "images")
-            encoded = await encode(state, messages, tools.tools if tools is not None else None, counts)
+            plans = await image_plans(state, [ImageRef("", param) for _, param in images], "images",
+                                      [data for data, _ in images])
+            encoded = await encode(state, messages, tools.tools if tools is not None else None,
+                                   [p.tokens for p in plans])
             requested = options.num_predict if options.num_predict and options.num_predict > 0 else None
             max_tokens = max_tokens_for(engine, len(encoded.input_ids), requested)
-            prepared = await prepare_images(state, images, salt)
+            prepared = await prepare_images(state, images, salt, plans)
             if tools is not None and grammar is not None:  # the format would leave the model no way to call
                 raise APIError(400, "format together with tools is not supported")
             if tools is not None and tools.grammar is not None:  # strict functions constrain the answer

@@ -16,7 +16,7 @@ from vlmserve.model.sampling import SamplingParams
 from vlmserve.model.tokenizer import PromptTooLong
 
 from .engine import EngineError, EngineRequest, Finished, ImageInput
-from .engine.prepare import image_hash
+from .engine.prepare import ImagePlan, image_hash
 from .errors import APIError
 from .inputs import ImageRef, image_bytes
 from .schemas import PromptTokensDetails, Usage
@@ -104,28 +104,50 @@ def submit(engine: Engine, req: EngineRequest) -> EventStream:
         raise APIError.from_exception(e) from e
 
 
-def image_token_counts(state: ServerState, refs: Sequence[ImageRef], param: str) -> list[int]:
-    """Each image's visual tokens from its budget (`detail`, `max_image_tokens`), known before any pixel work: 400
-    naming `param` past --max-images-per-request, naming the image when no setting fits it, or when they add up
-    past --max-mm-tokens-per-request."""
-    assert state.preparer is not None
+def check_image_count(state: ServerState, count: int, param: str) -> None:
+    """400 naming `param` past --max-images-per-request (before any image is fetched)."""
     limit = state.settings.max_images_per_request
-    if len(refs) > limit:
-        raise APIError(400, f"{len(refs)} images in one request; the limit is {limit}", param=param,
+    if count > limit:
+        raise APIError(400, f"{count} images in one request; the limit is {limit}", param=param,
                        code="too_many_images")
-    counts = []
-    for ref in refs:
+
+
+async def image_plans(state: ServerState, refs: Sequence[ImageRef], param: str, datas: Sequence[bytes]
+                      ) -> list[ImagePlan]:
+    """How each image becomes visual tokens, from its budget (`detail`, `max_image_tokens`) and, for a model whose
+    counts depend on it, its size read from the header: known before any pixel work. 400 naming `param` past
+    --max-images-per-request, naming the image when no setting fits it or its header is refused, or when they add
+    up past --max-mm-tokens-per-request."""
+    assert state.preparer is not None
+    preparer = state.preparer
+    check_image_count(state, len(refs), param)
+    sizes: list[tuple[int, int] | None] = [None] * len(refs)
+    if preparer.needs_size:
+        loop = asyncio.get_running_loop()
+        for i, (ref, data) in enumerate(zip(refs, datas, strict=True)):
+            try:
+                sizes[i] = await loop.run_in_executor(state.executor, preparer.size, data)
+            except Exception as e:
+                raise APIError.from_exception(e, param=ref.param) from e
+    plans = []
+    for ref, size in zip(refs, sizes, strict=True):
         try:
-            counts.append(state.preparer.visual_tokens(ref.detail, ref.max_image_tokens))
+            plans.append(preparer.plan(ref.detail, ref.max_image_tokens, size))
         except EngineError as e:
             raise APIError.from_exception(e, param=ref.param) from e
+    counts = [p.tokens for p in plans]
     cap = state.settings.max_mm_tokens_per_request
     if cap is not None and sum(counts) > cap:
         each = ", ".join(map(str, counts))
         raise APIError(400, f"the {len(counts)} images make {sum(counts)} visual tokens ({each}); the limit per "
                        f"request is {cap} (--max-mm-tokens-per-request)", param=refs[0].param,
                        code="too_many_image_tokens")
-    return counts
+    return plans
+
+
+async def fetch_images(state: ServerState, urls: Sequence[tuple[str, str]]) -> list[bytes]:
+    """The bytes of each (url, param) (data URLs decoded, allowed remote URLs fetched), concurrently."""
+    return list(await asyncio.gather(*(image_bytes(url, param, state.settings) for url, param in urls)))
 
 
 async def encode(state: ServerState, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
@@ -196,33 +218,29 @@ def prompt_floor_check(state: ServerState) -> params.Depends:
     return dependency
 
 
-async def load_images(state: ServerState, urls: Sequence[tuple[str, str]], salt: str) -> list[ImageInput]:
-    datas = await asyncio.gather(*(image_bytes(url, param, state.settings) for url, param in urls))
-    return await prepare_images(state, list(zip(datas, [p for _, p in urls], strict=True)), salt)
-
-
-async def prepare_images(state: ServerState, items: Sequence[tuple[bytes, str]], salt: str) -> list[ImageInput]:
-    """Decode and preprocess in the thread pool, never on the event loop. An image whose visual tokens are cached
-    is not decoded at all: the request leases the cached tokens instead."""
+async def prepare_images(state: ServerState, items: Sequence[tuple[bytes, str]], salt: str,
+                         plans: Sequence[ImagePlan]) -> list[ImageInput]:
+    """Decode and preprocess each image as its plan says, in the thread pool, never on the event loop. An image
+    whose visual tokens are cached is not decoded at all: the request leases the cached tokens instead."""
     assert state.preparer is not None and state.engine is not None
     preparer, engine = state.preparer, state.engine
     loop = asyncio.get_running_loop()
 
-    def one(data: bytes, param: str) -> ImageInput:
+    def one(data: bytes, param: str, plan: ImagePlan) -> ImageInput:
         digest = image_hash(data)
-        leased = preparer.leased(digest, engine.lease_image(preparer.image_key(digest), salt))
+        leased = preparer.leased(digest, engine.lease_image(preparer.image_key(digest, plan), salt), plan)
         if leased is not None:
             return leased
         t0 = time.perf_counter()
         try:
-            return preparer.image(data, digest)
+            return preparer.image(data, digest, plan)
         except Exception as e:
             raise APIError.from_exception(e, param=param) from e
         finally:
             state.metrics.preprocess.observe(time.perf_counter() - t0)
 
-    results = await asyncio.gather(*(loop.run_in_executor(state.executor, one, d, p) for d, p in items),
-                                   return_exceptions=True)
+    results = await asyncio.gather(*(loop.run_in_executor(state.executor, one, d, p, plan)
+                                     for (d, p), plan in zip(items, plans, strict=True)), return_exceptions=True)
     error = next((r for r in results if isinstance(r, BaseException)), None)
     if error is not None:
         raise error

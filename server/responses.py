@@ -22,7 +22,17 @@ from .engine.structured import grammar_from
 from .errors import APIError
 from .inputs import ImageRef, check_image_role
 from .output_format import compile_grammar
-from .pipeline import admission, encode, image_token_counts, load_images, max_tokens_for, sampling_of, submit
+from .pipeline import (
+    admission,
+    check_image_count,
+    encode,
+    fetch_images,
+    image_plans,
+    max_tokens_for,
+    prepare_images,
+    sampling_of,
+    submit,
+)
 from .schemas import EXTRA, _refuse_unless_neutral, _Strict, sampling_params
 from .state import ServerState
 from .streaming import EventStream, collect, sse
@@ -159,9 +169,13 @@ def install_responses_routes(app: FastAPI, state: ServerState, auth: list[params
         engine, _ = state.require_ready()
         salt = cache_salt(request, body.cache_salt)
         with admission(engine):
-            encoded = await encode(state, messages, None, image_token_counts(state, urls, "input"))
+            check_image_count(state, len(urls), "input")
+            datas = await fetch_images(state, [(ref.url, ref.param) for ref in urls])
+            plans = await image_plans(state, urls, "input", datas)
+            encoded = await encode(state, messages, None, [p.tokens for p in plans])
             max_tokens = max_tokens_for(engine, len(encoded.input_ids), body.max_output_tokens)
-            images = await load_images(state, [(ref.url, ref.param) for ref in urls], salt)
+            images = await prepare_images(state, [(d, ref.param) for d, ref in zip(datas, urls, strict=True)], salt,
+                                          plans)
             if grammar is not None:
                 await compile_grammar(engine, grammar, "text.format")
             sampling = sampling_of(state, body.to_sampling_params)

@@ -110,7 +110,8 @@ class ServerState:
                                 else s.tool_call_parser)
             log.info("tool calls: %s (template renders tools: %s)", self.tool_parser, tokenizer.renders_tools)
             processor = ImageProcessor.from_pretrained(path)
-            self.preparer = RequestPreparer(tokenizer, processor, model.config.num_visual_tokens, s.image_limits())
+            self.preparer = RequestPreparer(tokenizer, processor, model.config.num_visual_tokens, s.image_limits(),
+                                            anyres=model.anyres)
             log.debug("longest token: %d bytes", tokenizer.max_token_bytes)  # computed now, not on a request
             self.generation_defaults = _generation_defaults(path)
             config = s.engine_config()

@@ -18,12 +18,16 @@ from transformers import (
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaNextProcessor,
     LlavaProcessor,
     PreTrainedTokenizerFast,
     Qwen2Config,
     SiglipImageProcessor,
     SiglipVisionConfig,
 )
+from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
 IMAGE_TOKEN = "<image>"
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", IMAGE_TOKEN]
@@ -101,6 +105,8 @@ class TinySpec:
     seed: int = 0
     processor_extra: dict = field(default_factory=dict)
     max_positions: int = 256
+    family: str = "llava"  # "llava" | "llava_next" (anyres tiles over `pinpoints`, tiles of image_size)
+    pinpoints: tuple[tuple[int, int], ...] = ((32, 64), (64, 32), (64, 64), (96, 32), (32, 96))
 
 
 SPECS = {
@@ -128,6 +134,12 @@ SPECS = {
     "clip-llama-multilayer": TinySpec(
         name="clip-llama-multilayer", feature_layer=[-3, -1], image_size=48, patch_size=12, seed=2
     ),
+}
+# The other families (tests/test_families.py), kept apart from SPECS, whose llava-1.5 checkpoints every
+# `tiny_checkpoint` test runs on.
+FAMILY_SPECS = {
+    # llava-v1.6's layout at a 32 px tile (its pinpoints over 336 px tiles, scaled by 32/336)
+    "llava-next": TinySpec(name="llava-next", family="llava_next", seed=3, max_positions=1024),
 }
 
 
@@ -176,6 +188,8 @@ def build_checkpoint(spec: TinySpec, out_dir: Path) -> Path:
     text = LlamaConfig(**text_kwargs) if spec.text == "llama" else Qwen2Config(**text_kwargs)
     num_patches = (spec.image_size // spec.patch_size) ** 2
     image_seq_length = num_patches + (1 if spec.vision == "clip" and spec.strategy == "full" else 0)
+    if spec.family == "llava_next":
+        return _build_llava_next(spec, out_dir, tokenizer, vision, text)
     config = LlavaConfig(
         vision_config=vision,
         text_config=text,
@@ -210,6 +224,36 @@ def build_checkpoint(spec: TinySpec, out_dir: Path) -> Path:
         num_additional_image_tokens=1 if spec.vision == "clip" else 0,
         chat_template=LLAVA_CHAT_TEMPLATE,
     )
+    processor.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def _build_llava_next(spec: TinySpec, out_dir: Path, tokenizer: PreTrainedTokenizerFast, vision: CLIPVisionConfig,
+                      text: LlamaConfig | Qwen2Config) -> Path:
+    config = LlavaNextConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        vision_feature_layer=spec.feature_layer,
+        vision_feature_select_strategy=spec.strategy,
+        image_grid_pinpoints=[list(p) for p in spec.pinpoints],
+        projector_hidden_act="gelu",
+        tie_word_embeddings=spec.tie_word_embeddings,
+    )
+    model = LlavaNextForConditionalGeneration(config).eval()
+    _scale_random_weights(model, spec.init_scale, spec.seed)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": spec.image_size}, crop_size={"height": spec.image_size, "width": spec.image_size},
+        image_grid_pinpoints=[list(p) for p in spec.pinpoints], **spec.processor_extra)
+    processor = LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=spec.patch_size,
+                                   vision_feature_select_strategy=spec.strategy, num_additional_image_tokens=1,
+                                   chat_template=LLAVA_CHAT_TEMPLATE)
     processor.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir

@@ -126,7 +126,7 @@ def test_unsupported_model_type_names_the_supported_ones(clip_llama: Path, tmp_p
     config = json.loads((target / "config.json").read_text())
     config["model_type"] = "idefics2"
     (target / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ConfigError, match=r"'idefics2' is not supported; supported model_types: \('llava',\)"):
+    with pytest.raises(ConfigError, match=r"'idefics2' is not supported; supported model_types: \('llava', 'llava_"):
         load_model(target)
     config["model_type"] = "llava"
     config["text_config"]["model_type"] = "gemma"

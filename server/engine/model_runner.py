@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from vlmserve.model.anyres import Layout
 from vlmserve.model.attention import PagedBatch, Segment
 from vlmserve.model.kernels import paged_decode_op
 from vlmserve.model.kv_cache import PagedKVCache
@@ -210,6 +211,7 @@ class ModelRunner:
         t0 = time.perf_counter()
         todo: dict[tuple[str, str], list[tuple[Sequence, int]]] = {}
         pixels: dict[tuple[str, str], torch.Tensor] = {}
+        layouts: dict[tuple[str, str], Layout] = {}  # tiled (llava_next) images: size and grid
         hits = 0
         for seq, n in batch.items:
             for span in seq.spans_in(seq.num_computed, seq.num_computed + n):
@@ -226,6 +228,8 @@ class ModelRunner:
                 elif img.pixel_values is not None:
                     todo.setdefault(key, []).append((seq, span.index))
                     pixels[key] = img.pixel_values
+                    if img.layout is not None:
+                        layouts[key] = img.layout
                 else:
                     todo.setdefault(key, []).append((seq, span.index))
         encoded: dict[tuple[str, str], torch.Tensor] = {}
@@ -235,7 +239,7 @@ class ModelRunner:
         for keys in by_shape.values():
             step = self.max_images_per_encode
             for i in range(0, len(keys), step):
-                encoded.update(self._encode([*keys[i : i + step]], pixels))
+                encoded.update(self._encode([*keys[i : i + step]], pixels, layouts))
         failed: set[int] = set()
         for key, users in todo.items():
             tokens = encoded.get(key)
@@ -254,19 +258,23 @@ class ModelRunner:
             self.observer.vision(time.perf_counter() - t0, len(pixels), hits, len(pixels))
         return failed
 
-    def _encode(self, keys: Seq[tuple[str, str]], pixels: dict[tuple[str, str], torch.Tensor]
-                ) -> dict[tuple[str, str], torch.Tensor]:
-        """Encode images in one call; on failure retry one by one so that only the bad image is lost."""
+    def _encode(self, keys: Seq[tuple[str, str]], pixels: dict[tuple[str, str], torch.Tensor],
+                layouts: dict[tuple[str, str], Layout]) -> dict[tuple[str, str], torch.Tensor]:
+        """Encode images of one pixel shape in one call; on failure retry one by one so that only the bad image is
+        lost."""
         try:
-            batch = torch.stack([pixels[k].to(self.device, self.dtype, non_blocking=True) for k in keys])  # (N,C,H,W)
-            tokens = self.model.encode_images(batch)  # (N, N_vis, D)
+            batch = torch.stack([pixels[k].to(self.device, self.dtype, non_blocking=True) for k in keys])  # (N, ...)
+            if self.model.anyres is not None:  # (N, T, C, H, W) tiles -> each image's (n_i, D)
+                tokens: Seq[torch.Tensor] = self.model.encode_tiled(batch, [layouts[k] for k in keys])
+            else:
+                tokens = list(self.model.encode_images(batch))  # N x (N_vis, D)
         except Exception:
             if len(keys) == 1:
                 log.exception("encoding image %s failed", keys[0][1][:12])
                 return {}
             out: dict[tuple[str, str], torch.Tensor] = {}
             for k in keys:
-                out.update(self._encode([k], pixels))
+                out.update(self._encode([k], pixels, layouts))
             return out
         self.counters.encoder_calls += 1
         self.counters.images_encoded += len(keys)

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from vlmserve.model.image_decode import open_image
+from vlmserve.model.anyres import Anyres, Layout
+from vlmserve.model.image_decode import image_size, open_image
 from vlmserve.model.images import ImageProcessor
 from vlmserve.model.sampling import SamplingParams
 from vlmserve.model.tokenizer import ChatTokenizer, EncodedPrompt
@@ -25,6 +27,20 @@ def image_hash(data: bytes) -> str:
     return hashlib.blake2b(data, digest_size=20).hexdigest()
 
 
+@dataclass(frozen=True)
+class ImagePlan:
+    """How one image of a request becomes visual tokens, decided before any pixel work: how many, and for a tiled
+    (llava_next) model its layout of tiles."""
+
+    tokens: int
+    layout: Layout | None = None
+
+    @property
+    def setting(self) -> str:
+        """The resolution setting, part of the image's cache key: `base` (the whole image as one tile) or `grid`."""
+        return "" if self.layout is None else ("base" if not self.layout.rows else "grid")
+
+
 class RequestPreparer:
     """Tokenizes chats and turns image bytes into pixel tensors for one model."""
 
@@ -34,37 +50,69 @@ class RequestPreparer:
         processor: ImageProcessor,
         num_visual_tokens: int,
         limits: ImageLimits | None = None,
+        *,
+        anyres: Anyres | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.processor = processor
-        self.num_visual_tokens = num_visual_tokens
+        self.num_visual_tokens = num_visual_tokens  # per image (llava); per tile (llava_next): a floor per image
         self.limits = limits or ImageLimits()
+        self.anyres = anyres
         # The processing settings that turn bytes into pixels: part of every image's key, so that cached visual
         # tokens (and KV blocks over them) are reused only for the same bytes processed the same way.
-        self.processing = hashlib.blake2b(repr(processor.config).encode(), digest_size=8).hexdigest()
+        self.processing = hashlib.blake2b(repr((processor.config, anyres)).encode(), digest_size=8).hexdigest()
 
-    def visual_tokens(self, detail: str | None = None, max_image_tokens: int | None = None) -> int:
+    @property
+    def needs_size(self) -> bool:
+        """Whether an image's token count depends on its size (read from its header before planning)."""
+        return self.anyres is not None
+
+    def size(self, data: bytes) -> tuple[int, int]:
+        """(height, width) of an image as it will be decoded, from its header (the limits checked). ImageError."""
+        return image_size(data, max_pixels=self.limits.max_image_pixels, max_bytes=self.limits.max_image_bytes)
+
+    def plan(self, detail: str | None = None, max_image_tokens: int | None = None,
+             size: tuple[int, int] | None = None) -> ImagePlan:
         """The visual tokens one image becomes at OpenAI's `detail` (low / high / auto) within `max_image_tokens`;
-        BadRequest naming the numbers when no setting fits. Known before any pixel work.
+        BadRequest naming the numbers when no setting fits. Known before any pixel work (`size`, from the header,
+        where the count depends on it).
 
-        The llava-1.5 family has one resolution: every `detail` gives the checkpoint's `num_visual_tokens` (the
-        setting nearest to ~100 tokens for `low` is that one too)."""
+        llava-1.5 has one resolution: every `detail` gives the checkpoint's `num_visual_tokens`. llava_next: `auto`
+        and `high` tile the image over the checkpoint's grid pinpoints (its processor's default, and its most);
+        `low` is the whole image as one tile (S x S tokens and a newline), the fewest it has, and `max_image_tokens`
+        below the grid's count falls back to it."""
         if detail not in (None, "auto", "low", "high"):
             raise BadRequest(f"detail must be low, high or auto, not {detail!r}")
-        if max_image_tokens is not None and max_image_tokens < self.num_visual_tokens:
-            raise BadRequest(f"this model makes every image {self.num_visual_tokens} visual tokens; "
-                             f"max_image_tokens {max_image_tokens} is below that")
-        return self.num_visual_tokens
+        if self.anyres is None:
+            if max_image_tokens is not None and max_image_tokens < self.num_visual_tokens:
+                raise BadRequest(f"this model makes every image {self.num_visual_tokens} visual tokens; "
+                                 f"max_image_tokens {max_image_tokens} is below that")
+            return ImagePlan(self.num_visual_tokens)
+        if size is None:
+            raise ValueError("a tiled model plans an image from its size")
+        base = self.anyres.layout(*size, base_only=True)
+        grid = self.anyres.layout(*size)
+        options = [base] if detail == "low" else [grid, base]
+        for layout in options:
+            tokens = self.anyres.num_tokens(layout)
+            if max_image_tokens is None or tokens <= max_image_tokens:
+                return ImagePlan(tokens, layout)
+        fewest = self.anyres.num_tokens(base)
+        raise BadRequest(f"this {size[1]}x{size[0]} image makes at least {fewest} visual tokens (the whole image as "
+                         f"one tile); max_image_tokens {max_image_tokens} is below that")
 
-    def image_key(self, digest: str) -> str:
-        """The content key of an image with bytes hash `digest`, processed by this preparer."""
-        return f"{digest}-{self.processing}"
+    def image_key(self, digest: str, plan: ImagePlan | None = None) -> str:
+        """The content key of an image with bytes hash `digest`, processed by this preparer as `plan` says."""
+        setting = plan.setting if plan is not None else ""
+        return f"{digest}-{self.processing}{'-' + setting if setting else ''}"
 
-    def leased(self, digest: str, visual_tokens: torch.Tensor | None) -> ImageInput | None:
+    def leased(self, digest: str, visual_tokens: torch.Tensor | None, plan: ImagePlan | None = None
+               ) -> ImageInput | None:
         """An image the engine already holds visual tokens for (Engine.lease_image), needing no decoding."""
         if visual_tokens is None:
             return None
-        return ImageInput(self.image_key(digest), None, self.num_visual_tokens, visual_tokens=visual_tokens)
+        tokens = plan.tokens if plan is not None else self.num_visual_tokens
+        return ImageInput(self.image_key(digest, plan), None, tokens, visual_tokens=visual_tokens)
 
     def encode(self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None = None,
                image_tokens: Sequence[int] | None = None, token_limit: int | None = None) -> EncodedPrompt:
@@ -89,11 +137,18 @@ class RequestPreparer:
                     text_bytes += len(str(part.get("text") or "").encode("utf-8", errors="replace"))
         return text_bytes // self.tokenizer.max_token_bytes + images * self.num_visual_tokens
 
-    def image(self, data: bytes, digest: str | None = None) -> ImageInput:
-        """Decode (header-checked against the limits first) and preprocess one image. Raises ImageError."""
+    def image(self, data: bytes, digest: str | None = None, plan: ImagePlan | None = None) -> ImageInput:
+        """Decode (header-checked against the limits first) and preprocess one image, as `plan` says (default: the
+        checkpoint's own setting). Raises ImageError."""
         rgb = open_image(data, max_pixels=self.limits.max_image_pixels, max_bytes=self.limits.max_image_bytes)
-        pixels = self.processor.preprocess_one(rgb)  # (C, H, W)
-        return ImageInput(self.image_key(digest or image_hash(data)), pixels, self.num_visual_tokens)
+        if plan is None:
+            plan = self.plan(size=(rgb.height, rgb.width) if self.needs_size else None)
+        key = self.image_key(digest or image_hash(data), plan)
+        if plan.layout is None:
+            return ImageInput(key, self.processor.preprocess_one(rgb), plan.tokens)  # (C, H, W)
+        assert self.anyres is not None
+        tiles = self.processor.preprocess_tiled(rgb, plan.layout, self.anyres.tile)  # (T, C, H, W)
+        return ImageInput(key, tiles, plan.tokens, layout=plan.layout)
 
     def request(
         self,
@@ -105,12 +160,13 @@ class RequestPreparer:
         max_tokens: int | None = None,
         stop: Sequence[str] = (),
     ) -> EngineRequest:
-        """The whole preparation in one call (for scripts, tests and benchmarks)."""
-        encoded = self.encode(messages)
+        """The whole preparation in one call (for scripts, tests and benchmarks); images at their default setting."""
+        plans = [self.plan(size=self.size(b) if self.needs_size else None) for b in images]
+        encoded = self.encode(messages, image_tokens=[p.tokens for p in plans])
         return EngineRequest(
             request_id=request_id,
             prompt_ids=encoded.input_ids,
-            images=[self.image(b) for b in images],
+            images=[self.image(b, None, p) for b, p in zip(images, plans, strict=True)],
             sampling=sampling or SamplingParams(),
             max_tokens=max_tokens,
             stop=stop,

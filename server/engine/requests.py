@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from vlmserve.model.anyres import Layout
 from vlmserve.model.sampling import SamplingParams
 
 
@@ -65,9 +66,10 @@ class ImageInput:
     """
 
     key: str
-    pixel_values: torch.Tensor | None  # (C, H, W)
+    pixel_values: torch.Tensor | None  # (C, H, W), or a tiled model's (T, C, H, W)
     num_tokens: int  # placeholder slots this image fills in the prompt
     visual_tokens: torch.Tensor | None = None  # (num_tokens, D), from a lease; then pixel_values may be None
+    layout: Layout | None = None  # a tiled (llava_next) image's size and grid of tiles
 
     def __post_init__(self) -> None:
         if self.num_tokens < 1:
