@@ -64,6 +64,7 @@ from .settings import Settings
 from .state import ServerState, in_fresh_thread
 from .streaming import ChoiceStreams, EventStream, collect, sse
 from .tools import ToolUse, tool_use
+from .webui import install_ui_routes
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +144,8 @@ def _routes(app: FastAPI, state: ServerState) -> None:
 
     install_completion_routes(app, state, auth, cache_salt, check_model)
     install_responses_routes(app, state, auth, cache_salt, check_model)
+    if not settings.no_ui:
+        install_ui_routes(app)
 
     @app.get("/health")
     async def health() -> dict[str, str]:

@@ -31,6 +31,9 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
         env = f"VLMSERVE_{name.upper()}"
         help_text = f"{info.description} [env {env}]".replace("%", "%%")  # argparse formats help with %
         annotation = info.annotation
+        if annotation is bool and name.startswith("no_"):  # `--no-ui`, not `--no-ui / --no-no-ui`
+            parser.add_argument(flag, action="store_const", const=True, default=argparse.SUPPRESS, help=help_text)
+            continue
         if annotation is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                 help=help_text)

@@ -110,6 +110,7 @@ class Settings(BaseSettings):
     tool_call_parser: Literal["auto", "hermes", "llama3_json"] = Field(
         "auto", description="how tool calls are read from answers (vLLM's names); auto: from the chat template"
     )
+    no_ui: bool = Field(False, description="do not serve the web chat page at / (the API is unchanged)")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
 
     @field_validator("model", mode="before")
@@ -171,7 +172,7 @@ def settings_table() -> str:
             default = "(none)" if info.default is None else str(info.default).lower() if isinstance(
                 info.default, bool) else str(info.default)
         flag = f"--{name.replace('_', '-')}"
-        if info.annotation is bool:
+        if info.annotation is bool and not name.startswith("no_"):
             flag += f" / --no-{name.replace('_', '-')}"
         rows.append(f"| `{flag}` | `VLMSERVE_{name.upper()}` | {default} | {info.description} |")
     return "\n".join(rows)

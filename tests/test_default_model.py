@@ -19,6 +19,8 @@ import pytest
 from live_server import LiveServer, free_port, wait_until_ready
 from PIL import Image, ImageDraw
 
+from vlmserve.server.webui import ui_assets
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -52,6 +54,9 @@ def installed_server(tmp_path_factory: pytest.TempPathFactory):
         names = z.namelist()
         assert "vlmserve/weights/shapes-llava/config.json" in names
         assert any(n.startswith("vlmserve/weights/shapes-llava/model") and n.endswith(".safetensors") for n in names)
+        assert {"index.html", "app.js", "style.css"} <= set(ui_assets())
+        missing = [name for name in ui_assets() if f"vlmserve/server/ui/{name}" not in names]
+        assert not missing, f"web page files missing from the wheel (pyproject's package-data): {missing}"
         z.extractall(site)
     port = free_port()
     log_path = tmp / "server.log"
@@ -86,3 +91,10 @@ def test_what_color_is_the_circle(installed_server: LiveServer) -> None:
     assert _ask(installed_server, _png("circle", (40, 80, 220)), "What color is the circle?") == "blue"
     assert _ask(installed_server, _png("square", (40, 170, 60)), "What shape is the green object?") == "square"
     assert _ask(installed_server, _png("triangle", (235, 200, 30)), "How many shapes are there?") == "one"
+
+
+def test_the_installed_server_serves_the_web_page(installed_server: LiveServer) -> None:
+    """Every file of the page comes from the wheel, byte for byte the source tree's (no build step)."""
+    for name, path in ui_assets().items():
+        response = httpx.get(installed_server.url + ("/" if name == "index.html" else f"/ui/{name}"), timeout=10)
+        assert response.status_code == 200 and response.content == path.read_bytes(), name
