@@ -13,15 +13,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .anyres import parse_pinpoints
+from .qwen2_vision import Qwen2VisionConfig
 
 VisionFlavour = Literal["clip", "siglip"]
 ProjectorKind = Literal["linear", "mlp", "resampler"]
 
-SUPPORTED_MODEL_TYPES = ("llava", "llava_next")
-Family = Literal["llava", "llava_next"]  # the composition's model_type: how visual tokens are laid out per image
+SUPPORTED_MODEL_TYPES = ("llava", "llava_next", "qwen2_vl")
+Family = Literal["llava", "llava_next", "qwen2_vl"]  # the composition's model_type: how images become tokens
 # llava-v1.6's pinpoints, transformers' LlavaNextConfig default
 DEFAULT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
-SUPPORTED_TEXT_TYPES = ("llama", "qwen2", "mistral")
+SUPPORTED_TEXT_TYPES = ("llama", "qwen2", "mistral", "qwen2_vl_text")
+_QWEN2_TYPES = ("qwen2", "qwen2_vl_text")  # q/k/v bias, no o bias
+_QWEN2_VL_TOKEN_IDS = ("vision_start_token_id", "vision_end_token_id", "video_token_id")
 SUPPORTED_VISION_TYPES = ("clip_vision_model", "siglip_vision_model")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -107,6 +110,7 @@ class RopeConfig:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int | None = None
+    mrope_section: tuple[int, ...] | None = None  # Qwen2-VL's M-RoPE: the (t, h, w) shares of the rotary half
 
     def __post_init__(self) -> None:
         if self.rope_type not in SUPPORTED_ROPE_TYPES:
@@ -120,6 +124,9 @@ class RopeConfig:
             params = dict(d.get("rope_scaling") or {})
             params.setdefault("rope_theta", d.get("rope_theta", 10000.0))
         rope_type = params["rope_type"] if "rope_type" in params else params.get("type", "default")
+        if rope_type == "mrope":  # Qwen2-VL's older configs: default frequencies, sectioned by mrope_section
+            rope_type = "default"
+        section = params.get("mrope_section")
         return cls(
             rope_type=rope_type,
             theta=float(params.get("rope_theta", d.get("rope_theta", 10000.0))),
@@ -127,10 +134,13 @@ class RopeConfig:
             low_freq_factor=float(params.get("low_freq_factor", 1.0)),
             high_freq_factor=float(params.get("high_freq_factor", 4.0)),
             original_max_position_embeddings=params.get("original_max_position_embeddings"),
+            mrope_section=tuple(int(x) for x in section) if section else None,
         )
 
     def to_hf(self) -> dict[str, Any]:
         out: dict[str, Any] = {"rope_type": self.rope_type, "rope_theta": self.theta}
+        if self.mrope_section is not None:
+            out["mrope_section"] = list(self.mrope_section)
         if self.rope_type in ("linear", "llama3"):
             out["factor"] = self.factor
         if self.rope_type == "llama3":
@@ -180,7 +190,7 @@ class TextConfig:
         model_type = d.get("model_type", "llama")
         if model_type not in SUPPORTED_TEXT_TYPES:
             raise ConfigError(f"text model_type {model_type!r} is not supported; supported: {SUPPORTED_TEXT_TYPES}")
-        qwen2 = model_type == "qwen2"
+        qwen2 = model_type in _QWEN2_TYPES
         attention_bias = bool(d.get("attention_bias", False))
         heads = d.get("num_attention_heads", 32)
         window = d.get("sliding_window") if d.get("use_sliding_window", model_type == "mistral") else None
@@ -227,7 +237,7 @@ class TextConfig:
             "eos_token_id": self.eos_token_id,
             "pad_token_id": self.pad_token_id,
         }
-        if self.model_type == "qwen2":
+        if self.model_type in _QWEN2_TYPES:
             out["use_sliding_window"] = False
         else:
             out["attention_bias"] = self.qkv_bias
@@ -254,7 +264,7 @@ class ProjectorConfig:
 class VLMConfig:
     """The composition: encoder + projector + LM, and how images enter the prompt."""
 
-    vision: VisionConfig
+    vision: VisionConfig | Qwen2VisionConfig  # the latter: qwen2_vl's tower, its merger the projector
     text: TextConfig
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
     image_token_index: int = 32000
@@ -263,6 +273,7 @@ class VLMConfig:
     tie_word_embeddings: bool = False
     family: Family = "llava"
     image_grid_pinpoints: tuple[tuple[int, int], ...] = ()  # llava_next: the grid resolutions (h, w)
+    token_ids: tuple[tuple[str, int], ...] = ()  # qwen2_vl: vision_start / vision_end / video token ids, kept
     num_feature_layers: int = field(init=False)
     num_visual_tokens: int = field(init=False)
 
@@ -272,6 +283,15 @@ class VLMConfig:
         if self.vision_feature_select_strategy not in ("default", "full"):
             raise ConfigError(f"vision_feature_select_strategy must be 'default' or 'full', "
                               f"got {self.vision_feature_select_strategy!r}")
+        if isinstance(self.vision, Qwen2VisionConfig):
+            if self.family != "qwen2_vl" or self.text.rope.mrope_section is None:
+                raise ConfigError("Qwen2-VL's vision tower goes with model_type qwen2_vl and an M-RoPE text model")
+            if sum(self.text.rope.mrope_section) * 2 != self.text.head_dim:
+                raise ConfigError(f"mrope_section {self.text.rope.mrope_section} must cover half the head dim "
+                                  f"({self.text.head_dim // 2})")
+            object.__setattr__(self, "num_feature_layers", 1)
+            object.__setattr__(self, "num_visual_tokens", 1)  # per image it varies with its size: 1 is a floor
+            return
         layers = self.feature_layers
         n_states = self.vision.num_hidden_layers + 1
         for layer in layers:
@@ -308,6 +328,8 @@ class VLMConfig:
                 f"model_type {model_type!r} is not supported; supported model_types: {SUPPORTED_MODEL_TYPES} "
                 f"(vision: {SUPPORTED_VISION_TYPES}; text: {SUPPORTED_TEXT_TYPES})"
             )
+        if model_type == "qwen2_vl":
+            return cls._from_qwen2_vl(d)
         text_d = dict(d.get("text_config") or {})
         text_d.setdefault("model_type", "llama")
         vision_d = dict(d.get("vision_config") or {})
@@ -343,7 +365,24 @@ class VLMConfig:
             image_grid_pinpoints=pinpoints,
         )
 
+    @classmethod
+    def _from_qwen2_vl(cls, d: dict[str, Any]) -> VLMConfig:
+        """Qwen2-VL: transformers 5 nests the LM under `text_config`; older configs keep it at the top level."""
+        text_d = dict(d.get("text_config") or {k: v for k, v in d.items() if k != "vision_config"})
+        text_d["model_type"] = "qwen2_vl_text"
+        if "tie_word_embeddings" in d and "tie_word_embeddings" not in text_d:
+            text_d["tie_word_embeddings"] = d["tie_word_embeddings"]
+        text = TextConfig.from_hf(text_d)
+        return cls(vision=Qwen2VisionConfig.from_hf(dict(d.get("vision_config") or {})), text=text,
+                   image_token_index=int(d.get("image_token_id", 151655)), tie_word_embeddings=text.tie_word_embeddings,
+                   family="qwen2_vl", token_ids=tuple((k, int(d[k])) for k in _QWEN2_VL_TOKEN_IDS if k in d))
+
     def to_hf(self) -> dict[str, Any]:
+        if isinstance(self.vision, Qwen2VisionConfig):
+            return {"model_type": "qwen2_vl", "architectures": ["Qwen2VLForConditionalGeneration"],
+                    "vision_config": self.vision.to_hf(), "text_config": self.text.to_hf(),
+                    "image_token_id": self.image_token_index, "tie_word_embeddings": self.tie_word_embeddings,
+                    **dict(self.token_ids)}
         layer = self.vision_feature_layer
         out: dict[str, Any] = {
             "model_type": "llava",

@@ -107,7 +107,7 @@ def _shortest_longest_size(height: int, width: int, shortest: int, longest: int)
     return max(1, shortest), max(1, new_w)
 
 
-ProcessorKind = Literal["clip", "siglip", "llava", "llava_next"]
+ProcessorKind = Literal["clip", "siglip", "llava", "llava_next", "qwen2_vl"]
 
 # transformers' image_processor_type (with any Fast/Pil suffix removed) -> our kind.
 _KIND_FOR_TYPE: dict[str, ProcessorKind] = {
@@ -115,6 +115,7 @@ _KIND_FOR_TYPE: dict[str, ProcessorKind] = {
     "SiglipImageProcessor": "siglip",
     "LlavaImageProcessor": "llava",
     "LlavaNextImageProcessor": "llava_next",  # each tile as CLIP's; the tiling is model/anyres.py's
+    "Qwen2VLImageProcessor": "qwen2_vl",  # a resize to multiples of patch * merge within a pixel budget, patches
 }
 
 
@@ -137,12 +138,19 @@ class ImageProcessorConfig:
     image_std: tuple[float, float, float] = CLIP_STD
     do_pad_batch: bool = False  # CLIP/SigLIP `do_pad`: zero-pad normalized images at the bottom/right
     pad_size: tuple[int, int] | None = None  # None: pad to the largest image of the batch
+    # qwen2_vl: its `size` is a pixel budget (shortest_edge = min_pixels, longest_edge = max_pixels), the patching
+    min_pixels: int = 56 * 56
+    max_pixels: int = 28 * 28 * 1280
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    merge_size: int = 2
 
     # Class defaults of each transformers processor, applied where a config file leaves a key out.
     _DEFAULTS: ClassVar[dict[str, dict[str, Any]]] = {
         "clip": {},
         "llava": {},
         "llava_next": {},
+        "qwen2_vl": {"do_center_crop": False, "crop_size": None},
         "siglip": {
             "size": SizeSpec(height=224, width=224),
             "do_center_crop": False,
@@ -184,7 +192,14 @@ class ImageProcessorConfig:
         for key in ("do_convert_rgb", "do_resize", "do_center_crop", "do_rescale", "do_normalize"):
             if key in d:
                 values[key] = bool(d[key])
-        if "size" in d:
+        if kind == "qwen2_vl":
+            size = d.get("size") or {}
+            values["min_pixels"] = int(d.get("min_pixels", size.get("shortest_edge", cls.min_pixels)))
+            values["max_pixels"] = int(d.get("max_pixels", size.get("longest_edge", cls.max_pixels)))
+            for key in ("patch_size", "temporal_patch_size", "merge_size"):
+                if key in d:
+                    values[key] = int(d[key])
+        elif "size" in d:
             values["size"] = SizeSpec.parse(d["size"], default_to_square=bool(d.get("default_to_square", False)))
         if "crop_size" in d:
             crop = SizeSpec.parse(d["crop_size"], default_to_square=True)

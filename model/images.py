@@ -25,6 +25,7 @@ from PIL import Image
 from .anyres import Layout, tiles
 from .image_config import ImageProcessorConfig
 from .image_decode import ImageError, to_rgb
+from .qwen2_vision import patchify
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +117,17 @@ class ImageProcessor:
     def preprocess_one(self, image: Image.Image) -> torch.Tensor:
         """Process one image; returns `(3, H, W)` float32."""
         return self([image])[0]
+
+    def preprocess_patches(self, image: Image.Image, size: tuple[int, int]) -> torch.Tensor:
+        """qwen2_vl: the image resized to `size` (h, w; from `smart_resize`), normalized and cut into patches;
+        returns `(h/p * w/p, C * T * p * p)` float32, as transformers' `Qwen2VLImageProcessorPil`."""
+        cfg = self.config
+        if cfg.do_convert_rgb:
+            image = to_rgb(image)
+        if cfg.do_resize:
+            image = image.resize((size[1], size[0]), cfg.resample)
+        pixels = self._normalize(np.asarray(image)[None])[0]  # (3, h, w)
+        return patchify(pixels, cfg.patch_size, cfg.merge_size, cfg.temporal_patch_size)
 
     def preprocess_tiled(self, image: Image.Image, layout: Layout, tile: int) -> torch.Tensor:
         """llava_next: the whole image then its grid's tiles (model/anyres.py), each processed as one image;

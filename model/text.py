@@ -75,6 +75,19 @@ class RotaryEmbedding(nn.Module):
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         return self.cos[positions].to(dtype), self.sin[positions].to(dtype)  # (B, T, D) each
 
+    def sectioned(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """M-RoPE (Qwen2-VL): positions (3, B, T) of (time, row, column); each share of the rotary half takes its
+        angles from its own axis (`mrope_section`), the second half as the first. A token whose three positions
+        are equal gets exactly `forward`'s angles."""
+        section = self.rope.mrope_section
+        assert section is not None
+        axis = torch.cat([torch.full((n,), i % 3) for i, n in enumerate(section)])  # (Dh/2,)
+        axis = torch.cat([axis, axis]).to(positions.device)  # (Dh,)
+        index = axis.view(1, 1, 1, -1).expand(1, *positions.shape[1:], axis.numel())  # (1, B, T, Dh)
+        cos = self.cos[positions].gather(0, index)[0]  # (B, T, Dh)
+        sin = self.sin[positions].gather(0, index)[0]  # (B, T, Dh)
+        return cos.to(dtype), sin.to(dtype)
+
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
@@ -178,6 +191,7 @@ class TextModel(nn.Module):
         mask: torch.Tensor | None = None,  # (B, 1, T, T) bool, True = attend: replaces the causal mask
         paged: PagedBatch | StepAttention | None = None,
         logits: bool = True,
+        rope_positions: torch.Tensor | None = None,  # (3, B, T) M-RoPE positions, where they are not all equal
     ) -> torch.Tensor:
         """Return logits (B, T, V), or the final hidden states (B, T, D) with `logits=False`.
 
@@ -201,7 +215,10 @@ class TextModel(nn.Module):
             attn = DenseAttention(positions, valid, mask)
         if positions is None:
             positions = torch.arange(t, device=x.device)[None, :].expand(b, t)  # (B, T)
-        cos, sin = self.rotary(positions, x.dtype)  # (B, T, Dh) each
+        if rope_positions is not None:
+            cos, sin = self.rotary.sectioned(rope_positions, x.dtype)  # (B, T, Dh) each
+        else:
+            cos, sin = self.rotary(positions, x.dtype)  # (B, T, Dh) each
         for layer in self.layers:
             x = layer(x, cos, sin, attn)  # (B, T, D)
         x = self.norm(x)  # (B, T, D)

@@ -1,7 +1,9 @@
 """The composition: vision encoder -> projector -> language model. This file only wires the three together.
 
 Each image's visual tokens are its features through the projector: for `llava`, one encoder-sized view of the
-image; for `llava_next`, a grid of tiles plus the whole image, packed as model/anyres.py says.
+image; for `llava_next`, a grid of tiles plus the whole image, packed as model/anyres.py says; for `qwen2_vl`, the
+image at its own resolution through Qwen2-VL's tower and patch merger (model/qwen2_vision.py), placed with M-RoPE
+positions (model/mrope.py).
 
 Images enter the prompt in one of two ways:
 - at the placeholder: the prompt carries `image_token_index` once per visual token (LLaVA); those positions take
@@ -18,6 +20,7 @@ from torch import nn
 from .anyres import Anyres, Layout
 from .config import VLMConfig
 from .projector import build_projector
+from .qwen2_vision import Grid, Qwen2VisionConfig, Qwen2VisionTower
 from .text import TextModel
 from .vision import VisionTransformer
 
@@ -26,12 +29,17 @@ class VisionLanguageModel(nn.Module):
     def __init__(self, config: VLMConfig, *, max_positions: int | None = None) -> None:
         super().__init__()
         self.config = config
+        self.language_model = TextModel(config.text, max_positions=max_positions)
+        self.anyres: Anyres | None = None
+        self.qwen2_vision: Qwen2VisionConfig | None = None
+        if isinstance(config.vision, Qwen2VisionConfig):  # qwen2_vl: its tower ends in the merger (no projector)
+            self.qwen2_vision = config.vision
+            self.visual = Qwen2VisionTower(config.vision)
+            return
         self.vision_tower = VisionTransformer(config.vision)
         self.multi_modal_projector = build_projector(
             config.projector, vision_dim=config.vision_feature_dim, llm_dim=config.text.hidden_size
         )
-        self.language_model = TextModel(config.text, max_positions=max_positions)
-        self.anyres: Anyres | None = None
         if config.family == "llava_next":
             v = config.vision
             self.anyres = Anyres(config.image_grid_pinpoints, v.image_size, v.image_size // v.patch_size)
@@ -51,6 +59,11 @@ class VisionLanguageModel(nn.Module):
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:  # (N, C, H, W)
         return self.project(self.select_features(pixel_values))  # (N, N_vis, D)
+
+    def encode_patches(self, patches: torch.Tensor, grids: list[Grid]) -> list[torch.Tensor]:
+        """qwen2_vl: the patches (N, C*T*P*P) of several images side by side and their (t, h, w) grids -> each
+        image's visual tokens (t*h*w / m^2, D)."""
+        return self.visual(patches, grids)
 
     def encode_tiled(self, pixel_values: torch.Tensor, layouts: list[Layout]) -> list[torch.Tensor]:
         """llava_next: (N, T, C, H, W) tiles of N images with the same number of tiles T and their layouts -> each

@@ -44,6 +44,8 @@ _LOAD_RULES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
         (r"^(?:model\.)?vision_tower\.(?:vision_model\.)?", "vision_tower."),
         (r"^(?:model\.)?multi_modal_projector\.", "multi_modal_projector."),
         (r"^(?:model\.)?image_newline$", "image_newline"),
+        (r"^(?:model\.)?visual\.", "visual."),  # Qwen2-VL's tower
+        (r"^model\.", "language_model."),  # Qwen2-VL's Hub layout: the LM's `model.layers.*`, `model.embed_tokens`
     )
 )
 # Checkpoint tensors that exist in some LLaVA checkpoints but play no part in LLaVA's forward.
@@ -56,6 +58,11 @@ _SAVE_RULES: tuple[tuple[str, str], ...] = (
     ("vision_tower.", "vision_tower.vision_model."),
     ("multi_modal_projector.", "multi_modal_projector."),
     ("image_newline", "image_newline"),
+)
+_SAVE_RULES_QWEN2_VL: tuple[tuple[str, str], ...] = (  # the Qwen2-VL Hub layout
+    ("language_model.lm_head.", "lm_head."),
+    ("language_model.", "model."),
+    ("visual.", "visual."),
 )
 _CHECKPOINT_FILES = ("*.json", "*.safetensors", "*.jinja", "*.model", "*.txt")
 # (our module path, the checkpoint's parts in order, the fused module): q/k/v and gate/up, one matmul each.
@@ -205,7 +212,7 @@ def load_model(
     model.load_state_dict(state, strict=True, assign=True)
     model.language_model.tie_weights()
     _materialize_buffers(model, torch.device(device))
-    log.info("loaded %s (%s, %s) onto %s", ckpt, config.text.model_type, config.vision.flavour, device)
+    log.info("loaded %s (%s, %s) onto %s", ckpt, config.text.model_type, config.family, device)
     return model.eval()
 
 
@@ -220,17 +227,21 @@ def _materialize_buffers(model: torch.nn.Module, device: torch.device) -> None:
     """Non-persistent buffers (the rotary tables, computed at construction) are not in the checkpoint: move them."""
     rotary = model.language_model.rotary
     rotary.cos, rotary.sin = rotary.cos.to(device), rotary.sin.to(device)
+    if isinstance(visual := getattr(model, "visual", None), torch.nn.Module):  # Qwen2-VL's 2-D rotary frequencies
+        visual.inv_freq = visual.inv_freq.to(device)
 
 
 def checkpoint_state(model: VisionLanguageModel) -> dict[str, torch.Tensor]:
-    """The model's tensors under the hub's classic LLaVA key names (tied output embeddings stored once)."""
+    """The model's tensors under the Hub's key names (LLaVA's classic ones; Qwen2-VL's own), tied output
+    embeddings stored once."""
     out: dict[str, torch.Tensor] = {}
     tied = model.config.text.tie_word_embeddings
+    rules = _SAVE_RULES_QWEN2_VL if model.config.family == "qwen2_vl" else _SAVE_RULES
     for fused_name, fused_tensor in model.state_dict().items():
         if tied and fused_name == "language_model.lm_head.weight":
             continue
         for name, tensor in split_fused(fused_name, fused_tensor, model.config):
-            for prefix, target in _SAVE_RULES:
+            for prefix, target in rules:
                 if name.startswith(prefix):
                     out[target + name[len(prefix) :]] = tensor.detach().contiguous().cpu()
                     break

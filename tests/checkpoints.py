@@ -59,7 +59,7 @@ _WORDS = [
 ]
 
 
-def train_tokenizer(vocab_size: int = 320, seed: int = 0) -> PreTrainedTokenizerFast:
+def train_tokenizer(vocab_size: int = 320, seed: int = 0, image_token: str = IMAGE_TOKEN) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE on a small synthetic corpus and wrap it for transformers."""
     rng = random.Random(seed)
     corpus = [" ".join(rng.choice(_WORDS) for _ in range(rng.randint(3, 12))) + "?" for _ in range(2000)]
@@ -82,7 +82,7 @@ def train_tokenizer(vocab_size: int = 320, seed: int = 0) -> PreTrainedTokenizer
         bos_token="<s>",
         eos_token="</s>",
         pad_token="<pad>",
-        extra_special_tokens={"image_token": IMAGE_TOKEN},
+        extra_special_tokens={"image_token": image_token},
     )
     fast.chat_template = LLAVA_CHAT_TEMPLATE
     return fast
@@ -140,12 +140,25 @@ SPECS = {
 FAMILY_SPECS = {
     # llava-v1.6's layout at a 32 px tile (its pinpoints over 336 px tiles, scaled by 32/336)
     "llava-next": TinySpec(name="llava-next", family="llava_next", seed=3, max_positions=1024),
+    # Qwen2-VL's layout: patch 4, 2 x 2 merge (8 px a side per visual token), 4..256 visual tokens per image
+    "qwen2-vl": TinySpec(name="qwen2-vl", family="qwen2_vl", seed=4, patch_size=4, max_positions=1024),
 }
+QWEN2_VL_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+# Qwen2-VL's prompt shape (ChatML), each image as <|vision_start|><|image_pad|><|vision_end|>
+QWEN2_VL_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 
 def build_checkpoint(spec: TinySpec, out_dir: Path) -> Path:
     """Write a tiny random LLaVA checkpoint for `spec` into `out_dir` and return it."""
     torch.manual_seed(spec.seed)
+    if spec.family == "qwen2_vl":
+        return _build_qwen2_vl(spec, out_dir, train_tokenizer(seed=spec.seed, image_token="<|image_pad|>"))
     tokenizer = train_tokenizer(seed=spec.seed)
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     if spec.vision == "clip":
@@ -255,6 +268,40 @@ def _build_llava_next(spec: TinySpec, out_dir: Path, tokenizer: PreTrainedTokeni
                                    vision_feature_select_strategy=spec.strategy, num_additional_image_tokens=1,
                                    chat_template=LLAVA_CHAT_TEMPLATE)
     processor.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def _build_qwen2_vl(spec: TinySpec, out_dir: Path, tokenizer: PreTrainedTokenizerFast) -> Path:
+    """transformers' Qwen2VLForConditionalGeneration and its PIL image processor (Qwen2VLProcessor itself needs a
+    video processor, hence torchvision: the tests expand <|image_pad|> as it does)."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLTextConfig, Qwen2VLVisionConfig
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    tokenizer.add_special_tokens({"additional_special_tokens": QWEN2_VL_TOKENS})
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN2_VL_TOKENS}
+    vision = Qwen2VLVisionConfig(depth=2, embed_dim=32, hidden_size=64, hidden_act="quick_gelu", mlp_ratio=2,
+                                 num_heads=4, patch_size=spec.patch_size, spatial_merge_size=2, temporal_patch_size=2)
+    text = Qwen2VLTextConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=spec.max_positions,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = Qwen2VLConfig(vision_config=vision.to_dict(), text_config=text.to_dict(),
+                           image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                           vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    model = Qwen2VLForConditionalGeneration(config).eval()
+    _scale_random_weights(model, spec.init_scale, spec.seed)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    factor = spec.patch_size * 2
+    Qwen2VLImageProcessorPil(patch_size=spec.patch_size, merge_size=2, temporal_patch_size=2,
+                             min_pixels=4 * factor * factor, max_pixels=256 * factor * factor).save_pretrained(out_dir)
+    tokenizer.chat_template = QWEN2_VL_CHAT_TEMPLATE
     tokenizer.save_pretrained(out_dir)
     return out_dir
 

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from vlmserve.model.config import VisionConfig
 from vlmserve.model.image_config import ImageProcessorConfig
 from vlmserve.model.images import ImageProcessor
 from vlmserve.model.text import TextModel
@@ -104,6 +105,8 @@ class Run:
 def train_vision(run: Run) -> dict[str, Any]:
     """Pretrain the ViT to label every patch (pair, colour, shape, left-to-right rank, object count)."""
     torch.manual_seed(run.recipe.seed)
+    if not isinstance(run.config.vision, VisionConfig):
+        raise ValueError("the training pipeline trains the llava layout's ViT")
     tower = VisionTransformer(run.config.vision)
     heads = PatchHeads(dim=run.config.vision.hidden_size)
     pool = run.pool("vision")

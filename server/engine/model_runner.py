@@ -22,6 +22,9 @@ from vlmserve.model.anyres import Layout
 from vlmserve.model.attention import PagedBatch, Segment
 from vlmserve.model.kernels import paged_decode_op
 from vlmserve.model.kv_cache import PagedKVCache
+from vlmserve.model.mrope import GridSpan
+from vlmserve.model.mrope import positions as mrope_positions
+from vlmserve.model.qwen2_vision import Grid
 from vlmserve.model.sampler import SamplerState, token_logprobs
 from vlmserve.model.step_attention import StepAttention, stepping
 from vlmserve.model.vlm import VisionLanguageModel
@@ -72,6 +75,8 @@ class ModelRunner:
             {"cpp_wrapper": True} if self.device.type == "cpu" else None)
         self._compiled = torch.compile(lm.forward, options=options) if compile_decode else None
         self._step_attention = StepAttention()
+        self.mrope = lm.rotary.rope.mrope_section is not None  # Qwen2-VL: (t, row, column) positions for images
+        self.merge = model.qwen2_vision.spatial_merge_size if model.qwen2_vision is not None else 1
         if self.device.type == "cpu":
             paged_decode_op()  # built (once per machine, ~10 s) or found now, not in the first decode step
         self.structured = structured
@@ -125,11 +130,21 @@ class ModelRunner:
         segments: list[tuple[int, int, int, list[int], tuple[tuple[int, int], ...]]] = []
         last: list[int] = []  # flat index of the last token of each sequence that samples
         samplers: list[Sequence] = []
+        rope_rows: list[list[int]] | None = None  # M-RoPE: (3, N) once a token of the step is an image's
         for seq, n in items:
             start, lo = len(ids), seq.num_computed
             hi = lo + n
             ids += seq.token_ids[lo:hi]
-            positions += range(lo, hi)
+            if self.mrope:
+                flat, axes = mrope_positions(lo, hi, self._rope_spans(seq))
+                if axes is not None and rope_rows is None:
+                    rope_rows = [list(positions), list(positions), list(positions)]
+                if rope_rows is not None:
+                    for r, mine in zip(rope_rows, axes or (flat, flat, flat), strict=True):
+                        r += mine
+                positions += flat
+            else:
+                positions += range(lo, hi)
             table = seq.block_table
             slots += [table[p // bs] * bs + p % bs for p in range(lo, hi)]
             for span in seq.spans_in(lo, hi):
@@ -165,11 +180,13 @@ class ModelRunner:
                                                              equal=equal)
         paged.segments = [Segment(s, n, c, self._tensor(t), sp) for s, n, c, t, sp in segments]
         pos_t = self._tensor(positions)[None]  # (1, N)
+        rope_t = self._tensor(rope_rows)[:, None] if rope_rows is not None else None  # (3, 1, N)
         hidden = None
-        if self._compiled is not None and not segments:
+        if self._compiled is not None and not segments and rope_t is None:
             hidden = self._compiled_forward(embeds[None], pos_t, paged)  # (N, D), or None if compiling failed
         if hidden is None:
-            hidden = lm(inputs_embeds=embeds[None], positions=pos_t, paged=paged, logits=False)[0]  # (N, D)
+            hidden = lm(inputs_embeds=embeds[None], positions=pos_t, paged=paged, logits=False,
+                        rope_positions=rope_t)[0]  # (N, D)
         if not samplers:
             return []
         logits = lm.lm_head(hidden[self._tensor(last)])  # (S, V)
@@ -186,6 +203,18 @@ class ModelRunner:
             for i, (chosen, top) in token_logprobs(logits, tokens, wanted).items():
                 logprobs[i] = TokenLogprob(tokens[i], chosen, tuple(top))
         return list(zip(samplers, tokens, logprobs, strict=True))
+
+    def _rope_spans(self, seq: Sequence) -> list[GridSpan]:
+        """The sequence's images as merged grids, for its M-RoPE positions (computed once)."""
+        if seq.rope_spans is None:
+            spans = []
+            for span in seq.spans:
+                grid = seq.req.images[span.index].grid
+                if grid is None:
+                    raise BadRequest(f"image {span.index} has no patch grid, which this model's positions need")
+                spans.append(GridSpan(span.start, grid[1] // self.merge, grid[2] // self.merge))
+            seq.rope_spans = spans
+        return seq.rope_spans
 
     def _compiled_forward(self, embeds: torch.Tensor, positions: torch.Tensor, paged: PagedBatch
                           ) -> torch.Tensor | None:
@@ -212,6 +241,7 @@ class ModelRunner:
         todo: dict[tuple[str, str], list[tuple[Sequence, int]]] = {}
         pixels: dict[tuple[str, str], torch.Tensor] = {}
         layouts: dict[tuple[str, str], Layout] = {}  # tiled (llava_next) images: size and grid
+        grids: dict[tuple[str, str], Grid] = {}  # qwen2_vl images: their patch grids
         hits = 0
         for seq, n in batch.items:
             for span in seq.spans_in(seq.num_computed, seq.num_computed + n):
@@ -230,16 +260,18 @@ class ModelRunner:
                     pixels[key] = img.pixel_values
                     if img.layout is not None:
                         layouts[key] = img.layout
+                    if img.grid is not None:
+                        grids[key] = img.grid
                 else:
                     todo.setdefault(key, []).append((seq, span.index))
         encoded: dict[tuple[str, str], torch.Tensor] = {}
         by_shape: dict[tuple[int, ...], list[tuple[str, str]]] = {}
-        for key in pixels:
-            by_shape.setdefault(tuple(pixels[key].shape), []).append(key)
+        for key in pixels:  # qwen2_vl's tower takes images of any size side by side: one group
+            by_shape.setdefault(() if key in grids else tuple(pixels[key].shape), []).append(key)
         for keys in by_shape.values():
             step = self.max_images_per_encode
             for i in range(0, len(keys), step):
-                encoded.update(self._encode([*keys[i : i + step]], pixels, layouts))
+                encoded.update(self._encode([*keys[i : i + step]], pixels, layouts, grids))
         failed: set[int] = set()
         for key, users in todo.items():
             tokens = encoded.get(key)
@@ -259,22 +291,26 @@ class ModelRunner:
         return failed
 
     def _encode(self, keys: Seq[tuple[str, str]], pixels: dict[tuple[str, str], torch.Tensor],
-                layouts: dict[tuple[str, str], Layout]) -> dict[tuple[str, str], torch.Tensor]:
-        """Encode images of one pixel shape in one call; on failure retry one by one so that only the bad image is
-        lost."""
+                layouts: dict[tuple[str, str], Layout], grids: dict[tuple[str, str], Grid]
+                ) -> dict[tuple[str, str], torch.Tensor]:
+        """Encode images of one pixel shape (qwen2_vl: of any) in one call; on failure retry one by one so that only
+        the bad image is lost."""
         try:
-            batch = torch.stack([pixels[k].to(self.device, self.dtype, non_blocking=True) for k in keys])  # (N, ...)
-            if self.model.anyres is not None:  # (N, T, C, H, W) tiles -> each image's (n_i, D)
-                tokens: Seq[torch.Tensor] = self.model.encode_tiled(batch, [layouts[k] for k in keys])
+            moved = [pixels[k].to(self.device, self.dtype, non_blocking=True) for k in keys]
+            tokens: Seq[torch.Tensor]
+            if self.model.qwen2_vision is not None:  # patches side by side (sum N_i, C*T*P*P) -> each (n_i, D)
+                tokens = self.model.encode_patches(torch.cat(moved), [grids[k] for k in keys])
+            elif self.model.anyres is not None:  # (N, T, C, H, W) tiles -> each image's (n_i, D)
+                tokens = self.model.encode_tiled(torch.stack(moved), [layouts[k] for k in keys])
             else:
-                tokens = list(self.model.encode_images(batch))  # N x (N_vis, D)
+                tokens = list(self.model.encode_images(torch.stack(moved)))  # N x (N_vis, D)
         except Exception:
             if len(keys) == 1:
                 log.exception("encoding image %s failed", keys[0][1][:12])
                 return {}
             out: dict[tuple[str, str], torch.Tensor] = {}
             for k in keys:
-                out.update(self._encode([k], pixels, layouts))
+                out.update(self._encode([k], pixels, layouts, grids))
             return out
         self.counters.encoder_calls += 1
         self.counters.images_encoded += len(keys)

@@ -15,6 +15,7 @@ import torch
 from vlmserve.model.anyres import Anyres, Layout
 from vlmserve.model.image_decode import image_size, open_image
 from vlmserve.model.images import ImageProcessor
+from vlmserve.model.qwen2_vision import Grid, smart_resize
 from vlmserve.model.sampling import SamplingParams
 from vlmserve.model.tokenizer import ChatTokenizer, EncodedPrompt
 
@@ -33,12 +34,20 @@ class ImagePlan:
     (llava_next) model its layout of tiles."""
 
     tokens: int
-    layout: Layout | None = None
+    layout: Layout | None = None  # llava_next: its tiles
+    resized: tuple[int, int] | None = None  # qwen2_vl: the (h, w) it is resized to
+    grid: Grid | None = None  # qwen2_vl: its (t, h, w) in patches
 
     @property
     def setting(self) -> str:
-        """The resolution setting, part of the image's cache key: `base` (the whole image as one tile) or `grid`."""
+        """The resolution setting, part of the image's cache key: `base` (the whole image as one tile) or `grid`
+        (llava_next), the resized size (qwen2_vl)."""
+        if self.resized is not None:
+            return f"{self.resized[0]}x{self.resized[1]}"
         return "" if self.layout is None else ("base" if not self.layout.rows else "grid")
+
+
+LOW_TOKENS = 100  # OpenAI's `detail: low` is one small view; where a family can, at most this many visual tokens
 
 
 class RequestPreparer:
@@ -65,7 +74,7 @@ class RequestPreparer:
     @property
     def needs_size(self) -> bool:
         """Whether an image's token count depends on its size (read from its header before planning)."""
-        return self.anyres is not None
+        return self.anyres is not None or self.processor.config.kind == "qwen2_vl"
 
     def size(self, data: bytes) -> tuple[int, int]:
         """(height, width) of an image as it will be decoded, from its header (the limits checked). ImageError."""
@@ -83,13 +92,16 @@ class RequestPreparer:
         below the grid's count falls back to it."""
         if detail not in (None, "auto", "low", "high"):
             raise BadRequest(f"detail must be low, high or auto, not {detail!r}")
-        if self.anyres is None:
+        if not self.needs_size:
             if max_image_tokens is not None and max_image_tokens < self.num_visual_tokens:
                 raise BadRequest(f"this model makes every image {self.num_visual_tokens} visual tokens; "
                                  f"max_image_tokens {max_image_tokens} is below that")
             return ImagePlan(self.num_visual_tokens)
         if size is None:
             raise ValueError("a tiled model plans an image from its size")
+        if self.processor.config.kind == "qwen2_vl":
+            return self._plan_resized(detail, max_image_tokens, size)
+        assert self.anyres is not None
         base = self.anyres.layout(*size, base_only=True)
         grid = self.anyres.layout(*size)
         options = [base] if detail == "low" else [grid, base]
@@ -100,6 +112,27 @@ class RequestPreparer:
         fewest = self.anyres.num_tokens(base)
         raise BadRequest(f"this {size[1]}x{size[0]} image makes at least {fewest} visual tokens (the whole image as "
                          f"one tile); max_image_tokens {max_image_tokens} is below that")
+
+    def _plan_resized(self, detail: str | None, max_image_tokens: int | None, size: tuple[int, int]) -> ImagePlan:
+        """qwen2_vl: the image at its own resolution within a pixel budget. `auto` / `high`: the processor's
+        max_pixels (its default is its most); `low`: at most ~100 visual tokens (LOW_TOKENS, unless min_pixels
+        needs more); `max_image_tokens` lowers the budget to that many tokens."""
+        cfg = self.processor.config
+        factor = cfg.patch_size * cfg.merge_size
+        budget = cfg.max_pixels
+        if detail == "low":
+            budget = min(budget, max(cfg.min_pixels, LOW_TOKENS * factor * factor))
+        if max_image_tokens is not None:
+            budget = min(budget, max_image_tokens * factor * factor)
+        try:
+            h, w = smart_resize(*size, factor, cfg.min_pixels, budget)
+        except ValueError as e:
+            raise BadRequest(str(e)) from e
+        tokens = h * w // (factor * factor)
+        if max_image_tokens is not None and tokens > max_image_tokens:
+            raise BadRequest(f"this {size[1]}x{size[0]} image makes at least {tokens} visual tokens (the processor's "
+                             f"min_pixels {cfg.min_pixels}); max_image_tokens {max_image_tokens} is below that")
+        return ImagePlan(tokens, resized=(h, w), grid=(1, h // cfg.patch_size, w // cfg.patch_size))
 
     def image_key(self, digest: str, plan: ImagePlan | None = None) -> str:
         """The content key of an image with bytes hash `digest`, processed by this preparer as `plan` says."""
@@ -112,7 +145,8 @@ class RequestPreparer:
         if visual_tokens is None:
             return None
         tokens = plan.tokens if plan is not None else self.num_visual_tokens
-        return ImageInput(self.image_key(digest, plan), None, tokens, visual_tokens=visual_tokens)
+        return ImageInput(self.image_key(digest, plan), None, tokens, visual_tokens=visual_tokens,
+                          grid=plan.grid if plan is not None else None)  # positions need the grid still
 
     def encode(self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None = None,
                image_tokens: Sequence[int] | None = None, token_limit: int | None = None) -> EncodedPrompt:
@@ -144,6 +178,9 @@ class RequestPreparer:
         if plan is None:
             plan = self.plan(size=(rgb.height, rgb.width) if self.needs_size else None)
         key = self.image_key(digest or image_hash(data), plan)
+        if plan.resized is not None:
+            patches = self.processor.preprocess_patches(rgb, plan.resized)  # (N, C * T * P * P)
+            return ImageInput(key, patches, plan.tokens, grid=plan.grid)
         if plan.layout is None:
             return ImageInput(key, self.processor.preprocess_one(rgb), plan.tokens)  # (C, H, W)
         assert self.anyres is not None

@@ -70,6 +70,7 @@ class ImageInput:
     num_tokens: int  # placeholder slots this image fills in the prompt
     visual_tokens: torch.Tensor | None = None  # (num_tokens, D), from a lease; then pixel_values may be None
     layout: Layout | None = None  # a tiled (llava_next) image's size and grid of tiles
+    grid: tuple[int, int, int] | None = None  # qwen2_vl: (t, h, w) in patches; pixel_values (t*h*w, C*T*P*P)
 
     def __post_init__(self) -> None:
         if self.num_tokens < 1:

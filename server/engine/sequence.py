@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from vlmserve.model.detokenizer import IncrementalDetokenizer
+from vlmserve.model.mrope import GridSpan
 
 from .kv_cache_manager import BlockKey, block_key
 from .requests import EngineRequest, TokenLogprob
@@ -63,6 +64,7 @@ class Sequence:
     root: BlockKey  # parent key of the first block: model id and cache salt
     block_size: int
     token_ids: list[int] = field(default_factory=list)
+    rope_spans: list[GridSpan] | None = None  # M-RoPE models: each image's merged grid (the runner fills it)
     prompt_len: int = 0
     status: Status = Status.WAITING
     num_computed: int = 0  # leading tokens whose keys/values are in the cache

@@ -1,0 +1,164 @@
+"""transformers as the oracle of each VLM family (tests/test_families.py): its model, its PIL image processor and its
+placeholder expansion, on a tiny checkpoint of tests/checkpoints.py's FAMILY_SPECS."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from transformers import (
+    AutoProcessor,
+    AutoTokenizer,
+    LlavaNextForConditionalGeneration,
+    Qwen2VLForConditionalGeneration,
+)
+
+from vlmserve.model.images import ImageProcessor
+from vlmserve.model.qwen2_vision import smart_resize
+from vlmserve.model.weights import load_model
+
+
+def messages(n_images: int, question: str) -> list[dict[str, Any]]:
+    return [{"role": "user", "content": [{"type": "image"}] * n_images + [{"type": "text", "text": question}]}]
+
+
+class Oracle:
+    """What every family answers: generate inputs, greedy answers, logits, and the pixel check."""
+
+    hf_class: type
+
+    def __init__(self, ckpt: Path, dtype: torch.dtype = torch.float32) -> None:
+        self.ckpt, self.dtype = ckpt, dtype
+        self.model = self.hf_class.from_pretrained(ckpt, dtype=dtype).eval()
+
+    def inputs(self, question: str, images: list[Image.Image], detail: str | None = None) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def answer(self, question: str, images: list[Image.Image], detail: str | None = None,
+               max_new_tokens: int = 12) -> tuple[list[int], int]:
+        """transformers' greedy continuation (token ids) and the prompt's length."""
+        inputs = self.inputs(question, images, detail)
+        n = inputs["input_ids"].shape[1]
+        with torch.no_grad():
+            out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        return out[0, n:].tolist(), n
+
+    def next_logits(self, inputs: dict[str, Any], continuation: list[int]) -> torch.Tensor:
+        """The logits (V,) after the prompt and `continuation`."""
+        ids = torch.cat([inputs["input_ids"], torch.tensor([continuation], dtype=torch.long)], dim=1)
+        extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "inputs_embeds", "mm_token_type_ids")}
+        if "inputs_embeds" in inputs:  # the prompt as embeddings, then the continuation's own
+            tail = self.model.get_input_embeddings()(torch.tensor([continuation], dtype=torch.long))
+            extra["inputs_embeds"] = torch.cat([inputs["inputs_embeds"], tail], dim=1)
+            return self.model(**extra).logits[0, -1].float()
+        if "mm_token_type_ids" in inputs:
+            extra["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"],
+                                                    torch.zeros(1, len(continuation), dtype=torch.int)], dim=1)
+        return self.model(input_ids=ids, **extra).logits[0, -1].float()
+
+    def check_pixels(self, image: Image.Image) -> int:
+        """Assert our pixels are transformers' bit for bit and our encoder its features; return the token count."""
+        raise NotImplementedError
+
+
+class LlavaNextOracle(Oracle):
+    hf_class = LlavaNextForConditionalGeneration
+
+    def __init__(self, ckpt: Path, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__(ckpt, dtype)
+        self.processor = AutoProcessor.from_pretrained(ckpt)
+
+    def inputs(self, question: str, images: list[Image.Image], detail: str | None = None) -> dict[str, Any]:
+        prompt = self.processor.apply_chat_template(messages(len(images), question), add_generation_prompt=True)
+        if detail != "low":
+            out = dict(self.processor(images=images, text=[prompt], return_tensors="pt"))
+            out["pixel_values"] = out["pixel_values"].to(self.dtype)
+            return out
+        # detail low: each image as its base tile only, through transformers' own single-tile branch of
+        # pack_image_features, the LM on the merged embeddings
+        m = self.model
+        pixels = self.processor.image_processor(images=images, return_tensors="pt")["pixel_values"][:, :1]
+        side = m.config.vision_config.image_size // m.config.vision_config.patch_size
+        token = self.processor.image_token
+        expanded = prompt.replace(token, token * (side * side + 1))
+        ids = self.processor.tokenizer(expanded, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            hidden = m.model.vision_tower(pixels.flatten(0, 1).to(self.dtype), output_hidden_states=True).hidden_states
+            feats = m.model.multi_modal_projector(hidden[m.config.vision_feature_layer][:, 1:])  # (N, S*S, D)
+            packed, _ = m.model.pack_image_features(list(feats[:, None]), torch.tensor([[1, 1]] * len(images)),
+                                                    "default", m.model.image_newline)
+            embeds = m.get_input_embeddings()(ids.masked_fill(ids == m.config.image_token_index, 0))
+            embeds = embeds.masked_scatter((ids == m.config.image_token_index)[..., None], torch.cat(packed))
+        return {"input_ids": ids, "inputs_embeds": embeds}
+
+    def check_pixels(self, image: Image.Image) -> int:
+        ours = load_model(self.ckpt)
+        assert ours.anyres is not None
+        want = self.processor.image_processor(images=[image], return_tensors="pt")
+        layout = ours.anyres.layout(image.height, image.width)
+        got = ImageProcessor.from_pretrained(self.ckpt).preprocess_tiled(image, layout, ours.anyres.tile)
+        assert torch.equal(got, want["pixel_values"][0][: got.shape[0]])  # bit for bit (the rest is batch padding)
+        text = self.processor(images=[image], text=["<image>"], return_tensors="pt")
+        placeholders = int((text["input_ids"] == self.model.config.image_token_index).sum())
+        assert ours.anyres.num_tokens(layout) == placeholders
+        with torch.no_grad():
+            theirs = self.model.model.get_image_features(pixel_values=want["pixel_values"],
+                                                         image_sizes=want["image_sizes"],
+                                                         return_dict=True).pooler_output[0]
+            mine = ours.encode_tiled(got[None], [layout])[0]
+        torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-5)
+        return placeholders
+
+
+class Qwen2VLOracle(Oracle):
+    """Qwen2VLProcessor itself needs a video processor (hence torchvision): its <|image_pad|> expansion is done here
+    as it does it (grid t*h*w / merge^2 copies per image)."""
+
+    hf_class = Qwen2VLForConditionalGeneration
+
+    def __init__(self, ckpt: Path, dtype: torch.dtype = torch.float32) -> None:
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        super().__init__(ckpt, dtype)
+        self.image_processor = Qwen2VLImageProcessorPil.from_pretrained(ckpt)
+        self.tokenizer = AutoTokenizer.from_pretrained(ckpt)
+
+    def _pixels(self, images: list[Image.Image], detail: str | None) -> dict[str, torch.Tensor]:
+        ip = self.image_processor
+        size = dict(ip.size)
+        if detail == "low":  # our documented low: at most ~100 visual tokens (the processor's min_pixels allowing)
+            factor = ip.patch_size * ip.merge_size
+            size["longest_edge"] = min(size["longest_edge"], max(size["shortest_edge"], 100 * factor * factor))
+        return dict(ip(images=images, size=size, return_tensors="pt"))
+
+    def inputs(self, question: str, images: list[Image.Image], detail: str | None = None) -> dict[str, Any]:
+        text = self.tokenizer.apply_chat_template(messages(len(images), question), add_generation_prompt=True,
+                                                  tokenize=False)
+        pixels = self._pixels(images, detail) if images else {}
+        for grid in pixels.get("image_grid_thw", []):
+            text = text.replace("<|image_pad|>", "<|placeholder|>" * int(grid.prod() // 4), 1)
+        ids = self.tokenizer(text.replace("<|placeholder|>", "<|image_pad|>"), return_tensors="pt")["input_ids"]
+        out: dict[str, Any] = {"input_ids": ids, "mm_token_type_ids": (ids == self.model.config.image_token_id).int()}
+        if pixels:
+            out.update(pixel_values=pixels["pixel_values"].to(self.dtype), image_grid_thw=pixels["image_grid_thw"])
+        return out
+
+    def check_pixels(self, image: Image.Image) -> int:
+        ours = load_model(self.ckpt)
+        want = self._pixels([image], None)
+        cfg = ImageProcessor.from_pretrained(self.ckpt).config
+        size = smart_resize(image.height, image.width, cfg.patch_size * cfg.merge_size, cfg.min_pixels,
+                            cfg.max_pixels)
+        got = ImageProcessor.from_pretrained(self.ckpt).preprocess_patches(image, size)
+        assert torch.equal(got, want["pixel_values"])
+        grid = tuple(int(x) for x in want["image_grid_thw"][0])
+        assert grid == (1, size[0] // cfg.patch_size, size[1] // cfg.patch_size)
+        with torch.no_grad():
+            theirs = self.model.model.get_image_features(pixel_values=want["pixel_values"],
+                                                         image_grid_thw=want["image_grid_thw"],
+                                                         return_dict=True).pooler_output[0]
+            mine = ours.encode_patches(got, [grid])[0]  # type: ignore[list-item]
+        torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-5)
+        return int(want["image_grid_thw"][0].prod()) // 4
