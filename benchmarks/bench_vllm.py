@@ -36,7 +36,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from benchmarks import arithmetic_bound  # noqa: E402
+from benchmarks import arithmetic_bound, checkpoint_qwen2_vl  # noqa: E402
 from benchmarks.bench_serving import (  # noqa: E402
     data_url,
     free_port,
@@ -56,6 +56,8 @@ GOALS = {  # metric: (comparison, bound), the ratios are ours / vLLM's
     "share_of_arithmetic_bound_16": (">=", 0.8),
     "second_turn_ttft_ratio": ("<=", 0.3),
 }
+# Qwen2-VL's loads: 99, 192, 196 and 99 visual tokens at the processor's defaults (its image at its own resolution)
+MIXED_SIZES = "320x240,448x336,392x392,240x320"
 SYSTEM_WORDS = ["describe", "the", "picture", "number", "what", "color", "is", "this", "image", "shape"]
 
 
@@ -65,6 +67,8 @@ def shifted_load(args: argparse.Namespace, url: str, model: str, offset: int, co
            "--image-offset", str(offset), "--", "--base", url + "/v1", "--model", model, "--concurrency",
            str(concurrency), "--requests", str(requests), "--max-tokens", str(max_tokens), "--distinct-images",
            str(requests), "--ignore-eos"]
+    if args.sizes:
+        cmd[cmd.index("--"):cmd.index("--")] = ["--sizes", args.sizes]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"load test failed ({done.returncode}): {done.stderr[-2000:]}")
@@ -159,7 +163,6 @@ def round_ratios(ours: dict[str, Any], vllm: dict[str, Any]) -> dict[str, Any]:
 
 def run_dtype(args: argparse.Namespace, ckpt: Path, dtype: str, log_dir: Path) -> dict[str, Any]:
     system_text = system_prompt(ckpt)
-    shapes = arithmetic_bound.Shapes.of(ckpt)
     rounds: list[dict[str, Any]] = []
     for rnd in range(args.rounds):
         order = ["ours", "vllm"] if rnd % 2 == 0 else ["vllm", "ours"]
@@ -169,6 +172,9 @@ def run_dtype(args: argparse.Namespace, ckpt: Path, dtype: str, log_dir: Path) -
             log.info("%s round %d: %s", dtype, rnd, result["ratios"])
         rounds.append(result)
     prompt_tokens = rounds[0]["ours"]["prompt_tokens"] if "ours" in rounds[0] else rounds[0]["vllm"]["prompt_tokens"]
+    if args.family != "llava":  # the arithmetic bound is the LLaVA workload's (issue 11 sets no bound goal)
+        return {"rounds": rounds, "prompt_tokens": prompt_tokens, "headline": headline(rounds)}
+    shapes = arithmetic_bound.Shapes.of(ckpt)
     rates = arithmetic_bound.rates(shapes, getattr(torch, dtype), prompt_tokens, [16, 1])
     bound16 = arithmetic_bound.bound(shapes, rates, prompt_tokens, args.max_tokens, args.requests, 16)
     bound1 = arithmetic_bound.bound(shapes, rates, prompt_tokens, args.max_tokens, args.single_requests, 1)
@@ -190,8 +196,9 @@ def headline(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     for key in ("tok_per_s_16_vs_vllm", "tok_per_s_1_vs_vllm", "ttft_p50_16_vs_vllm", "second_turn_ttft_ratio",
                 "second_turn_ttft_ratio_vllm"):
         out[key] = med([r.get("ratios", {}).get(key) for r in rounds])
-    out["share_of_arithmetic_bound_16"] = med([r["ours"]["share_of_bound_16"] for r in rounds if "ours" in r])
-    out["share_of_arithmetic_bound_16_vllm"] = med([r["vllm"]["share_of_bound_16"] for r in rounds if "vllm" in r])
+    out["share_of_arithmetic_bound_16"] = med([r["ours"].get("share_of_bound_16") for r in rounds if "ours" in r])
+    out["share_of_arithmetic_bound_16_vllm"] = med([r["vllm"].get("share_of_bound_16") for r in rounds
+                                                    if "vllm" in r])
     for system in ("ours", "vllm"):
         for key in ("load16", "load1"):
             out[f"{system}_{key}_tok_per_s"] = med([r[system][key]["tok_per_s"] for r in rounds if system in r])
@@ -210,6 +217,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--pairs", type=int, default=4)
     p.add_argument("--small", action="store_true", help="a reduced checkpoint (a dry run of the script)")
+    p.add_argument("--family", choices=["llava", "qwen2_vl"], default="llava",
+                   help="qwen2_vl: the Qwen2-VL checkpoint (benchmarks/checkpoint_qwen2_vl.py), images of mixed sizes")
+    p.add_argument("--sizes", default=None, help="image sizes WxH,... for the loads (qwen2_vl default: a mix)")
     p.add_argument("--skip", action="append", default=[], choices=["ours", "vllm"])
     p.add_argument("--ckpt-dir", type=Path, default=Path("/tmp/vlmserve-bench"))
     p.add_argument("--checkpoint", type=Path, default=None, help="serve this checkpoint instead of the built one")
@@ -223,7 +233,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
-    ckpt = args.checkpoint or ensure(PEER_SMALL if args.small else PEER, args.ckpt_dir)
+    if args.family == "qwen2_vl":
+        qspec = checkpoint_qwen2_vl.PEER_SMALL if args.small else checkpoint_qwen2_vl.PEER
+        ckpt = args.checkpoint or checkpoint_qwen2_vl.ensure(qspec, args.ckpt_dir)
+        args.sizes = args.sizes or MIXED_SIZES
+    else:
+        ckpt = args.checkpoint or ensure(PEER_SMALL if args.small else PEER, args.ckpt_dir)
     log_dir = args.ckpt_dir / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {"benchmark": "vllm", "machine": machine(), "checkpoint": str(ckpt),

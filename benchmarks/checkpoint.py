@@ -100,7 +100,7 @@ def _corpus(seed: int, lines: int = 6000, num_words: int = 3000) -> list[str]:
     return [" ".join(rng.choice(words) for _ in range(rng.randint(4, 16))) + rng.choice(".?!,") for _ in range(lines)]
 
 
-def train_tokenizer(vocab_size: int, seed: int = 0) -> PreTrainedTokenizerFast:
+def train_tokenizer(vocab_size: int, seed: int = 0, image_token: str = IMAGE_TOKEN) -> PreTrainedTokenizerFast:
     """A byte-level BPE trained on a synthetic ASCII corpus, wrapped for transformers (like tests/checkpoints.py)."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -116,7 +116,7 @@ def train_tokenizer(vocab_size: int, seed: int = 0) -> PreTrainedTokenizerFast:
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
                                                        special_tokens=[("<s>", bos)])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   extra_special_tokens={"image_token": IMAGE_TOKEN})
+                                   extra_special_tokens={"image_token": image_token})
     fast.chat_template = LLAVA_CHAT_TEMPLATE
     return fast
 

@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 
-def load(path: Path, image_offset: int) -> dict[str, Any]:
-    """The load test's module namespace (its `asyncio.run(main())` left out), with `image_url` shifted."""
+def load(path: Path, image_offset: int, sizes: list[tuple[int, int]] | None = None) -> dict[str, Any]:
+    """The load test's module namespace (its `asyncio.run(main())` left out), with `image_url` shifted (and, with
+    `sizes`, image i of size sizes[i % len(sizes)]: mixed sizes for the families whose token counts follow them)."""
     source = path.read_text()
     head, found, _ = source.rpartition("asyncio.run(main())")
     if not found:
@@ -27,7 +28,10 @@ def load(path: Path, image_offset: int) -> dict[str, Any]:
     namespace: dict[str, Any] = {"__name__": "loadtest", "__file__": str(path)}
     exec(compile(head, str(path), "exec"), namespace)  # the shared tool, read from disk
     original: Callable[..., str] = namespace["image_url"]
-    namespace["image_url"] = lambda seed, *a, **k: original(seed + image_offset, *a, **k)
+    if sizes:
+        namespace["image_url"] = lambda seed, *a, **k: original(seed + image_offset, sizes[seed % len(sizes)])
+    else:
+        namespace["image_url"] = lambda seed, *a, **k: original(seed + image_offset, *a, **k)
     return namespace
 
 
@@ -35,10 +39,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--loadtest", type=Path, required=True)
     p.add_argument("--image-offset", type=int, default=0)
+    p.add_argument("--sizes", default="", help="image sizes WxH,WxH,... taken in turn (default: the tool's own)")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="the load test's own arguments, after --")
     args = p.parse_args()
     rest = args.rest[1:] if args.rest[:1] == ["--"] else args.rest
-    namespace = load(args.loadtest, args.image_offset)
+    sizes = [(int(w), int(h)) for w, h in (x.split("x") for x in args.sizes.split(",") if x)]
+    namespace = load(args.loadtest, args.image_offset, sizes or None)
     sys.argv = [str(args.loadtest), *rest]
     asyncio.run(namespace["main"]())
 
