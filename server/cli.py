@@ -1,4 +1,4 @@
-"""The `vlmserve` command line: serve | ask | bench | train | eval."""
+"""The `vlmserve` command line: serve | ask | chat | bench | train | eval."""
 
 from __future__ import annotations
 
@@ -112,7 +112,13 @@ def cmd_ask(args: argparse.Namespace) -> int:
         return _client_missing("ask")
 
     images: list[bytes] = []
+    if args.image.count("-") > 1:
+        print("vlmserve ask: --image - (standard input) can be given once", file=sys.stderr)
+        return 2
     for path in args.image:
+        if path == "-":
+            images.append(sys.stdin.buffer.read())
+            continue
         try:
             images.append(Path(path).read_bytes())
         except OSError as e:
@@ -143,6 +149,17 @@ def cmd_ask(args: argparse.Namespace) -> int:
         return 1
 
 
+def cmd_chat(args: argparse.Namespace) -> int:
+    from .chat_cli import run_chat
+
+    try:
+        return run_chat(args)
+    except ModuleNotFoundError as e:
+        if e.name != "vlmserve_client":
+            raise
+        return _client_missing("chat")
+
+
 def cmd_train(argv: list[str]) -> int:
     from vlmserve.training.cli import train_main
 
@@ -163,7 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     ask = sub.add_parser("ask", help="ask a running server about images; prints the answer")
     ask.add_argument("prompt")
     ask.add_argument("--url", default="http://127.0.0.1:8000", help="server root, e.g. http://127.0.0.1:8000")
-    ask.add_argument("--image", action="append", default=[], help="image file (repeatable, in order)")
+    ask.add_argument("--image", action="append", default=[],
+                     help="image file (repeatable, in order); - reads one from standard input")
     ask.add_argument("--stream", action="store_true", help="print the answer as it is generated")
     ask.add_argument("--model", default=None)
     ask.add_argument("--max-tokens", type=int, default=None)
@@ -171,6 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--seed", type=int, default=None)
     ask.add_argument("--api-key", default=None, help="Bearer key (env VLMSERVE_API_KEY)")
     ask.add_argument("--timeout", type=float, default=120.0)
+    chat = sub.add_parser("chat", help="an interactive multi-turn chat with a running server (/image PATH attaches)")
+    from .chat_cli import add_arguments
+
+    add_arguments(chat)
     sub.add_parser("bench", help="concurrent streaming load against a running server (see `vlmserve bench --help`)",
                    add_help=False)
     sub.add_parser("train", help="train the SHAPES model (see `vlmserve train --help`)", add_help=False)
@@ -180,6 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # httpx logs every request at INFO: the client commands (ask, chat, bench, eval --url) show answers, a progress
+    # bar or a table, not one line per request.
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     if argv and argv[0] == "bench":
         try:
             from .bench import main as bench_main
@@ -195,13 +221,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         return cmd_serve(args)
-    if args.command == "ask":
+    if args.command in ("ask", "chat"):
         if args.api_key is None:
             import os
 
             args.api_key = os.environ.get("VLMSERVE_API_KEY")
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-        return cmd_ask(args)
+        return cmd_ask(args) if args.command == "ask" else cmd_chat(args)
     return 2
 
 

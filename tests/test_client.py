@@ -30,6 +30,7 @@ from vlmserve_client import (
     ServiceUnavailableError,
     VlmserveError,
     sniff_mime,
+    user_message,
 )
 from vlmserve_client import _async as async_mod
 from vlmserve_client import _sync as sync_mod
@@ -137,6 +138,17 @@ def test_chat_body_without_images_is_plain_text() -> None:
     body = chat_body("hi", images=(), model=None, max_tokens=None, temperature=None, top_p=None, top_k=None,
                      seed=None, stop=None, system=None, stream=False)
     assert body == {"messages": [{"role": "user", "content": "hi"}]}
+
+
+def test_chat_body_history_comes_between_system_and_the_new_turn() -> None:
+    first = user_message("what color?", PNG)
+    assert first["content"][0]["image_url"]["url"].startswith("data:image/png;base64,")
+    assert first["content"][1] == {"type": "text", "text": "what color?"}
+    history = [first, {"role": "assistant", "content": "red"}]
+    body = chat_body("and the shape?", images=(), model=None, max_tokens=None, temperature=None, top_p=None,
+                     top_k=None, seed=None, stop=None, system="be brief", stream=False, history=history)
+    assert body["messages"] == [{"role": "system", "content": "be brief"}, *history,
+                                {"role": "user", "content": "and the shape?"}]
 
 
 def test_chat_body_response_format_and_extra_body() -> None:

@@ -41,7 +41,7 @@ def test_configuration_table_is_generated_from_settings() -> None:
     assert table.strip() == settings_table().strip()
 
 
-@pytest.mark.parametrize("command", ["serve", "ask", "bench", "train", "eval"])
+@pytest.mark.parametrize("command", ["serve", "ask", "chat", "bench", "train", "eval"])
 def test_every_command_prints_its_help(command: str) -> None:
     """`--help` of each command exits 0 and names every settings flag of `serve` (a help text with a bare `%` once
     crashed argparse's formatter)."""
@@ -81,7 +81,7 @@ def _localize(snippet: str, url: str) -> str:
 
 def test_readme_shell_examples(default_server, workdir: Path) -> None:
     examples = [b for b in _blocks("bash") if "vlmserve ask" in b or "curl" in b]
-    assert len(examples) == 3
+    assert len(examples) == 4
     for snippet in examples:
         script = _localize(snippet, default_server.url).replace("vlmserve ask", f"{sys.executable} -m "
                                                                                  "vlmserve.server.cli ask")

@@ -105,7 +105,7 @@ def test_exported_model_loads_in_vlmserve_and_transformers(smoke_run: Path) -> N
 
 
 def test_eval_cli_prints_per_kind_accuracy(smoke_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert eval_main(["--model", str(smoke_run / "model"), "--n", "5", "--seed", "1"]) == 0
+    assert eval_main(["--model", str(smoke_run / "model"), "--n", "5", "--seed", "1", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["n"] == 5 and set(result["per_kind"]) >= {"color", "shape", "count", "exists", "caption"}
 

@@ -5,24 +5,46 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 # On a shared CPU, OpenMP's spinning threads collapse under contention (measured here: 9 vs 49 ex/s for a ViT step
 # with 2 threads while other processes ran); passive waiting keeps the throughput. Read when torch loads OpenMP.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
+from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 
 
-def _setup(threads: int) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+def _setup(threads: int, level: int = logging.INFO) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     torch.set_num_threads(threads)
+
+
+def result_table(result: dict[str, Any], mistakes: int = 5) -> str:
+    """An eval result for people: accuracy per kind and overall, the time taken, and the first few mistakes."""
+
+    def row(name: str, r: dict[str, Any]) -> str:
+        accuracy = "-" if math.isnan(r["accuracy"]) else f"{100 * r['accuracy']:.1f}%"
+        return f"{name:<8} {r['correct']:>7} {r['n']:>6} {accuracy:>9}"
+
+    lines = [f"{'kind':<8} {'correct':>7} {'n':>6} {'accuracy':>9}"]
+    lines += [row(kind, r) for kind, r in result["per_kind"].items()]
+    lines += [row("overall", result), ""]
+    rate = result["n"] / result["seconds"] if result.get("seconds") else 0.0
+    lines.append(f"{result['n']} questions in {result.get('seconds', 0):.1f} s ({rate:.1f} per second)")
+    wrong = result.get("mistakes", [])[:mistakes]
+    if wrong:
+        lines.append("first mistakes:")
+        lines += [f"  {m['kind']}: {m['question']} -> {m['got'].strip()!r} (expected {m['answer']!r})" for m in wrong]
+    return "\n".join(lines)
 
 
 def train_main(argv: Sequence[str] | None = None) -> int:
@@ -61,25 +83,32 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json-schema", action="store_true",
                    help="with --url: each answer constrained by response_format to its kind's answers")
+    p.add_argument("--json", action="store_true", help="print the result as JSON (with up to 20 mistakes)")
     args = p.parse_args(argv)
-    _setup(args.threads)
+    _setup(args.threads, logging.WARNING)  # a progress bar, then the table: no log line per request
     if (args.model is None) == (args.url is None):
         p.error("give exactly one of --model or --url")
     if args.json_schema and args.url is None:
         p.error("--json-schema goes with --url (it measures the server's structured outputs)")
     items = eval_items(args.n, args.seed)
-    if args.url is None:
-        result = evaluate_engine(args.model, items)
-    else:
-        from vlmserve_client import VlmserveError
+    with tqdm(total=len(items), desc="eval", unit="q", file=sys.stderr, dynamic_ncols=True) as bar:
+        if args.url is None:
+            result = evaluate_engine(args.model, items, progress=bar.update)
+        else:
+            from vlmserve_client import VlmserveError
 
-        try:
-            result = evaluate_url(args.url, items, model=args.served_model, json_schema=args.json_schema)
-        except VlmserveError as e:
-            print(f"vlmserve eval: {e}", file=sys.stderr)
-            return 1
-    json.dump(result, sys.stdout, indent=2)
-    sys.stdout.write("\n")
+            try:
+                result = evaluate_url(args.url, items, model=args.served_model, json_schema=args.json_schema,
+                                      progress=bar.update)
+            except VlmserveError as e:
+                bar.close()
+                print(f"vlmserve eval: {e}", file=sys.stderr)
+                return 1
+    if args.json:
+        json.dump(result, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        sys.stdout.write(result_table(result) + "\n")
     return 0
 
 

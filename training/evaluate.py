@@ -8,7 +8,7 @@ import json
 import logging
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -70,9 +70,10 @@ def evaluate_local(model_dir: str | Path, items: Sequence[EvalItem], *, log_ever
     return _summary(items, preds, time.perf_counter() - t0)
 
 
-def evaluate_engine(model_dir: str | Path, items: Sequence[EvalItem], *, max_running: int = 16) -> dict[str, Any]:
+def evaluate_engine(model_dir: str | Path, items: Sequence[EvalItem], *, max_running: int = 16,
+                    progress: Callable[[], None] | None = None) -> dict[str, Any]:
     """Score a checkpoint directory on `items` through the serving engine (continuous batching, greedy): the same
-    code path as the server, without HTTP."""
+    code path as the server, without HTTP. `progress` is called once per answered question."""
     import queue as queue_mod
 
     from vlmserve.model.sampling import SamplingParams
@@ -98,6 +99,8 @@ def evaluate_engine(model_dir: str | Path, items: Sequence[EvalItem], *, max_run
             if isinstance(event, Failed):
                 raise RuntimeError(f"eval request {event.request_id} failed: {event.error}")
             preds[int(event.request_id)] = event.text.strip()
+            if progress is not None:
+                progress()
     finally:
         engine.shutdown(timeout=5)
     return _summary(items, preds, time.perf_counter() - t0)
@@ -118,10 +121,11 @@ def answer_schema(kind: str) -> dict[str, Any]:
 
 
 def evaluate_url(base_url: str, items: Sequence[EvalItem], *, model: str | None = None, workers: int = 8,
-                 json_schema: bool = False) -> dict[str, Any]:
+                 json_schema: bool = False, progress: Callable[[], None] | None = None) -> dict[str, Any]:
     """Score a running server on `items` through POST {base}/v1/chat/completions (temperature 0, max_tokens 24).
     With `json_schema`, each answer is constrained by `response_format` to its kind's `answer_schema` (a JSON
-    string) and graded as the string it holds. An error answer raises the client's `VlmserveError`."""
+    string) and graded as the string it holds. An error answer raises the client's `VlmserveError`. `progress` is
+    called once per answered question."""
     from vlmserve_client import Client
 
     def ask(client: Client, item: EvalItem) -> str:
@@ -137,9 +141,15 @@ def evaluate_url(base_url: str, items: Sequence[EvalItem], *, model: str | None 
             return content  # cut short by max_tokens: graded as it is (wrong)
         return answer if isinstance(answer, str) else content
 
+    def counted(client: Client, item: EvalItem) -> str:
+        answer = ask(client, item)
+        if progress is not None:
+            progress()
+        return answer
+
     t0 = time.perf_counter()
     with Client(base_url, timeout=120, max_retries=0) as client, ThreadPoolExecutor(workers) as pool:
-        preds = list(pool.map(lambda it: ask(client, it), items))
+        preds = list(pool.map(lambda it: counted(client, it), items))
     return _summary(items, preds, time.perf_counter() - t0)
 
 

@@ -8,7 +8,7 @@
 """
 
 from ._async import AsyncClient, AsyncStream
-from ._base import data_url, sniff_mime
+from ._base import data_url, sniff_mime, user_message
 from ._sync import Client, Stream
 from .errors import (
     APIConnectionError,
@@ -47,4 +47,5 @@ __all__ = [
     "__version__",
     "data_url",
     "sniff_mime",
+    "user_message",
 ]

@@ -118,6 +118,13 @@ def _stops(stop: str | Sequence[str] | None) -> list[str]:
 # ---------------------------------------------------------------- request bodies
 
 
+def user_message(prompt: str, images: ImageInput | Sequence[ImageInput] = ()) -> dict[str, Any]:
+    """One user turn as an OpenAI message: the images' image_url parts (data URLs) first, then the text; plain
+    text without images. What `chat` sends, and what a conversation keeps as history."""
+    parts: list[dict[str, Any]] = [{"type": "image_url", "image_url": {"url": data_url(im)}} for im in _images(images)]
+    return {"role": "user", "content": [*parts, {"type": "text", "text": prompt}] if parts else prompt}
+
+
 def chat_body(
     prompt: str,
     *,
@@ -133,13 +140,13 @@ def chat_body(
     stream: bool,
     response_format: Mapping[str, Any] | None = None,
     extra_body: Mapping[str, Any] | None = None,
+    history: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
-    """The JSON body of POST /v1/chat/completions: image_url parts (data URLs) first, then the text part;
-    `extra_body`'s fields last, as given (they override)."""
-    parts: list[dict[str, Any]] = [{"type": "image_url", "image_url": {"url": data_url(im)}} for im in _images(images)]
-    content: str | list[dict[str, Any]] = [*parts, {"type": "text", "text": prompt}] if parts else prompt
+    """The JSON body of POST /v1/chat/completions: the system message, the `history` (earlier turns, OpenAI
+    messages, as given), then the user turn (`user_message`); `extra_body`'s fields last, as given (they override)."""
     messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if system is not None else []
-    messages.append({"role": "user", "content": content})
+    messages.extend(dict(m) for m in history)
+    messages.append(user_message(prompt, images))
     body: dict[str, Any] = {"messages": messages}
     optional = {"model": model, "max_tokens": max_tokens, "temperature": temperature, "top_p": top_p,
                 "top_k": top_k, "seed": seed}

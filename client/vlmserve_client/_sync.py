@@ -143,16 +143,19 @@ class Client:
         system: str | None = None,
         response_format: Mapping[str, Any] | None = None,
         extra_body: Mapping[str, Any] | None = None,
+        history: Sequence[Mapping[str, Any]] = (),
     ) -> Completion:
         """Ask about images (paths, bytes or PIL images, in order) through POST /v1/chat/completions.
 
         `response_format` is OpenAI's (`{"type": "json_schema", "json_schema": {"name", "schema"}}` or
         `{"type": "json_object"}`: the answer's text is then JSON); `extra_body`'s fields are added to the request
-        body as they are (the server's extras, such as `ignore_eos` or `repetition_penalty`).
+        body as they are (the server's extras, such as `ignore_eos` or `repetition_penalty`). `history` holds the
+        conversation's earlier turns (OpenAI messages; `user_message` builds a user turn with images), sent after
+        `system` and before this prompt.
         """
         body = chat_body(prompt, images=images, model=model or self.model, max_tokens=max_tokens,
                          temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop, system=system,
-                         response_format=response_format, extra_body=extra_body, stream=False)
+                         response_format=response_format, extra_body=extra_body, history=history, stream=False)
         response = self._request("POST", "/v1/chat/completions", json=body)
         return completion_from_chat(parse_json(response.content))
 
@@ -171,11 +174,12 @@ class Client:
         system: str | None = None,
         response_format: Mapping[str, Any] | None = None,
         extra_body: Mapping[str, Any] | None = None,
+        history: Sequence[Mapping[str, Any]] = (),
     ) -> Stream:
         """Like `chat`, streamed: iterate the returned Stream for text deltas, then read `stream.completion`."""
         body = chat_body(prompt, images=images, model=model or self.model, max_tokens=max_tokens,
                          temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop, system=system,
-                         response_format=response_format, extra_body=extra_body, stream=True)
+                         response_format=response_format, extra_body=extra_body, history=history, stream=True)
         return Stream(lambda: self._request("POST", "/v1/chat/completions", json=body, stream=True))
 
     def generate(
