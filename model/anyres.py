@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 Pinpoints = tuple[tuple[int, int], ...]  # (height, width) resolutions the grid may take
@@ -66,6 +67,7 @@ class Layout:
     width: int
     rows: int
     cols: int
+    pad_square: bool = False  # the base tile alone, the image padded to a square first (LLaVA-OneVision's multi-image)
 
     @property
     def num_tiles(self) -> int:
@@ -79,12 +81,21 @@ class Anyres:
     pinpoints: Pinpoints
     tile: int
     side: int
+    max_tiles: int | None = None  # LLaVA-OneVision's anyres_max_N: a grid past ~N tiles of features is shrunk
+    pad_square_base: bool = False  # LLaVA-OneVision: a lone base tile is the image padded to a square
 
     def layout(self, height: int, width: int, *, base_only: bool = False) -> Layout:
         if base_only:
-            return Layout(height, width, 0, 0)
+            return Layout(height, width, 0, 0, pad_square=self.pad_square_base)
         gh, gw = best_resolution(height, width, self.pinpoints)
         return Layout(height, width, gh // self.tile, gw // self.tile)
+
+    def _shrunk(self, h: int, w: int) -> tuple[int, int] | None:
+        """anyres_max_N: the (h, w) an unpadded feature map of more than ~N tiles' features is resized to."""
+        if self.max_tiles is None:
+            return None
+        ratio = math.sqrt(h * w / (self.max_tiles * self.side**2))
+        return (int(h // ratio), int(w // ratio)) if ratio > 1.1 else None
 
     def num_tokens(self, layout: Layout) -> int:
         """Visual tokens of an image: the base tile's S x S, then the unpadded grid with a newline per row (the base
@@ -93,6 +104,7 @@ class Anyres:
             return self.side * self.side + 1
         rows, cols = unpadded(layout.height, layout.width, layout.rows * self.side, layout.cols * self.side)
         h, w = int(rows.stop) - int(rows.start), int(cols.stop) - int(cols.start)
+        h, w = self._shrunk(h, w) or (h, w)
         return self.side * self.side + h * w + h
 
     def pack(self, features: torch.Tensor, layout: Layout, newline: torch.Tensor) -> torch.Tensor:
@@ -106,6 +118,9 @@ class Anyres:
         grid = grid.permute(0, 2, 1, 3, 4).reshape(layout.rows * s, layout.cols * s, d)  # (R*S, C*S, D)
         rows, cols = unpadded(layout.height, layout.width, layout.rows * s, layout.cols * s)
         grid = grid[rows, cols]  # (h, w, D)
+        if (size := self._shrunk(grid.shape[0], grid.shape[1])) is not None:
+            chw = grid.permute(2, 0, 1).contiguous()[None]  # (1, D, h, w)
+            grid = F.interpolate(chw, list(size), mode="bilinear")[0].permute(1, 2, 0)  # (h', w', D)
         lines = newline.to(grid)[None, None].expand(grid.shape[0], 1, d)  # (h, 1, D)
         grid = torch.cat([grid, lines], dim=1).reshape(-1, d)  # (h * (w + 1), D)
         return torch.cat([base, grid])  # (num_tokens, D)

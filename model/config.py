@@ -18,8 +18,9 @@ from .qwen2_vision import Qwen2VisionConfig
 VisionFlavour = Literal["clip", "siglip"]
 ProjectorKind = Literal["linear", "mlp", "resampler"]
 
-SUPPORTED_MODEL_TYPES = ("llava", "llava_next", "qwen2_vl")
-Family = Literal["llava", "llava_next", "qwen2_vl"]  # the composition's model_type: how images become tokens
+SUPPORTED_MODEL_TYPES = ("llava", "llava_next", "llava_onevision", "qwen2_vl")
+Family = Literal["llava", "llava_next", "llava_onevision", "qwen2_vl"]  # the composition: how images become tokens
+_ANYRES = ("llava_next", "llava_onevision")
 # llava-v1.6's pinpoints, transformers' LlavaNextConfig default
 DEFAULT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
 SUPPORTED_TEXT_TYPES = ("llama", "qwen2", "mistral", "qwen2_vl_text")
@@ -272,7 +273,8 @@ class VLMConfig:
     vision_feature_select_strategy: Literal["default", "full"] = "default"
     tie_word_embeddings: bool = False
     family: Family = "llava"
-    image_grid_pinpoints: tuple[tuple[int, int], ...] = ()  # llava_next: the grid resolutions (h, w)
+    image_grid_pinpoints: tuple[tuple[int, int], ...] = ()  # llava_next / onevision: the grid resolutions (h, w)
+    vision_aspect_ratio: str | None = None  # llava_onevision: anyres_max_N
     token_ids: tuple[tuple[str, int], ...] = ()  # qwen2_vl: vision_start / vision_end / video token ids, kept
     num_feature_layers: int = field(init=False)
     num_visual_tokens: int = field(init=False)
@@ -298,11 +300,14 @@ class VLMConfig:
             if not -n_states <= layer < n_states:
                 raise ConfigError(f"vision_feature_layer {layer} out of range for {n_states} hidden states")
         object.__setattr__(self, "num_feature_layers", len(layers))
-        if self.family == "llava_next":
-            if self.vision_feature_select_strategy != "default" or self.projector.kind != "mlp":
-                raise ConfigError("llava_next needs vision_feature_select_strategy 'default' and the MLP projector")
+        if self.family in _ANYRES:
+            v = self.vision
+            per_tile = v.num_positions - (1 if self.vision_feature_select_strategy == "default" else 0)
+            if per_tile != (v.image_size // v.patch_size) ** 2 or self.projector.kind != "mlp":
+                raise ConfigError(f"{self.family} needs the MLP projector and a feature per patch (CLIP with "
+                                  "strategy 'default', SigLIP with 'full')")
             if not self.image_grid_pinpoints:
-                raise ConfigError("llava_next needs image_grid_pinpoints")
+                raise ConfigError(f"{self.family} needs image_grid_pinpoints")
         if self.projector.kind == "resampler":
             tokens = self.projector.num_queries
         else:
@@ -343,11 +348,16 @@ class VLMConfig:
         layer = d.get("vision_feature_layer", -2)
         text = TextConfig.from_hf(text_d)
         pinpoints: tuple[tuple[int, int], ...] = ()
-        if model_type == "llava_next":
+        aspect = None
+        if model_type in _ANYRES:
             try:
                 pinpoints = parse_pinpoints(d.get("image_grid_pinpoints", DEFAULT_PINPOINTS))
             except ValueError as e:
                 raise ConfigError(str(e)) from e
+        if model_type == "llava_onevision":
+            aspect = str(d.get("vision_aspect_ratio", "anyres_max_9"))
+            if not aspect.startswith("anyres_max_") or not aspect.removeprefix("anyres_max_").isdigit():
+                raise ConfigError(f"vision_aspect_ratio {aspect!r} is not supported (anyres_max_N only)")
         return cls(
             vision=VisionConfig.from_hf(vision_d),
             text=text,
@@ -361,8 +371,9 @@ class VLMConfig:
             vision_feature_layer=tuple(layer) if isinstance(layer, list) else layer,
             vision_feature_select_strategy=d.get("vision_feature_select_strategy", "default"),
             tie_word_embeddings=text.tie_word_embeddings,
-            family="llava_next" if model_type == "llava_next" else "llava",
+            family=model_type if model_type in _ANYRES else "llava",
             image_grid_pinpoints=pinpoints,
+            vision_aspect_ratio=aspect,
         )
 
     @classmethod
@@ -397,10 +408,14 @@ class VLMConfig:
             "multimodal_projector_bias": self.projector.bias,
             "tie_word_embeddings": self.tie_word_embeddings,
         }
-        if self.family == "llava_next":
-            out.update(model_type="llava_next", architectures=["LlavaNextForConditionalGeneration"],
+        if self.family in _ANYRES:
+            arch = {"llava_next": "LlavaNextForConditionalGeneration",
+                    "llava_onevision": "LlavaOnevisionForConditionalGeneration"}[self.family]
+            out.update(model_type=self.family, architectures=[arch],
                        image_grid_pinpoints=[list(p) for p in self.image_grid_pinpoints])
             del out["image_seq_length"]  # per image
+            if self.vision_aspect_ratio is not None:
+                out["vision_aspect_ratio"] = self.vision_aspect_ratio
         if self.projector.kind != "mlp":
             # LLaVA has no name for these projectors: our own fields, ignored by transformers.
             out["projector_type"] = self.projector.kind

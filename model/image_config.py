@@ -107,7 +107,7 @@ def _shortest_longest_size(height: int, width: int, shortest: int, longest: int)
     return max(1, shortest), max(1, new_w)
 
 
-ProcessorKind = Literal["clip", "siglip", "llava", "llava_next", "qwen2_vl"]
+ProcessorKind = Literal["clip", "siglip", "llava", "llava_next", "llava_onevision", "qwen2_vl"]
 
 # transformers' image_processor_type (with any Fast/Pil suffix removed) -> our kind.
 _KIND_FOR_TYPE: dict[str, ProcessorKind] = {
@@ -115,6 +115,7 @@ _KIND_FOR_TYPE: dict[str, ProcessorKind] = {
     "SiglipImageProcessor": "siglip",
     "LlavaImageProcessor": "llava",
     "LlavaNextImageProcessor": "llava_next",  # each tile as CLIP's; the tiling is model/anyres.py's
+    "LlavaOnevisionImageProcessor": "llava_onevision",  # the same, SigLIP-style square tiles
     "Qwen2VLImageProcessor": "qwen2_vl",  # a resize to multiples of patch * merge within a pixel budget, patches
 }
 
@@ -150,6 +151,7 @@ class ImageProcessorConfig:
         "clip": {},
         "llava": {},
         "llava_next": {},
+        "llava_onevision": {"size": SizeSpec(height=384, width=384), "do_center_crop": False, "crop_size": None},
         "qwen2_vl": {"do_center_crop": False, "crop_size": None},
         "siglip": {
             "size": SizeSpec(height=224, width=224),
@@ -213,7 +215,7 @@ class ImageProcessorConfig:
         for key in ("image_mean", "image_std"):
             if key in d:
                 values[key] = _three_floats(d[key], key)
-        if d.get("do_pad") and kind != "llava_next":  # llava_next's do_pad fills a batch's tile axis: not ours
+        if d.get("do_pad") and kind not in ("llava_next", "llava_onevision"):  # their do_pad: a batch's tile axis
             if kind == "llava":
                 values["do_pad_to_square"] = True
             else:

@@ -135,6 +135,8 @@ class ImageProcessor:
         cfg = self.config
         if cfg.do_convert_rgb:
             image = to_rgb(image)
+        if layout.pad_square:  # LLaVA-OneVision's lone base tile: centred on a square of the mean colour first
+            image = self._pad_to_square(image)
         size = cfg.size
         base = (size.height, size.width) if size.height and size.width else (size.shortest_edge, size.shortest_edge)
         if base[0] is None or base[1] is None:

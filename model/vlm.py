@@ -40,9 +40,12 @@ class VisionLanguageModel(nn.Module):
         self.multi_modal_projector = build_projector(
             config.projector, vision_dim=config.vision_feature_dim, llm_dim=config.text.hidden_size
         )
-        if config.family == "llava_next":
+        if config.family in ("llava_next", "llava_onevision"):
             v = config.vision
-            self.anyres = Anyres(config.image_grid_pinpoints, v.image_size, v.image_size // v.patch_size)
+            aspect = config.vision_aspect_ratio  # OneVision: anyres_max_N; a lone base tile padded to a square
+            self.anyres = Anyres(config.image_grid_pinpoints, v.image_size, v.image_size // v.patch_size,
+                                 max_tiles=int(aspect.removeprefix("anyres_max_")) if aspect else None,
+                                 pad_square_base=config.family == "llava_onevision")
             self.image_newline = nn.Parameter(torch.zeros(config.text.hidden_size))  # (D,) after each grid row
 
     # -- vision ---------------------------------------------------------------------------------------------------
@@ -76,8 +79,10 @@ class VisionLanguageModel(nn.Module):
 
     # -- text + images ----------------------------------------------------------------------------------------------
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:  # (B, T)
-        """Token embeddings; placeholder ids (which may lie outside the vocabulary) embed as id 0."""
-        ids = input_ids.masked_fill(input_ids == self.config.image_token_index, 0)
+        """Token embeddings; ids outside the vocabulary (a placeholder id may be) embed as id 0. A placeholder id
+        inside it embeds as itself, as transformers does: the image rows are overwritten by visual tokens anyway, and
+        a model that generates its image token must read it back as that token."""
+        ids = input_ids.masked_fill(input_ids >= self.language_model.embed_tokens.num_embeddings, 0)
         return self.language_model.embed_tokens(ids)  # (B, T, D)
 
     def merge_at_placeholders(

@@ -132,7 +132,7 @@ async def image_plans(state: ServerState, refs: Sequence[ImageRef], param: str, 
     plans = []
     for ref, size in zip(refs, sizes, strict=True):
         try:
-            plans.append(preparer.plan(ref.detail, ref.max_image_tokens, size))
+            plans.append(preparer.plan(ref.detail, ref.max_image_tokens, size, len(refs)))
         except EngineError as e:
             raise APIError.from_exception(e, param=ref.param) from e
     counts = [p.tokens for p in plans]

@@ -140,6 +140,12 @@ SPECS = {
 FAMILY_SPECS = {
     # llava-v1.6's layout at a 32 px tile (its pinpoints over 336 px tiles, scaled by 32/336)
     "llava-next": TinySpec(name="llava-next", family="llava_next", seed=3, max_positions=1024),
+    # LLaVA-OneVision's layout (SigLIP, strategy full, Qwen2, anyres_max_9) at a 32 px tile; grids up to 6 x 6 tiles,
+    # so that a large image's features are shrunk as anyres_max_9 does
+    "llava-onevision": TinySpec(name="llava-onevision", family="llava_onevision", vision="siglip", text="qwen2",
+                                feature_layer=-1, strategy="full", seed=5, max_positions=1024,
+                                pinpoints=((32, 32), (32, 64), (64, 32), (64, 64), (32, 96), (96, 32), (96, 96),
+                                           (96, 192), (192, 96), (192, 192))),
     # Qwen2-VL's layout: patch 4, 2 x 2 merge (8 px a side per visual token), 4..256 visual tokens per image
     "qwen2-vl": TinySpec(name="qwen2-vl", family="qwen2_vl", seed=4, patch_size=4, max_positions=1024),
 }
@@ -203,6 +209,8 @@ def build_checkpoint(spec: TinySpec, out_dir: Path) -> Path:
     image_seq_length = num_patches + (1 if spec.vision == "clip" and spec.strategy == "full" else 0)
     if spec.family == "llava_next":
         return _build_llava_next(spec, out_dir, tokenizer, vision, text)
+    if spec.family == "llava_onevision":
+        return _build_llava_onevision(spec, out_dir, tokenizer, vision, text)
     config = LlavaConfig(
         vision_config=vision,
         text_config=text,
@@ -268,6 +276,35 @@ def _build_llava_next(spec: TinySpec, out_dir: Path, tokenizer: PreTrainedTokeni
                                    vision_feature_select_strategy=spec.strategy, num_additional_image_tokens=1,
                                    chat_template=LLAVA_CHAT_TEMPLATE)
     processor.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def _build_llava_onevision(spec: TinySpec, out_dir: Path, tokenizer: PreTrainedTokenizerFast,
+                           vision: SiglipVisionConfig | CLIPVisionConfig, text: LlamaConfig | Qwen2Config) -> Path:
+    """transformers' LlavaOnevisionForConditionalGeneration and its PIL image processor (LlavaOnevisionProcessor needs
+    a video processor, hence torchvision: the tests expand <image> as it does)."""
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+        LlavaOnevisionImageProcessorPil,
+    )
+
+    config = LlavaOnevisionConfig(
+        vision_config=vision, text_config=text, image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        vision_feature_layer=spec.feature_layer, vision_feature_select_strategy=spec.strategy,
+        image_grid_pinpoints=[list(p) for p in spec.pinpoints], vision_aspect_ratio="anyres_max_9",
+        projector_hidden_act="gelu", tie_word_embeddings=spec.tie_word_embeddings,
+    )
+    model = LlavaOnevisionForConditionalGeneration(config).eval()
+    _scale_random_weights(model, spec.init_scale, spec.seed)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    LlavaOnevisionImageProcessorPil(size={"height": spec.image_size, "width": spec.image_size},
+                                    image_grid_pinpoints=[list(p) for p in spec.pinpoints]).save_pretrained(out_dir)
+    tokenizer.chat_template = LLAVA_CHAT_TEMPLATE
     tokenizer.save_pretrained(out_dir)
     return out_dir
 

@@ -4,6 +4,7 @@ placeholder expansion, on a tiny checkpoint of tests/checkpoints.py's FAMILY_SPE
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -12,6 +13,7 @@ from transformers import (
     AutoProcessor,
     AutoTokenizer,
     LlavaNextForConditionalGeneration,
+    LlavaOnevisionForConditionalGeneration,
     Qwen2VLForConditionalGeneration,
 )
 
@@ -110,6 +112,72 @@ class LlavaNextOracle(Oracle):
             mine = ours.encode_tiled(got[None], [layout])[0]
         torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-5)
         return placeholders
+
+
+class LlavaOnevisionOracle(LlavaNextOracle):
+    """LlavaOnevisionProcessor needs a video processor (hence torchvision): its <image> expansion is transformers'
+    own `_get_number_of_features` called on the image processor, and S x S + 1 for each image of a multi-image
+    prompt (one tile each, as the processor and the model do)."""
+
+    hf_class = LlavaOnevisionForConditionalGeneration
+
+    def __init__(self, ckpt: Path, dtype: torch.dtype = torch.float32) -> None:
+        from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+            LlavaOnevisionImageProcessorPil,
+        )
+        from transformers.models.llava_onevision.processing_llava_onevision import LlavaOnevisionProcessor
+
+        Oracle.__init__(self, ckpt, dtype)
+        self.image_processor = LlavaOnevisionImageProcessorPil.from_pretrained(ckpt)
+        self.tokenizer = AutoTokenizer.from_pretrained(ckpt)
+        v = self.model.config.vision_config
+        self.side = v.image_size // v.patch_size
+        ns = SimpleNamespace(image_processor=self.image_processor, num_image_tokens=self.side**2,
+                             vision_aspect_ratio=self.model.config.vision_aspect_ratio)
+        ns._get_unpadded_features = lambda *a: LlavaOnevisionProcessor._get_unpadded_features(ns, *a)
+        self._count = lambda h, w: LlavaOnevisionProcessor._get_number_of_features(ns, h, w, v.image_size,
+                                                                                    v.image_size)
+
+    def inputs(self, question: str, images: list[Image.Image], detail: str | None = None) -> dict[str, Any]:
+        prompt = self.tokenizer.apply_chat_template(messages(len(images), question), add_generation_prompt=True,
+                                                    tokenize=False)
+        single = len(images) == 1 and detail != "low"
+        # a one-tile image is processed as the processor does the images of a multi-image prompt
+        pixels = dict(self.image_processor(images=[images if len(images) > 1 else [images[0], images[0]]],
+                                           return_tensors="pt")) if not single else {}
+        counts = ([self._count(images[0].height, images[0].width)] if single else [self.side**2 + 1] * len(images))
+        for n in counts:
+            prompt = prompt.replace("<image>", "<placeholder>" * n, 1)
+        ids = self.tokenizer(prompt.replace("<placeholder>", "<image>"), return_tensors="pt")["input_ids"]
+        if single:
+            out = dict(self.image_processor(images=images, return_tensors="pt"))
+            out["pixel_values"] = out["pixel_values"].to(self.dtype)
+            return {"input_ids": ids, **out}
+        m = self.model
+        tiles = pixels["pixel_values"][: len(images), :1].flatten(0, 1).to(self.dtype)  # (N, C, H, W)
+        with torch.no_grad():
+            hidden = m.model.vision_tower(tiles, output_hidden_states=True).hidden_states
+            feats = m.model.multi_modal_projector(hidden[m.config.vision_feature_layer])  # (N, S*S, D): strategy full
+            packed, _ = m.model.pack_image_features(list(feats[:, None]), torch.tensor([[1, 1]] * len(images)),
+                                                    image_newline=m.model.image_newline)
+            embeds = m.get_input_embeddings()(ids.masked_fill(ids == m.config.image_token_index, 0))
+            embeds = embeds.masked_scatter((ids == m.config.image_token_index)[..., None], torch.cat(packed))
+        return {"input_ids": ids, "inputs_embeds": embeds}
+
+    def check_pixels(self, image: Image.Image) -> int:
+        ours = load_model(self.ckpt)
+        assert ours.anyres is not None
+        want = self.image_processor(images=[image], return_tensors="pt")
+        layout = ours.anyres.layout(image.height, image.width)
+        got = ImageProcessor.from_pretrained(self.ckpt).preprocess_tiled(image, layout, ours.anyres.tile)
+        assert torch.equal(got, want["pixel_values"][0][: got.shape[0]])
+        count = self._count(image.height, image.width)
+        assert ours.anyres.num_tokens(layout) == count
+        with torch.no_grad():
+            theirs = self.model.model.get_image_features(**want, return_dict=True).pooler_output[0]
+            mine = ours.encode_tiled(got[None], [layout])[0]
+        torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-5)
+        return count
 
 
 class Qwen2VLOracle(Oracle):

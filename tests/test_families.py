@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 from checkpoints import FAMILY_SPECS, build_checkpoint
-from family_oracles import LlavaNextOracle, Oracle, Qwen2VLOracle, messages
+from family_oracles import LlavaNextOracle, LlavaOnevisionOracle, Oracle, Qwen2VLOracle, messages
 from live_server import LiveServer, start_server
 from PIL import Image
 from safetensors.torch import save_file
@@ -40,6 +40,7 @@ class Family:
 
 FAMILIES = {
     "llava-next": Family("llava-next", LlavaNextOracle),
+    "llava-onevision": Family("llava-onevision", LlavaOnevisionOracle),
     "qwen2-vl": Family("qwen2-vl", Qwen2VLOracle, max_aspect=200),
 }
 SIZES = [(40, 90), (100, 30), (32, 32), (250, 240), (1, 1), (1, 150), (400, 1), (7, 200)]  # (height, width)
@@ -194,7 +195,8 @@ def test_hostile_sizes(server: LiveServer, family: tuple[Family, Path]) -> None:
 
 def test_mm_token_cap_counts_the_real_tokens(family: tuple[Family, Path], server: LiveServer, tmp_path: Path) -> None:
     _, ckpt = family
-    images = [picture(250, 240), picture(240, 250)]  # large enough for `low` to be fewer tokens in every family
+    images = [picture(250, 240)]  # large enough for `low` to be fewer tokens in every family (one image: OneVision
+    # makes every image of a multi-image prompt one tile whatever the detail)
     low = ask(server, chat("hi", images, detail="low"))["usage"]["prompt_tokens_details"]["image_tokens"]
     s = start_server(ckpt, tmp_path, "--served-model-name", "fam", "--max-mm-tokens-per-request", str(low))
     try:

@@ -81,7 +81,7 @@ class RequestPreparer:
         return image_size(data, max_pixels=self.limits.max_image_pixels, max_bytes=self.limits.max_image_bytes)
 
     def plan(self, detail: str | None = None, max_image_tokens: int | None = None,
-             size: tuple[int, int] | None = None) -> ImagePlan:
+             size: tuple[int, int] | None = None, n_images: int = 1) -> ImagePlan:
         """The visual tokens one image becomes at OpenAI's `detail` (low / high / auto) within `max_image_tokens`;
         BadRequest naming the numbers when no setting fits. Known before any pixel work (`size`, from the header,
         where the count depends on it).
@@ -89,7 +89,8 @@ class RequestPreparer:
         llava-1.5 has one resolution: every `detail` gives the checkpoint's `num_visual_tokens`. llava_next: `auto`
         and `high` tile the image over the checkpoint's grid pinpoints (its processor's default, and its most);
         `low` is the whole image as one tile (S x S tokens and a newline), the fewest it has, and `max_image_tokens`
-        below the grid's count falls back to it."""
+        below the grid's count falls back to it. llava_onevision: the same, its one tile padded to a square, and
+        every image of a request with several (`n_images`) is one tile, as its processor and model do."""
         if detail not in (None, "auto", "low", "high"):
             raise BadRequest(f"detail must be low, high or auto, not {detail!r}")
         if not self.needs_size:
@@ -104,7 +105,8 @@ class RequestPreparer:
         assert self.anyres is not None
         base = self.anyres.layout(*size, base_only=True)
         grid = self.anyres.layout(*size)
-        options = [base] if detail == "low" else [grid, base]
+        several = n_images > 1 and self.anyres.pad_square_base  # OneVision: multi-image prompts tile nothing
+        options = [base] if detail == "low" or several else [grid, base]
         for layout in options:
             tokens = self.anyres.num_tokens(layout)
             if max_image_tokens is None or tokens <= max_image_tokens:
@@ -198,7 +200,7 @@ class RequestPreparer:
         stop: Sequence[str] = (),
     ) -> EngineRequest:
         """The whole preparation in one call (for scripts, tests and benchmarks); images at their default setting."""
-        plans = [self.plan(size=self.size(b) if self.needs_size else None) for b in images]
+        plans = [self.plan(size=self.size(b) if self.needs_size else None, n_images=len(images)) for b in images]
         encoded = self.encode(messages, image_tokens=[p.tokens for p in plans])
         return EngineRequest(
             request_id=request_id,
