@@ -27,11 +27,13 @@ RUN apt-get update \
     && useradd --create-home --uid 10001 vlmserve
 
 WORKDIR /opt/vlmserve
+# The virtual environment and torch first, in a layer of their own: a change to the source rebuilds only the layers
+# below it (our dependencies, without torch's 1 GB: a minute less per build).
+RUN python3 -m venv /opt/vlmserve/.venv && /opt/vlmserve/.venv/bin/pip install torch==2.13.0
 COPY --chown=vlmserve:vlmserve . /opt/vlmserve/src
 
 # README install step (a regular, non-editable install: the embedded default model travels as package data).
-RUN python3 -m venv /opt/vlmserve/.venv \
-    && . /opt/vlmserve/.venv/bin/activate \
+RUN . /opt/vlmserve/.venv/bin/activate \
     && pip install torch==2.13.0 ./src ./src/client \
     && rm -rf /opt/vlmserve/src
 ENV PATH=/opt/vlmserve/.venv/bin:$PATH

@@ -44,7 +44,9 @@ BROKEN = {  # name: (the Dockerfile changed so, a failure the proof must name)
     "cmd": (DOCKERFILE.replace(CMD, CMD[:-1] + ', "--model", "/no/such/checkpoint"]'), "exited with status"),
     "run": (DOCKERFILE.replace("\nUSER vlmserve\n", "\nRUN exit 3\nUSER vlmserve\n"), "podman build"),
     "user": (DOCKERFILE.replace("\nUSER vlmserve\n", "\n"), "runs as root"),
-    "healthcheck": (DOCKERFILE.replace("127.0.0.1:8000/ready", "127.0.0.1:8001/ready"), "HEALTHCHECK exited"),
+    # (decoding eagerly: ready in seconds, not after the decode step's compile)
+    "healthcheck": (DOCKERFILE.replace("127.0.0.1:8000/ready", "127.0.0.1:8001/ready").replace(
+        "\nUSER vlmserve\n", "\nENV VLMSERVE_COMPILE=false\nUSER vlmserve\n"), "HEALTHCHECK exited"),
 }
 
 
