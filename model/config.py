@@ -18,13 +18,14 @@ from .qwen2_vision import Qwen2VisionConfig
 VisionFlavour = Literal["clip", "siglip"]
 ProjectorKind = Literal["linear", "mlp", "resampler"]
 
-SUPPORTED_MODEL_TYPES = ("llava", "llava_next", "llava_onevision", "qwen2_vl")
-Family = Literal["llava", "llava_next", "llava_onevision", "qwen2_vl"]  # the composition: how images become tokens
+SUPPORTED_MODEL_TYPES = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl")
+# The composition: how images become tokens. Qwen2.5-VL is qwen2_vl's with its tower's `version` 2.5.
+Family = Literal["llava", "llava_next", "llava_onevision", "qwen2_vl"]
 _ANYRES = ("llava_next", "llava_onevision")
 # llava-v1.6's pinpoints, transformers' LlavaNextConfig default
 DEFAULT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
-SUPPORTED_TEXT_TYPES = ("llama", "qwen2", "mistral", "qwen2_vl_text")
-_QWEN2_TYPES = ("qwen2", "qwen2_vl_text")  # q/k/v bias, no o bias
+SUPPORTED_TEXT_TYPES = ("llama", "qwen2", "mistral", "qwen2_vl_text", "qwen2_5_vl_text")
+_QWEN2_TYPES = ("qwen2", "qwen2_vl_text", "qwen2_5_vl_text")  # q/k/v bias, no o bias
 _QWEN2_VL_TOKEN_IDS = ("vision_start_token_id", "vision_end_token_id", "video_token_id")
 SUPPORTED_VISION_TYPES = ("clip_vision_model", "siglip_vision_model")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -333,7 +334,7 @@ class VLMConfig:
                 f"model_type {model_type!r} is not supported; supported model_types: {SUPPORTED_MODEL_TYPES} "
                 f"(vision: {SUPPORTED_VISION_TYPES}; text: {SUPPORTED_TEXT_TYPES})"
             )
-        if model_type == "qwen2_vl":
+        if model_type in ("qwen2_vl", "qwen2_5_vl"):
             return cls._from_qwen2_vl(d)
         text_d = dict(d.get("text_config") or {})
         text_d.setdefault("model_type", "llama")
@@ -380,17 +381,20 @@ class VLMConfig:
     def _from_qwen2_vl(cls, d: dict[str, Any]) -> VLMConfig:
         """Qwen2-VL: transformers 5 nests the LM under `text_config`; older configs keep it at the top level."""
         text_d = dict(d.get("text_config") or {k: v for k, v in d.items() if k != "vision_config"})
-        text_d["model_type"] = "qwen2_vl_text"
+        text_d["model_type"] = f"{d['model_type']}_text"
+        vision_d = {"model_type": d["model_type"], **dict(d.get("vision_config") or {})}
         if "tie_word_embeddings" in d and "tie_word_embeddings" not in text_d:
             text_d["tie_word_embeddings"] = d["tie_word_embeddings"]
         text = TextConfig.from_hf(text_d)
-        return cls(vision=Qwen2VisionConfig.from_hf(dict(d.get("vision_config") or {})), text=text,
+        return cls(vision=Qwen2VisionConfig.from_hf(vision_d), text=text,
                    image_token_index=int(d.get("image_token_id", 151655)), tie_word_embeddings=text.tie_word_embeddings,
                    family="qwen2_vl", token_ids=tuple((k, int(d[k])) for k in _QWEN2_VL_TOKEN_IDS if k in d))
 
     def to_hf(self) -> dict[str, Any]:
         if isinstance(self.vision, Qwen2VisionConfig):
-            return {"model_type": "qwen2_vl", "architectures": ["Qwen2VLForConditionalGeneration"],
+            v25 = self.vision.version == "2.5"
+            arch = "Qwen2_5_VLForConditionalGeneration" if v25 else "Qwen2VLForConditionalGeneration"
+            return {"model_type": "qwen2_5_vl" if v25 else "qwen2_vl", "architectures": [arch],
                     "vision_config": self.vision.to_hf(), "text_config": self.text.to_hf(),
                     "image_token_id": self.image_token_index, "tie_word_embeddings": self.tie_word_embeddings,
                     **dict(self.token_ids)}

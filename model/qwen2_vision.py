@@ -1,5 +1,6 @@
 """Qwen2-VL's vision tower: a ViT over an image at its own resolution, with 2-D rotary positions, and the patch merger
-that makes every 2 x 2 block of patches one token of the LM's width (the merger is the projector).
+that makes every 2 x 2 block of patches one token of the LM's width (the merger is the projector). Qwen2.5-VL's
+(`version` 2.5) has RMSNorm, a gated MLP and, except in a few blocks, attention within windows of the image.
 
 The processor (model/images.py) cuts an image of (h, w) pixels, resized so that both sides are multiples of
 patch * merge, into (h / patch) x (w / patch) patches, each flattened over (channels, temporal_patch_size, patch,
@@ -37,18 +38,37 @@ class Qwen2VisionConfig:
     spatial_merge_size: int = 2
     temporal_patch_size: int = 2
     rope_theta: float = 10000.0
+    # Qwen2.5-VL: RMSNorm, a gated SiLU MLP of `intermediate_size`, attention within windows of `window_size` px
+    # except in the `fullatt_block_indexes` blocks
+    version: str = "2"  # "2" or "2.5"
+    intermediate_size: int = 0
+    window_size: int = 0
+    fullatt_block_indexes: tuple[int, ...] = ()
 
     @classmethod
     def from_hf(cls, d: dict[str, Any]) -> Qwen2VisionConfig:
         rope = d.get("rope_parameters") or {}
-        return cls(depth=d.get("depth", 32), embed_dim=d.get("embed_dim", 1280), hidden_size=d.get("hidden_size", 3584),
-                   hidden_act=d.get("hidden_act", "quick_gelu"), mlp_ratio=float(d.get("mlp_ratio", 4.0)),
-                   num_heads=d.get("num_heads", 16), in_channels=d.get("in_channels", 3),
-                   patch_size=d.get("patch_size", 14), spatial_merge_size=d.get("spatial_merge_size", 2),
-                   temporal_patch_size=d.get("temporal_patch_size", 2),
-                   rope_theta=float(rope.get("rope_theta", 10000.0)))
+        common = dict(depth=d.get("depth", 32), num_heads=d.get("num_heads", 16), in_channels=d.get("in_channels", 3),
+                      patch_size=d.get("patch_size", 14), spatial_merge_size=d.get("spatial_merge_size", 2),
+                      temporal_patch_size=d.get("temporal_patch_size", 2),
+                      rope_theta=float(rope.get("rope_theta", 10000.0)))
+        if d.get("model_type") in ("qwen2_5_vl", "qwen2_5_vl_vision"):  # its hidden_size is the tower's own width
+            return cls(**common, version="2.5", embed_dim=d.get("hidden_size", 1280),
+                       hidden_size=d.get("out_hidden_size", 3584), hidden_act=d.get("hidden_act", "silu"),
+                       intermediate_size=d.get("intermediate_size", 3420), window_size=d.get("window_size", 112),
+                       fullatt_block_indexes=tuple(d.get("fullatt_block_indexes", (7, 15, 23, 31))))
+        return cls(**common, embed_dim=d.get("embed_dim", 1280), hidden_size=d.get("hidden_size", 3584),
+                   hidden_act=d.get("hidden_act", "quick_gelu"), mlp_ratio=float(d.get("mlp_ratio", 4.0)))
 
     def to_hf(self) -> dict[str, Any]:
+        if self.version == "2.5":
+            return {"model_type": "qwen2_5_vl_vision", "depth": self.depth, "hidden_size": self.embed_dim,
+                    "out_hidden_size": self.hidden_size, "hidden_act": self.hidden_act,
+                    "intermediate_size": self.intermediate_size, "num_heads": self.num_heads,
+                    "in_channels": self.in_channels, "patch_size": self.patch_size,
+                    "spatial_merge_size": self.spatial_merge_size, "temporal_patch_size": self.temporal_patch_size,
+                    "window_size": self.window_size, "fullatt_block_indexes": list(self.fullatt_block_indexes),
+                    "rope_parameters": {"rope_type": "axial", "rope_theta": self.rope_theta}}
         return {"model_type": "qwen2_vl_vision", "depth": self.depth, "embed_dim": self.embed_dim,
                 "hidden_size": self.hidden_size, "hidden_act": self.hidden_act,
                 "mlp_ratio": int(self.mlp_ratio) if self.mlp_ratio == int(self.mlp_ratio) else self.mlp_ratio,
@@ -153,13 +173,46 @@ class VisionMlp(nn.Module):
         return out
 
 
+class GatedMlp(nn.Module):
+    """Qwen2.5-VL's: down(act(gate(x)) * up(x)), with biases."""
+
+    def __init__(self, config: Qwen2VisionConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.embed_dim, config.intermediate_size)
+        self.up_proj = nn.Linear(config.embed_dim, config.intermediate_size)
+        self.down_proj = nn.Linear(config.intermediate_size, config.embed_dim)
+        self.act = activation(config.hidden_act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, E)
+        out: torch.Tensor = self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))  # (N, E)
+        return out
+
+
+class RMSNorm(nn.Module):
+    """Qwen2.5-VL's norm (T5's), in float32."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def _norm(config: Qwen2VisionConfig, dim: int) -> nn.Module:
+    return RMSNorm(dim) if config.version == "2.5" else nn.LayerNorm(dim, eps=1e-6)
+
+
 class VisionBlock(nn.Module):
     def __init__(self, config: Qwen2VisionConfig) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(config.embed_dim, eps=1e-6)
-        self.norm2 = nn.LayerNorm(config.embed_dim, eps=1e-6)
+        self.norm1 = _norm(config, config.embed_dim)
+        self.norm2 = _norm(config, config.embed_dim)
         self.attn = VisionAttention(config)
-        self.mlp = VisionMlp(config)
+        self.mlp: nn.Module = GatedMlp(config) if config.version == "2.5" else VisionMlp(config)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, lengths: list[int]) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), cos, sin, lengths)  # (N, E)
@@ -171,7 +224,7 @@ class PatchMerger(nn.Module):
     def __init__(self, config: Qwen2VisionConfig) -> None:
         super().__init__()
         self.width = config.embed_dim * config.spatial_merge_size**2
-        self.ln_q = nn.LayerNorm(config.embed_dim, eps=1e-6)
+        self.ln_q = _norm(config, config.embed_dim)
         self.mlp = nn.Sequential(nn.Linear(self.width, self.width), nn.GELU(),
                                  nn.Linear(self.width, config.hidden_size))
 
@@ -205,12 +258,47 @@ class Qwen2VisionTower(nn.Module):
         angles = torch.cat([angles, angles], dim=-1)  # (N, Dh)
         return angles.cos(), angles.sin()
 
+    def windows(self, grids: list[Grid]) -> tuple[torch.Tensor, list[int]]:
+        """Qwen2.5-VL: the order (over merged tokens) that puts each window's tokens together, and each window's
+        length in patches (transformers' `get_vision_window_index`)."""
+        m = self.config.spatial_merge_size
+        side = self.config.window_size // m // self.config.patch_size  # a window's side in merged tokens
+        order, lengths, offset = [], [], 0
+        for t, h, w in grids:
+            gh, gw = h // m, w // m
+            index = torch.arange(t * gh * gw).reshape(t, gh, gw)
+            ph, pw = side - gh % side, side - gw % side
+            padded = F.pad(index, (0, pw, 0, ph), value=-1)
+            nh, nw = (gh + ph) // side, (gw + pw) // side
+            blocks = padded.reshape(t, nh, side, nw, side).permute(0, 1, 3, 2, 4).reshape(t * nh * nw, side * side)
+            for block in blocks:
+                kept = block[block >= 0]
+                if kept.numel():
+                    order.append(kept + offset)
+                    lengths.append(int(kept.numel()) * m * m)
+            offset += t * gh * gw
+        return torch.cat(order), lengths
+
     def forward(self, patches: torch.Tensor, grids: list[Grid]) -> list[torch.Tensor]:  # (N, C * T * P * P)
         lengths = [h * w for t, h, w in grids for _ in range(t)]  # attention within each frame of each image
         x = self.patch_embed(patches)  # (N, E)
         cos, sin = self.rotary(grids)
-        for block in self.blocks:
-            x = block(x, cos, sin, lengths)  # (N, E)
+        unit = self.config.spatial_merge_size**2
+        order: torch.Tensor | None = None
+        window_lengths = lengths
+        if self.config.version == "2.5":  # patches regrouped window by window (merge units kept together)
+            order, window_lengths = self.windows(grids)
+            order = order.to(x.device)
+
+            def regroup(t: torch.Tensor) -> torch.Tensor:
+                return t.view(-1, unit, t.shape[-1])[order].reshape(t.shape)
+
+            x, cos, sin = regroup(x), regroup(cos), regroup(sin)
+        for i, block in enumerate(self.blocks):
+            full = order is None or i in self.config.fullatt_block_indexes
+            x = block(x, cos, sin, lengths if full else window_lengths)  # (N, E)
         tokens = self.merger(x)  # (N / m^2, D)
+        if order is not None:
+            tokens = tokens[torch.argsort(order)]  # back to the image's own order
         per_image = [t * h * w // self.config.spatial_merge_size**2 for t, h, w in grids]
         return list(tokens.split(per_image))  # each (n_i, D)

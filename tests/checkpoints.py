@@ -148,6 +148,8 @@ FAMILY_SPECS = {
                                            (96, 192), (192, 96), (192, 192))),
     # Qwen2-VL's layout: patch 4, 2 x 2 merge (8 px a side per visual token), 4..256 visual tokens per image
     "qwen2-vl": TinySpec(name="qwen2-vl", family="qwen2_vl", seed=4, patch_size=4, max_positions=1024),
+    # Qwen2.5-VL's: the same with RMSNorm, a gated MLP, and attention within 16 px windows but in block 1
+    "qwen2.5-vl": TinySpec(name="qwen2.5-vl", family="qwen2_5_vl", seed=6, patch_size=4, max_positions=1024),
 }
 QWEN2_VL_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 # Qwen2-VL's prompt shape (ChatML), each image as <|vision_start|><|image_pad|><|vision_end|>
@@ -163,7 +165,7 @@ QWEN2_VL_CHAT_TEMPLATE = (
 def build_checkpoint(spec: TinySpec, out_dir: Path) -> Path:
     """Write a tiny random LLaVA checkpoint for `spec` into `out_dir` and return it."""
     torch.manual_seed(spec.seed)
-    if spec.family == "qwen2_vl":
+    if spec.family in ("qwen2_vl", "qwen2_5_vl"):
         return _build_qwen2_vl(spec, out_dir, train_tokenizer(seed=spec.seed, image_token="<|image_pad|>"))
     tokenizer = train_tokenizer(seed=spec.seed)
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
@@ -312,23 +314,35 @@ def _build_llava_onevision(spec: TinySpec, out_dir: Path, tokenizer: PreTrainedT
 def _build_qwen2_vl(spec: TinySpec, out_dir: Path, tokenizer: PreTrainedTokenizerFast) -> Path:
     """transformers' Qwen2VLForConditionalGeneration and its PIL image processor (Qwen2VLProcessor itself needs a
     video processor, hence torchvision: the tests expand <|image_pad|> as it does)."""
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+    )
+    from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
     from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLTextConfig, Qwen2VLVisionConfig
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     tokenizer.add_special_tokens({"additional_special_tokens": QWEN2_VL_TOKENS})
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN2_VL_TOKENS}
-    vision = Qwen2VLVisionConfig(depth=2, embed_dim=32, hidden_size=64, hidden_act="quick_gelu", mlp_ratio=2,
-                                 num_heads=4, patch_size=spec.patch_size, spatial_merge_size=2, temporal_patch_size=2)
+    v25 = spec.family == "qwen2_5_vl"
+    vision = (Qwen2_5_VLVisionConfig(depth=2, hidden_size=32, out_hidden_size=64, intermediate_size=64,
+                                     hidden_act="silu", num_heads=4, patch_size=spec.patch_size, spatial_merge_size=2,
+                                     temporal_patch_size=2, window_size=4 * spec.patch_size, fullatt_block_indexes=[1])
+              if v25 else
+              Qwen2VLVisionConfig(depth=2, embed_dim=32, hidden_size=64, hidden_act="quick_gelu", mlp_ratio=2,
+                                  num_heads=4, patch_size=spec.patch_size, spatial_merge_size=2, temporal_patch_size=2))
     text = Qwen2VLTextConfig(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=spec.max_positions,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    config = Qwen2VLConfig(vision_config=vision.to_dict(), text_config=text.to_dict(),
-                           image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-                           vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
-    model = Qwen2VLForConditionalGeneration(config).eval()
+    config = (Qwen2_5_VLConfig if v25 else Qwen2VLConfig)(
+        vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"])
+    model = (Qwen2_5_VLForConditionalGeneration if v25 else Qwen2VLForConditionalGeneration)(config).eval()
     _scale_random_weights(model, spec.init_scale, spec.seed)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id

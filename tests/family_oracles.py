@@ -14,6 +14,7 @@ from transformers import (
     AutoTokenizer,
     LlavaNextForConditionalGeneration,
     LlavaOnevisionForConditionalGeneration,
+    Qwen2_5_VLForConditionalGeneration,
     Qwen2VLForConditionalGeneration,
 )
 
@@ -110,7 +111,7 @@ class LlavaNextOracle(Oracle):
                                                          image_sizes=want["image_sizes"],
                                                          return_dict=True).pooler_output[0]
             mine = ours.encode_tiled(got[None], [layout])[0]
-        torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(mine, theirs, atol=1e-4, rtol=1e-4)  # float32 sums in another order
         return placeholders
 
 
@@ -176,7 +177,7 @@ class LlavaOnevisionOracle(LlavaNextOracle):
         with torch.no_grad():
             theirs = self.model.model.get_image_features(**want, return_dict=True).pooler_output[0]
             mine = ours.encode_tiled(got[None], [layout])[0]
-        torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(mine, theirs, atol=1e-4, rtol=1e-4)  # float32 sums in another order
         return count
 
 
@@ -228,5 +229,11 @@ class Qwen2VLOracle(Oracle):
                                                          image_grid_thw=want["image_grid_thw"],
                                                          return_dict=True).pooler_output[0]
             mine = ours.encode_patches(got, [grid])[0]  # type: ignore[list-item]
-        torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(mine, theirs, atol=1e-4, rtol=1e-4)  # float32 sums in another order
         return int(want["image_grid_thw"][0].prod()) // 4
+
+
+class Qwen25VLOracle(Qwen2VLOracle):
+    """Qwen2.5-VL: Qwen2-VL's processor and prompt, its own model."""
+
+    hf_class = Qwen2_5_VLForConditionalGeneration
