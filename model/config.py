@@ -14,6 +14,10 @@ from typing import Any, Literal
 
 from .anyres import parse_pinpoints
 from .qwen2_vision import Qwen2VisionConfig
+from .text_config import SUPPORTED_TEXT_TYPES, ConfigError, RopeConfig, TextConfig
+
+__all__ = ["SUPPORTED_TEXT_TYPES", "ConfigError", "ProjectorConfig", "RopeConfig", "TextConfig", "VLMConfig",
+           "VisionConfig"]
 
 VisionFlavour = Literal["clip", "siglip"]
 ProjectorKind = Literal["linear", "mlp", "resampler"]
@@ -24,15 +28,10 @@ Family = Literal["llava", "llava_next", "llava_onevision", "qwen2_vl"]
 _ANYRES = ("llava_next", "llava_onevision")
 # llava-v1.6's pinpoints, transformers' LlavaNextConfig default
 DEFAULT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
-SUPPORTED_TEXT_TYPES = ("llama", "qwen2", "mistral", "qwen2_vl_text", "qwen2_5_vl_text")
-_QWEN2_TYPES = ("qwen2", "qwen2_vl_text", "qwen2_5_vl_text")  # q/k/v bias, no o bias
 _QWEN2_VL_TOKEN_IDS = ("vision_start_token_id", "vision_end_token_id", "video_token_id")
 SUPPORTED_VISION_TYPES = ("clip_vision_model", "siglip_vision_model")
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
-class ConfigError(ValueError):
-    """A checkpoint configuration this project cannot serve; the message says what is supported."""
 
 
 @dataclass(frozen=True)
@@ -100,153 +99,6 @@ class VisionConfig:
             "hidden_act": self.hidden_act,
             **({"vision_use_head": False} if self.flavour == "siglip" else {"projection_dim": self.hidden_size}),
         }
-
-
-@dataclass(frozen=True)
-class RopeConfig:
-    """Rotary embedding parameters: `default`, `linear` (position interpolation) or `llama3` frequency scaling."""
-
-    rope_type: str = "default"
-    theta: float = 10000.0
-    factor: float = 1.0
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
-    original_max_position_embeddings: int | None = None
-    mrope_section: tuple[int, ...] | None = None  # Qwen2-VL's M-RoPE: the (t, h, w) shares of the rotary half
-
-    def __post_init__(self) -> None:
-        if self.rope_type not in SUPPORTED_ROPE_TYPES:
-            raise ConfigError(f"rope_type {self.rope_type!r} is not supported; supported: {SUPPORTED_ROPE_TYPES}")
-
-    @classmethod
-    def from_hf(cls, d: dict[str, Any]) -> RopeConfig:
-        """Read transformers 5's `rope_parameters` or the older `rope_theta` + `rope_scaling` pair."""
-        params: dict[str, Any] = dict(d.get("rope_parameters") or {})
-        if not params:
-            params = dict(d.get("rope_scaling") or {})
-            params.setdefault("rope_theta", d.get("rope_theta", 10000.0))
-        rope_type = params["rope_type"] if "rope_type" in params else params.get("type", "default")
-        if rope_type == "mrope":  # Qwen2-VL's older configs: default frequencies, sectioned by mrope_section
-            rope_type = "default"
-        section = params.get("mrope_section")
-        return cls(
-            rope_type=rope_type,
-            theta=float(params.get("rope_theta", d.get("rope_theta", 10000.0))),
-            factor=float(params.get("factor", 1.0)),
-            low_freq_factor=float(params.get("low_freq_factor", 1.0)),
-            high_freq_factor=float(params.get("high_freq_factor", 4.0)),
-            original_max_position_embeddings=params.get("original_max_position_embeddings"),
-            mrope_section=tuple(int(x) for x in section) if section else None,
-        )
-
-    def to_hf(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"rope_type": self.rope_type, "rope_theta": self.theta}
-        if self.mrope_section is not None:
-            out["mrope_section"] = list(self.mrope_section)
-        if self.rope_type in ("linear", "llama3"):
-            out["factor"] = self.factor
-        if self.rope_type == "llama3":
-            out.update(
-                low_freq_factor=self.low_freq_factor,
-                high_freq_factor=self.high_freq_factor,
-                original_max_position_embeddings=self.original_max_position_embeddings,
-            )
-        return out
-
-
-@dataclass(frozen=True)
-class TextConfig:
-    """A decoder-only Transformer of the Llama family (Llama, Mistral; Qwen2 adds q/k/v bias)."""
-
-    model_type: str = "llama"
-    vocab_size: int = 32000
-    hidden_size: int = 4096
-    intermediate_size: int = 11008
-    num_hidden_layers: int = 32
-    num_attention_heads: int = 32
-    num_key_value_heads: int = 32
-    head_dim: int = 0  # 0: hidden_size // num_attention_heads
-    max_position_embeddings: int = 4096
-    rms_norm_eps: float = 1e-6
-    rope: RopeConfig = field(default_factory=RopeConfig)
-    qkv_bias: bool = False
-    o_bias: bool = False
-    mlp_bias: bool = False
-    hidden_act: str = "silu"
-    tie_word_embeddings: bool = False
-    sliding_window: int | None = None
-    bos_token_id: int | None = None
-    eos_token_id: int | list[int] | None = None
-    pad_token_id: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.head_dim == 0:
-            object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ConfigError("num_attention_heads must be a multiple of num_key_value_heads")
-        if self.hidden_act != "silu":
-            raise ConfigError(f"text hidden_act {self.hidden_act!r} is not supported (SwiGLU with silu only)")
-
-    @classmethod
-    def from_hf(cls, d: dict[str, Any]) -> TextConfig:
-        model_type = d.get("model_type", "llama")
-        if model_type not in SUPPORTED_TEXT_TYPES:
-            raise ConfigError(f"text model_type {model_type!r} is not supported; supported: {SUPPORTED_TEXT_TYPES}")
-        qwen2 = model_type in _QWEN2_TYPES
-        attention_bias = bool(d.get("attention_bias", False))
-        heads = d.get("num_attention_heads", 32)
-        window = d.get("sliding_window") if d.get("use_sliding_window", model_type == "mistral") else None
-        return cls(
-            model_type=model_type,
-            vocab_size=d.get("vocab_size", 32000),
-            hidden_size=d.get("hidden_size", 4096),
-            intermediate_size=d.get("intermediate_size", 11008),
-            num_hidden_layers=d.get("num_hidden_layers", 32),
-            num_attention_heads=heads,
-            num_key_value_heads=d.get("num_key_value_heads") or heads,
-            head_dim=d.get("head_dim") or 0,
-            max_position_embeddings=d.get("max_position_embeddings", 4096),
-            rms_norm_eps=d.get("rms_norm_eps", 1e-6),
-            rope=RopeConfig.from_hf(d),
-            qkv_bias=qwen2 or attention_bias,
-            o_bias=attention_bias and not qwen2,
-            mlp_bias=bool(d.get("mlp_bias", False)),
-            hidden_act=d.get("hidden_act", "silu"),
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-            sliding_window=window,
-            bos_token_id=d.get("bos_token_id"),
-            eos_token_id=d.get("eos_token_id"),
-            pad_token_id=d.get("pad_token_id"),
-        )
-
-    def to_hf(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "model_type": self.model_type,
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.hidden_size,
-            "intermediate_size": self.intermediate_size,
-            "num_hidden_layers": self.num_hidden_layers,
-            "num_attention_heads": self.num_attention_heads,
-            "num_key_value_heads": self.num_key_value_heads,
-            "head_dim": self.head_dim,
-            "max_position_embeddings": self.max_position_embeddings,
-            "rms_norm_eps": self.rms_norm_eps,
-            "rope_parameters": self.rope.to_hf(),
-            "rope_theta": self.rope.theta,
-            "hidden_act": self.hidden_act,
-            "tie_word_embeddings": self.tie_word_embeddings,
-            "bos_token_id": self.bos_token_id,
-            "eos_token_id": self.eos_token_id,
-            "pad_token_id": self.pad_token_id,
-        }
-        if self.model_type in _QWEN2_TYPES:
-            out["use_sliding_window"] = False
-        else:
-            out["attention_bias"] = self.qkv_bias
-            out["mlp_bias"] = self.mlp_bias
-        if self.model_type == "mistral":
-            out["sliding_window"] = self.sliding_window
-        return out
 
 
 @dataclass(frozen=True)
