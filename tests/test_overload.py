@@ -46,10 +46,10 @@ import os, sys, time
 from vlmserve.server.engine import core, output_processor, prepare
 
 original_image = prepare.RequestPreparer.image
-def image(self, data, digest=None):
+def image(self, data, digest=None, plan=None):
     if {MARKER!r} in data:
         raise RuntimeError("injected fault in image preparation")
-    return original_image(self, data, digest)
+    return original_image(self, data, digest, plan)
 prepare.RequestPreparer.image = image
 
 original_accept = output_processor.OutputProcessor.accept
