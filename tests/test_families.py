@@ -87,8 +87,7 @@ def chat(question: str, images: list[Image.Image], detail: str | None = None, **
         url.update(extra)
         parts.append({"type": "image_url", "image_url": url})
     parts.append({"type": "text", "text": question})
-    return {"model": "fam", "messages": [{"role": "user", "content": parts}], "max_tokens": 12, "temperature": 0,
-            "logprobs": True}
+    return {"model": "fam", "messages": [{"role": "user", "content": parts}], "max_tokens": 12, "temperature": 0}
 
 
 def ask(server: LiveServer, body: dict[str, Any]) -> dict[str, Any]:
