@@ -8,7 +8,8 @@
 //   window  keys older than lens - window are not seen (-1: none)
 //   -> out  (B, Hkv, G, D)
 //
-// Work is split over (sequence, KV head) pairs; each reads its keys once for all G query heads, keeps the scores
+// Work is split over sequences (or, with few of them, over (sequence, KV head) pairs); each task reads its keys once
+// for all the query heads it serves, keeps the scores
 // in float32 (two passes: scores and their max, then exp and the weighted sum of values) and writes its rows in the
 // query's dtype. The loops over D vectorize (the file is built for the machine it runs on).
 #include <ATen/Parallel.h>
@@ -44,50 +45,57 @@ void decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const
     longest = std::max(longest, ld[b]);
   }
   const float s = static_cast<float>(scale);
-  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(G * longest), acc(G * D), qf(G * D), top(G), sum(G);
+  // Many sequences: one task per sequence, every KV head at once, so that each token's keys (all heads, one
+  // contiguous row of the block) are read in one sweep. Few: one task per (sequence, KV head), to use every thread.
+  const bool by_sequence = B >= 2 * at::get_num_threads();
+  const int64_t heads_per_task = by_sequence ? Hkv : 1;
+  at::parallel_for(0, by_sequence ? B : B * Hkv, 1, [&](int64_t begin, int64_t end) {
+    const int64_t rows = heads_per_task * G;  // query rows of one task
+    std::vector<float> scores(rows * longest), acc(rows * D), qf(rows * D), top(rows), sum(rows);
     for (int64_t i = begin; i < end; ++i) {
-      const int64_t b = i / Hkv, h = i % Hkv, len = ld[b];
+      const int64_t b = by_sequence ? i : i / Hkv, h0 = by_sequence ? 0 : i % Hkv, len = ld[b];
       const int64_t first = window < 0 ? 0 : std::max<int64_t>(0, len - window);
       const int64_t n = len - first;
       const int64_t* table = td + b * nb;
-      const T* qrow = qd + i * G * D;
-      for (int64_t j = 0; j < G * D; ++j) qf[j] = static_cast<float>(qrow[j]) * s;
+      const T* qrow = qd + (b * Hkv + h0) * G * D;  // the task's rows are consecutive in q
+      for (int64_t j = 0; j < rows * D; ++j) qf[j] = static_cast<float>(qrow[j]) * s;
       std::fill(top.begin(), top.end(), -std::numeric_limits<float>::infinity());
       for (int64_t t = 0; t < n; ++t) {
         const int64_t p = first + t;
-        const T* key = kd + table[p / BS] * block_stride + (p % BS) * token_stride + h * D;
-        for (int64_t g = 0; g < G; ++g) {
-          const float* qq = qf.data() + g * D;
+        const T* keys = kd + table[p / BS] * block_stride + (p % BS) * token_stride + h0 * D;
+        for (int64_t r = 0; r < rows; ++r) {
+          const T* key = keys + (r / G) * D;
+          const float* qq = qf.data() + r * D;
           float dot = 0.f;
           for (int64_t d = 0; d < D; ++d) dot += qq[d] * static_cast<float>(key[d]);
-          scores[g * n + t] = dot;
-          top[g] = std::max(top[g], dot);
+          scores[r * n + t] = dot;
+          top[r] = std::max(top[r], dot);
         }
       }
-      for (int64_t g = 0; g < G; ++g) {
+      for (int64_t r = 0; r < rows; ++r) {
         float total = 0.f;
-        float* row = scores.data() + g * n;
+        float* row = scores.data() + r * n;
         for (int64_t t = 0; t < n; ++t) {
-          row[t] = std::exp(row[t] - top[g]);
+          row[t] = std::exp(row[t] - top[r]);
           total += row[t];
         }
-        sum[g] = total;
+        sum[r] = total;
       }
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t t = 0; t < n; ++t) {
         const int64_t p = first + t;
-        const T* value = vd + table[p / BS] * block_stride + (p % BS) * token_stride + h * D;
-        for (int64_t g = 0; g < G; ++g) {
-          const float w = scores[g * n + t];
-          float* a = acc.data() + g * D;
+        const T* values = vd + table[p / BS] * block_stride + (p % BS) * token_stride + h0 * D;
+        for (int64_t r = 0; r < rows; ++r) {
+          const T* value = values + (r / G) * D;
+          const float w = scores[r * n + t];
+          float* a = acc.data() + r * D;
           for (int64_t d = 0; d < D; ++d) a[d] += w * static_cast<float>(value[d]);
         }
       }
-      T* orow = od + i * G * D;
-      for (int64_t g = 0; g < G; ++g) {
-        const float inv = 1.f / sum[g];
-        for (int64_t d = 0; d < D; ++d) orow[g * D + d] = static_cast<T>(acc[g * D + d] * inv);
+      T* orow = od + (b * Hkv + h0) * G * D;
+      for (int64_t r = 0; r < rows; ++r) {
+        const float inv = 1.f / sum[r];
+        for (int64_t d = 0; d < D; ++d) orow[r * D + d] = static_cast<T>(acc[r * D + d] * inv);
       }
     }
   });
