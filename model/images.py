@@ -126,7 +126,7 @@ class ImageProcessor:
             image = to_rgb(image)
         if cfg.do_resize:
             image = image.resize((size[1], size[0]), cfg.resample)
-        pixels = self._normalize(np.asarray(image)[None])[0]  # (3, h, w)
+        pixels = self._normalize(np.asarray(image)[None])[0].numpy()  # (3, h, w), numpy (see patchify)
         return patchify(pixels, cfg.patch_size, cfg.merge_size, cfg.temporal_patch_size)
 
     def preprocess_tiled(self, image: Image.Image, layout: Layout, tile: int) -> torch.Tensor:

@@ -16,6 +16,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -102,15 +103,18 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
     return h_bar, w_bar
 
 
-def patchify(pixels: torch.Tensor, patch: int, merge: int, temporal: int) -> torch.Tensor:
-    """(C, H, W) normalized pixels -> (H/p * W/p, C * temporal * p * p) patches, block by block (the m x m patches
-    of one merged token together), the frame repeated over the temporal patch (transformers' `patchify`)."""
+def patchify(pixels: np.ndarray, patch: int, merge: int, temporal: int) -> torch.Tensor:
+    """(C, H, W) normalized float32 pixels -> (H/p * W/p, C * temporal * p * p) patches, block by block (the m x m
+    patches of one merged token together), the frame repeated over the temporal patch (transformers' `patchify`).
+
+    In numpy on purpose: this runs in the preprocessing threads, and a torch copy this large would start an OpenMP
+    team in each of them beside the engine's, which halves the engine's speed on two cores (benchmarks/README.md)."""
     c, h, w = pixels.shape
     gh, gw = h // patch, w // patch
     x = pixels.reshape(c, gh // merge, merge, patch, gw // merge, merge, patch)
-    x = x.permute(1, 4, 2, 5, 0, 3, 6)  # (gh/m, gw/m, m, m, C, p, p)
-    x = x[:, :, :, :, :, None].expand(*x.shape[:5], temporal, patch, patch)  # (gh/m, gw/m, m, m, C, T, p, p)
-    return x.reshape(gh * gw, c * temporal * patch * patch)
+    x = x.transpose(1, 4, 2, 5, 0, 3, 6)  # (gh/m, gw/m, m, m, C, p, p)
+    x = np.broadcast_to(x[:, :, :, :, :, None], (*x.shape[:5], temporal, patch, patch))  # (..., C, T, p, p)
+    return torch.from_numpy(np.ascontiguousarray(x).reshape(gh * gw, c * temporal * patch * patch))
 
 
 def patch_positions(grid: Grid, merge: int) -> torch.Tensor:
