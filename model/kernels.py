@@ -1,5 +1,8 @@
 """Our C++ CPU kernels (model/csrc/), built on first use for the machine that runs them and loaded as torch ops.
 
+Two libraries: `paged_decode.cpp` (decode attention over the paged KV pool) and `step_ops.cpp` (the C++ ops a
+compiled decode step calls: the packed matmul and the layer's attention, so that no Python runs inside the step).
+
 A kernel is compiled once per machine and source: the shared object is cached under `VLMSERVE_KERNEL_CACHE`
 (default `~/.cache/vlmserve/kernels`), named by a hash of the source, the compiler flags, the torch version and the
 CPU's instruction-set flags (the code is built with `-march=native`), and written atomically, so that concurrent
@@ -23,12 +26,14 @@ import sysconfig
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
 log = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).parent / "csrc" / "paged_decode.cpp"
+_STEP_SOURCE = Path(__file__).parent / "csrc" / "step_ops.cpp"
 # -O3 with the reassociation that vectorizes the float reductions, but IEEE infinities kept (no -ffast-math)
 _FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math",
           "-fopenmp", "-fPIC", "-shared", "-std=c++17")
@@ -95,3 +100,31 @@ def paged_decode_op() -> Callable[..., torch.Tensor] | None:
         log.warning("the C++ paged decode attention is not available (%s); using PyTorch's attention", e)
         return None
     return op
+
+
+@functools.cache
+def step_ops() -> Any | None:
+    """The `vlmserve_step` ops a compiled CPU decode step calls (model/csrc/step_ops.cpp: the packed matmul and the
+    decode step's attention, in C++), with their shape functions registered for torch.compile; or None where they
+    cannot be built (logged once), and the step calls the Python ops instead. `VLMSERVE_KERNELS=0` turns them off."""
+    if paged_decode_op() is None:  # decode_attention calls the paged decode kernel
+        return None
+    try:
+        torch.ops.load_library(str(build(_STEP_SOURCE)))
+        ops = torch.ops.vlmserve_step
+    except Exception as e:
+        log.warning("the C++ decode-step ops are not available (%s); the compiled step calls Python ops", e)
+        return None
+
+    torch.library.register_fake("vlmserve_step::packed_linear", _packed_linear_shape)
+    torch.library.register_fake("vlmserve_step::decode_attention", _decode_attention_shape)
+    return ops
+
+
+def _packed_linear_shape(x: torch.Tensor, handle: int, out_features: int, bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+def _decode_attention_shape(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, scale: float,
+                            window: int) -> torch.Tensor:
+    return q.new_empty(q.shape)

@@ -24,7 +24,7 @@ import functools
 import itertools
 import logging
 import weakref
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -68,15 +68,31 @@ class PackedLinear(nn.Module):
         _PACKED[self.handle] = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), None)
         weakref.finalize(self, _PACKED.pop, self.handle, None)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        self.native = False  # registered with the C++ step ops (use_native_ops): compiled code calls those
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in)
         if torch.compiler.is_compiling():
+            if self.native:  # the C++ op: no Python between a compiled step's kernels (model/csrc/step_ops.cpp)
+                return torch.ops.vlmserve_step.packed_linear(x, self.handle, self.out_features, self.bias)
             return packed_linear(x, self.handle, self.out_features, self.bias)  # (..., out)
         # Eagerly, the op itself: the custom op's dispatch would add ~7 us a call.
         return torch.ops.mkldnn._linear_pointwise(x, _PACKED[self.handle], self.bias, "none", [], "")  # (..., out)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def use_native_ops(module: nn.Module, ops: Any) -> int:
+    """Register the packed weights under `module` with the C++ step ops (`model.kernels.step_ops()`), so that
+    compiled code multiplies by them through `vlmserve_step::packed_linear`; return how many were registered."""
+    count = 0
+    for child in module.modules():
+        if isinstance(child, PackedLinear) and not child.native:
+            ops.register_packed(child.handle, _PACKED[child.handle])
+            weakref.finalize(child, ops.release_packed, child.handle).atexit = False
+            child.native = True
+            count += 1
+    return count
 
 
 def store_input_major(linear: nn.Linear) -> None:

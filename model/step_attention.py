@@ -11,6 +11,10 @@ The op writes the KV pool, which is not among its arguments, yet is declared fre
 the pool is never an input or output of the graph, every call's output is used (no call can be dropped), and each
 layer's call is the only one that touches that layer's pool, so no two calls need an order beyond the one their data
 already gives (layer l + 1 reads layer l's output).
+
+On a CPU where our C++ kernels build, the compiled step calls `vlmserve_step::decode_attention` instead (the same
+write and paged decode kernel, model/csrc/step_ops.cpp), with the step's metadata set by `stepping_native`, and its
+matmuls through `vlmserve_step::packed_linear`: inductor's C++ wrapper then runs the whole step without Python.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 
@@ -52,11 +57,31 @@ def _paged_attention_shape(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, la
     return q.new_empty(q.shape)
 
 
+@contextmanager
+def stepping_native(ops: Any, pools: int, batch: PagedBatch) -> Iterator[None]:
+    """Within the block, `vlmserve_step::decode_attention` attends through `batch`, a decode-only step, over the KV
+    pools registered under `pools` (model/csrc/step_ops.cpp; in this thread)."""
+    ops.set_decode_step(pools, batch.slots, batch.decode_tables, batch.decode_lens)
+    try:
+        yield
+    finally:
+        ops.clear_decode_step()
+
+
 class StepAttention:
-    """The attention context of a compiled serving forward: each layer's attention is one call of the op."""
+    """The attention context of a compiled serving forward: each layer's attention is one call of the op.
+
+    `native`: the C++ op (`vlmserve_step::decode_attention`, decode-only CPU steps under `stepping_native`) instead
+    of the Python one under `stepping`: the same computation, with no Python in between."""
+
+    def __init__(self, native: bool = False) -> None:
+        self.native = native
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window: int | None = None,
                scale: float | None = None) -> torch.Tensor:
         if scale is not None:
             raise ValueError("StepAttention takes the default softmax scale only")
-        return paged_attention(q, k, v, layer, -1 if window is None else window)  # (1, N, H, Dh)
+        w = -1 if window is None else window
+        if self.native:
+            return torch.ops.vlmserve_step.decode_attention(q, k, v, layer, q.shape[-1] ** -0.5, w)  # (1, N, H, Dh)
+        return paged_attention(q, k, v, layer, w)  # (1, N, H, Dh)

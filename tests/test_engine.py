@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
+from vlmserve.model import kernels
 from vlmserve.model.images import ImageProcessor
 from vlmserve.model.sampling import SamplingParams
 from vlmserve.model.tokenizer import ChatTokenizer
@@ -397,6 +398,8 @@ def test_compiled_decode_of_several_sequences_gives_the_same_tokens(checkpoint_f
             runs.append([f.token_ids for f in h.run_concurrently(reqs)])
         assert runs[1] == runs[0]
         assert compiled.engine.core.runner._compiled is not None  # still compiled: it did not fall back
+        if kernels.step_ops() is not None:  # the compiled step called the C++ ops, not the Python ones
+            assert compiled.engine.core.runner._native is not None
     finally:
         eager.engine.shutdown(timeout=5)
         compiled.engine.shutdown(timeout=5)

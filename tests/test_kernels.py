@@ -132,3 +132,50 @@ def test_turned_off_by_the_environment(monkeypatch: pytest.MonkeyPatch, caplog: 
     monkeypatch.delenv("VLMSERVE_KERNELS")
     with caplog.at_level(logging.WARNING):
         assert (kernels.paged_decode_op() is None) == (op is None)
+
+
+# ---------------------------------------------------------------- the compiled step's C++ ops (step_ops.cpp)
+step = kernels.step_ops()
+needs_step_ops = pytest.mark.skipif(step is None, reason="no C++ compiler here")
+
+
+@needs_step_ops
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_packed_linear_equals_the_module(dtype: torch.dtype) -> None:
+    from vlmserve.model.serving_weights import PackedLinear, use_native_ops
+
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(PackedLinear(torch.nn.Linear(64, 48, bias=True).to(dtype)))
+    assert use_native_ops(module, step) == 1 and use_native_ops(module, step) == 0  # registered once
+    linear = module[0]
+    x = torch.randn(2, 3, 64).to(dtype)  # (B, T, in)
+    assert torch.equal(step.packed_linear(x, linear.handle, 48, linear.bias), linear(x))
+    with pytest.raises(RuntimeError, match="no weight is registered under handle -5"):
+        step.packed_linear(x, -5, 48, None)
+
+
+@needs_step_ops
+@pytest.mark.parametrize("window", [None, 5])
+def test_native_decode_attention_equals_the_paged_batch(window: int | None) -> None:
+    """Writes the new keys and values where PagedBatch.attend does, and attends the same."""
+    gen = torch.Generator().manual_seed(3)
+    caches = [PagedKVCache(num_layers=2, num_blocks=8, block_size=4, num_kv_heads=2, head_dim=16) for _ in range(2)]
+    for src, dst in zip((*caches[0].k, *caches[0].v), (*caches[1].k, *caches[1].v), strict=True):
+        src.copy_(torch.randn(src.shape, generator=gen))  # (NB, BS, Hkv, D)
+        dst.copy_(src)
+    slots, tables, lens = torch.tensor([6, 17]), torch.tensor([[0, 1, 0], [2, 3, 4]]), torch.tensor([7, 10])
+    q, k, v = (torch.randn(1, 2, h, 16, generator=gen) for h in (4, 2, 2))  # (1, N, H or Hkv, D)
+    want = PagedBatch(caches[0], slots, num_decodes=2, decode_tables=tables, decode_lens=lens,
+                      decode_max_len=10).attend(1, q, k, v, window=window)
+    step.register_pools(99, caches[1].k, caches[1].v)
+    try:
+        step.set_decode_step(99, slots, tables, lens)
+        got = step.decode_attention(q, k, v, 1, 16**-0.5, -1 if window is None else window)
+        step.clear_decode_step()
+    finally:
+        step.release_pools(99)
+    assert torch.allclose(got, want, atol=1e-6) and torch.equal(caches[1].k[1], caches[0].k[1])
+    with pytest.raises(RuntimeError, match="called outside set_decode_step"):
+        step.decode_attention(q, k, v, 1, 0.25, -1)
+    with pytest.raises(RuntimeError, match="no KV pools are registered under 99"):
+        step.set_decode_step(99, slots, tables, lens)

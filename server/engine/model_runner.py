@@ -9,8 +9,10 @@ that reaches its end goes through the output head. Reading the sampled ids back 
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
+import weakref
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
@@ -20,13 +22,14 @@ import torch
 
 from vlmserve.model.anyres import Layout
 from vlmserve.model.attention import PagedBatch, Segment
-from vlmserve.model.kernels import paged_decode_op
+from vlmserve.model.kernels import paged_decode_op, step_ops
 from vlmserve.model.kv_cache import PagedKVCache
 from vlmserve.model.mrope import GridSpan
 from vlmserve.model.mrope import positions as mrope_positions
 from vlmserve.model.qwen2_vision import Grid
 from vlmserve.model.sampler import SamplerState, token_logprobs
-from vlmserve.model.step_attention import StepAttention, stepping
+from vlmserve.model.serving_weights import use_native_ops
+from vlmserve.model.step_attention import StepAttention, stepping, stepping_native
 from vlmserve.model.vlm import VisionLanguageModel
 
 from .observer import EngineCounters, Observer
@@ -37,6 +40,7 @@ from .structured import StructuredOutputs
 from .vision_cache import VisionCache
 
 log = logging.getLogger(__name__)
+_pool_ids = itertools.count()  # the KV pools each runner registers with the C++ step ops
 
 
 @dataclass
@@ -74,7 +78,16 @@ class ModelRunner:
         options: dict[str, str | int | bool | Callable[..., Any]] | None = (
             {"cpp_wrapper": True} if self.device.type == "cpu" else None)
         self._compiled = torch.compile(lm.forward, options=options) if compile_decode else None
-        self._step_attention = StepAttention()
+        # On a CPU the compiled step calls C++ ops for its matmuls and attention (model/csrc/step_ops.cpp) where
+        # they build: no Python, and no wait for the GIL, between its kernels.
+        self._native: Any | None = None
+        if compile_decode and self.device.type == "cpu" and (ops := step_ops()) is not None:
+            use_native_ops(lm, ops)
+            self._pools = next(_pool_ids)
+            ops.register_pools(self._pools, cache.k, cache.v)
+            weakref.finalize(self, ops.release_pools, self._pools).atexit = False
+            self._native = ops
+        self._step_attention = StepAttention(native=self._native is not None)
         self.mrope = lm.rotary.rope.mrope_section is not None  # Qwen2-VL: (t, row, column) positions for images
         self.merge = model.qwen2_vision.spatial_merge_size if model.qwen2_vision is not None else 1
         if self.device.type == "cpu":
@@ -225,7 +238,8 @@ class ModelRunner:
             torch._dynamo.maybe_mark_dynamic(embeds, 1)
             torch._dynamo.maybe_mark_dynamic(positions, 1)
         try:
-            with stepping(paged):
+            native = self._native is not None
+            with stepping_native(self._native, self._pools, paged) if native else stepping(paged):
                 return self._compiled(inputs_embeds=embeds, positions=positions, paged=self._step_attention,
                                       logits=False)[0]  # (N, D)
         except Exception as e:
