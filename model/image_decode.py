@@ -92,24 +92,7 @@ def open_image(
     formats: Iterable[str] = ALLOWED_FORMATS,
 ) -> Image.Image:
     """Decode untrusted image bytes into an RGB image, refusing bombs from the header before decoding."""
-    if not isinstance(data, bytes | bytearray | memoryview):
-        raise TypeError(f"image data must be bytes, got {type(data).__name__}")
-    data = bytes(data)
-    if not data:
-        raise ImageError("empty image data", code="invalid_image")
-    if max_bytes is not None and len(data) > max_bytes:
-        raise ImageError(f"image is {len(data)} bytes, over the limit of {max_bytes}", code="image_too_large")
-
-    image = _identify(data, formats)  # header only: nothing decoded yet
-    width, height = image.size
-    if width <= 0 or height <= 0:
-        raise ImageError(f"image has an empty size ({width}x{height})", code="invalid_image")
-    if width * height > max_pixels:
-        raise ImageError(
-            f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}",
-            code="image_too_many_pixels",
-        )
-
+    image = _checked_header(data, max_pixels=max_pixels, max_bytes=max_bytes, formats=formats)
     try:
         image.load()  # first frame only; later frames of an animation are never read
     except Image.DecompressionBombError as e:
@@ -136,12 +119,25 @@ def image_size(
     """(height, width) that `open_image` will return for `data` (EXIF orientation applied), from the header only:
     nothing is decoded. The same refusals as `open_image` before its decoding. (An orientation Pillow reads only
     while decoding, a PNG's eXIf chunk after its pixels, is not seen here: the count then follows the header.)"""
+    image = _checked_header(data, max_pixels=max_pixels, max_bytes=max_bytes, formats=formats)
+    width, height = image.size
+    if _exif_orientation(image) in _SWAPS_AXES:
+        return width, height
+    return height, width
+
+
+def _checked_header(data: bytes | bytearray | memoryview, *, max_pixels: int, max_bytes: int | None,
+                    formats: Iterable[str]) -> Image.Image:
+    """The lazily opened image (header read, nothing decoded) once the byte cap, the format and the header's size
+    pass: what `open_image` and `image_size` both refuse first."""
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise TypeError(f"image data must be bytes, got {type(data).__name__}")
     data = bytes(data)
     if not data:
         raise ImageError("empty image data", code="invalid_image")
     if max_bytes is not None and len(data) > max_bytes:
         raise ImageError(f"image is {len(data)} bytes, over the limit of {max_bytes}", code="image_too_large")
-    image = _identify(data, formats)
+    image = _identify(data, formats)  # header only: nothing decoded yet
     width, height = image.size
     if width <= 0 or height <= 0:
         raise ImageError(f"image has an empty size ({width}x{height})", code="invalid_image")
@@ -150,9 +146,7 @@ def image_size(
             f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}",
             code="image_too_many_pixels",
         )
-    if _exif_orientation(image) in _SWAPS_AXES:
-        return width, height
-    return height, width
+    return image
 
 
 def _identify(data: bytes, formats: Iterable[str]) -> Image.Image:
