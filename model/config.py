@@ -20,18 +20,16 @@ __all__ = ["SUPPORTED_TEXT_TYPES", "ConfigError", "ProjectorConfig", "RopeConfig
            "VisionConfig"]
 
 VisionFlavour = Literal["clip", "siglip"]
-ProjectorKind = Literal["linear", "mlp", "resampler"]
+ProjectorKind = Literal["linear", "mlp", "resampler", "pixel_shuffle"]
 
-SUPPORTED_MODEL_TYPES = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl")
+SUPPORTED_MODEL_TYPES = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "idefics3")
 # The composition: how images become tokens. Qwen2.5-VL is qwen2_vl's with its tower's `version` 2.5.
-Family = Literal["llava", "llava_next", "llava_onevision", "qwen2_vl"]
+Family = Literal["llava", "llava_next", "llava_onevision", "qwen2_vl", "idefics3"]
 _ANYRES = ("llava_next", "llava_onevision")
 # llava-v1.6's pinpoints, transformers' LlavaNextConfig default
 DEFAULT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
 _QWEN2_VL_TOKEN_IDS = ("vision_start_token_id", "vision_end_token_id", "video_token_id")
-SUPPORTED_VISION_TYPES = ("clip_vision_model", "siglip_vision_model")
-
-
+SUPPORTED_VISION_TYPES = ("clip_vision_model", "siglip_vision_model", "idefics3_vision")
 
 
 @dataclass(frozen=True)
@@ -71,7 +69,7 @@ class VisionConfig:
         model_type = d.get("model_type", "clip_vision_model")
         if model_type not in SUPPORTED_VISION_TYPES:
             raise ConfigError(f"vision model_type {model_type!r} is not supported; supported: {SUPPORTED_VISION_TYPES}")
-        siglip = model_type == "siglip_vision_model"
+        siglip = model_type in ("siglip_vision_model", "idefics3_vision")  # Idefics3's: SigLIP's, tiles of any size
         return cls(
             flavour="siglip" if siglip else "clip",
             hidden_size=d.get("hidden_size", 768),
@@ -112,6 +110,7 @@ class ProjectorConfig:
     depth: int = 2  # resampler only
     num_heads: int = 4  # resampler only
     ff_mult: int = 4  # resampler only
+    scale_factor: int = 2  # pixel_shuffle only: every scale x scale patches become one token
 
 
 @dataclass(frozen=True)
@@ -161,8 +160,16 @@ class VLMConfig:
                                   "strategy 'default', SigLIP with 'full')")
             if not self.image_grid_pinpoints:
                 raise ConfigError(f"{self.family} needs image_grid_pinpoints")
+        if self.family == "idefics3":
+            v, scale = self.vision, self.projector.scale_factor
+            side = v.image_size // v.patch_size
+            if self.projector.kind != "pixel_shuffle" or side % scale or self.feature_layers != (-1,):
+                raise ConfigError(f"idefics3 needs the pixel-shuffle projector, the last layer, and {side} patches a "
+                                  f"side divisible by scale_factor {scale}")
         if self.projector.kind == "resampler":
             tokens = self.projector.num_queries
+        elif self.projector.kind == "pixel_shuffle":  # per tile (idefics3: a floor per image)
+            tokens = (self.vision.image_size // self.vision.patch_size // self.projector.scale_factor) ** 2
         else:
             # LLaVA's `default` drops the first position (CLIP's class token) whatever the encoder; `full` keeps all.
             tokens = self.vision.num_positions - (1 if self.vision_feature_select_strategy == "default" else 0)
@@ -188,6 +195,8 @@ class VLMConfig:
             )
         if model_type in ("qwen2_vl", "qwen2_5_vl"):
             return cls._from_qwen2_vl(d)
+        if model_type == "idefics3":
+            return cls._from_idefics3(d)
         text_d = dict(d.get("text_config") or {})
         text_d.setdefault("model_type", "llama")
         vision_d = dict(d.get("vision_config") or {})
@@ -242,7 +251,29 @@ class VLMConfig:
                    image_token_index=int(d.get("image_token_id", 151655)), tie_word_embeddings=text.tie_word_embeddings,
                    family="qwen2_vl", token_ids=tuple((k, int(d[k])) for k in _QWEN2_VL_TOKEN_IDS if k in d))
 
+    @classmethod
+    def _from_idefics3(cls, d: dict[str, Any]) -> VLMConfig:
+        """Idefics3 / SmolVLM: a SigLIP tower over tiles, pixel shuffle + one Linear, a Llama LM."""
+        text_d = {"model_type": "llama", "rms_norm_eps": 1e-5, **dict(d.get("text_config") or {})}
+        if "tie_word_embeddings" in d and "tie_word_embeddings" not in text_d:
+            text_d["tie_word_embeddings"] = d["tie_word_embeddings"]
+        vision_d = {**dict(d.get("vision_config") or {}), "model_type": "idefics3_vision"}
+        vision_d.setdefault("patch_size", 32)
+        text = TextConfig.from_hf(text_d)
+        return cls(vision=VisionConfig.from_hf(vision_d), text=text,
+                   projector=ProjectorConfig(kind="pixel_shuffle", bias=False,
+                                             scale_factor=int(d.get("scale_factor", 2))),
+                   image_token_index=int(d.get("image_token_id", 128257)), vision_feature_layer=-1,
+                   vision_feature_select_strategy="full", tie_word_embeddings=text.tie_word_embeddings,
+                   family="idefics3")
+
     def to_hf(self) -> dict[str, Any]:
+        if self.family == "idefics3":
+            vision = {k: v for k, v in self.vision.to_hf().items() if k != "vision_use_head"}
+            return {"model_type": "idefics3", "architectures": ["Idefics3ForConditionalGeneration"],
+                    "vision_config": {**vision, "model_type": "idefics3_vision"}, "text_config": self.text.to_hf(),
+                    "image_token_id": self.image_token_index, "scale_factor": self.projector.scale_factor,
+                    "tie_word_embeddings": self.tie_word_embeddings}
         if isinstance(self.vision, Qwen2VisionConfig):
             v25 = self.vision.version == "2.5"
             arch = "Qwen2_5_VLForConditionalGeneration" if v25 else "Qwen2VLForConditionalGeneration"

@@ -107,7 +107,7 @@ def _shortest_longest_size(height: int, width: int, shortest: int, longest: int)
     return max(1, shortest), max(1, new_w)
 
 
-ProcessorKind = Literal["clip", "siglip", "llava", "llava_next", "llava_onevision", "qwen2_vl"]
+ProcessorKind = Literal["clip", "siglip", "llava", "llava_next", "llava_onevision", "qwen2_vl", "idefics3"]
 
 # transformers' image_processor_type (with any Fast/Pil suffix removed) -> our kind.
 _KIND_FOR_TYPE: dict[str, ProcessorKind] = {
@@ -117,6 +117,7 @@ _KIND_FOR_TYPE: dict[str, ProcessorKind] = {
     "LlavaNextImageProcessor": "llava_next",  # each tile as CLIP's; the tiling is model/anyres.py's
     "LlavaOnevisionImageProcessor": "llava_onevision",  # the same, SigLIP-style square tiles
     "Qwen2VLImageProcessor": "qwen2_vl",  # a resize to multiples of patch * merge within a pixel budget, patches
+    "Idefics3ImageProcessor": "idefics3",  # a longest-edge resize, then tiles (model/idefics3.py)
 }
 
 
@@ -145,6 +146,10 @@ class ImageProcessorConfig:
     patch_size: int = 14
     temporal_patch_size: int = 2
     merge_size: int = 2
+    # idefics3: `size` {longest_edge} (None: no first resize), `max_image_size` {longest_edge} (the tile), splitting
+    longest_edge: int | None = 4 * 364
+    tile_size: int = 364
+    do_image_splitting: bool = True
 
     # Class defaults of each transformers processor, applied where a config file leaves a key out.
     _DEFAULTS: ClassVar[dict[str, dict[str, Any]]] = {
@@ -153,6 +158,8 @@ class ImageProcessorConfig:
         "llava_next": {},
         "llava_onevision": {"size": SizeSpec(height=384, width=384), "do_center_crop": False, "crop_size": None},
         "qwen2_vl": {"do_center_crop": False, "crop_size": None},
+        "idefics3": {"do_center_crop": False, "crop_size": None, "resample": Image.Resampling.LANCZOS,
+                     "image_mean": SIGLIP_MEAN, "image_std": SIGLIP_STD},
         "siglip": {
             "size": SizeSpec(height=224, width=224),
             "do_center_crop": False,
@@ -201,6 +208,8 @@ class ImageProcessorConfig:
             for key in ("patch_size", "temporal_patch_size", "merge_size"):
                 if key in d:
                     values[key] = int(d[key])
+        elif kind == "idefics3":
+            values.update(_idefics3_values(d))
         elif "size" in d:
             values["size"] = SizeSpec.parse(d["size"], default_to_square=bool(d.get("default_to_square", False)))
         if "crop_size" in d:
@@ -215,7 +224,7 @@ class ImageProcessorConfig:
         for key in ("image_mean", "image_std"):
             if key in d:
                 values[key] = _three_floats(d[key], key)
-        if d.get("do_pad") and kind not in ("llava_next", "llava_onevision"):  # their do_pad: a batch's tile axis
+        if d.get("do_pad") and kind not in ("llava_next", "llava_onevision", "idefics3"):  # theirs: a batch axis
             if kind == "llava":
                 values["do_pad_to_square"] = True
             else:
@@ -239,6 +248,25 @@ class ImageProcessorConfig:
         if self.do_resize and self.do_pad_to_square and self.size.shortest_edge and not self.size.longest_edge:
             return self.size.shortest_edge, self.size.shortest_edge
         return None
+
+
+def _idefics3_values(d: Mapping[str, Any]) -> dict[str, Any]:
+    """Idefics3's own keys: `size` and `max_image_size` are {longest_edge} dicts (or {height, width} squares)."""
+    def edge(value: Any, name: str) -> int:
+        if isinstance(value, Mapping) and "longest_edge" in value:
+            return int(value["longest_edge"])
+        if isinstance(value, Mapping) and value.get("height") == value.get("width") and "height" in value:
+            return int(value["height"])
+        raise ValueError(f"idefics3's {name} must be {{'longest_edge': N}}, got {value!r}")
+
+    out: dict[str, Any] = {"do_image_splitting": bool(d.get("do_image_splitting", True))}
+    if "size" in d:
+        out["longest_edge"] = edge(d["size"], "size")
+    if "max_image_size" in d:
+        out["tile_size"] = edge(d["max_image_size"], "max_image_size")
+    if d.get("do_resize") is False:
+        out["longest_edge"] = None
+    return out
 
 
 def _kind_of(config: Mapping[str, Any]) -> ProcessorKind:

@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from .anyres import Layout, tiles
+from .idefics3 import SplitLayout
 from .image_config import ImageProcessorConfig
 from .image_decode import ImageError, to_rgb
 from .qwen2_vision import patchify
@@ -142,6 +143,25 @@ class ImageProcessor:
         if base[0] is None or base[1] is None:
             raise ValueError(f"llava_next needs a square or shortest-edge size, not {size.to_dict()}")
         return self(tiles(image, layout, tile, (base[0], base[1]), cfg.resample))  # (T, 3, H, W)
+
+    def preprocess_split(self, image: Image.Image, layout: SplitLayout) -> torch.Tensor:
+        """idefics3: the image resized as `layout` says (model/idefics3.py), cut into its tiles and its global view
+        after them; returns `(T, 3, tile, tile)` float32, as transformers' `Idefics3ImageProcessorPil`. All in PIL
+        and numpy (uint8 until the value table), never torch ops in the preprocessing thread."""
+        cfg = self.config
+        if cfg.do_convert_rgb:
+            image = to_rgb(image)
+        if layout.resized is not None:
+            image = image.resize((layout.resized[1], layout.resized[0]), cfg.resample)
+        image = image.resize((layout.grid[1], layout.grid[0]), cfg.resample)
+        tile = cfg.tile_size
+        if not layout.rows:
+            return self._normalize(np.asarray(image)[None])  # (1, 3, tile, tile)
+        pixels = np.asarray(image)  # (rows * tile, cols * tile, 3)
+        tiles = [pixels[r * tile : (r + 1) * tile, c * tile : (c + 1) * tile]
+                 for r in range(layout.rows) for c in range(layout.cols)]
+        tiles.append(np.asarray(image.resize((tile, tile), cfg.resample)))  # the global view
+        return self._normalize(np.stack(tiles))  # (rows * cols + 1, 3, tile, tile)
 
     # -- steps -----------------------------------------------------------------------------------------------
 

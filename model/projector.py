@@ -5,11 +5,14 @@
 | `linear`    | P (one a patch) | one Linear: fast, simple, least capacity                      |
 | `mlp`       | P               | Linear -> GELU -> Linear (LLaVA-1.5's `mlp2x_gelu`)           |
 | `resampler` | num_queries     | Perceiver Resampler: learnable queries cross-attend to patches |
+| `pixel_shuffle` | P / scale^2 | every scale x scale patches side by side, one Linear (Idefics3) |
 
 The MLP's parameter names (`linear_1`, `linear_2`) are LLaVA's, so its checkpoints load in transformers.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -119,6 +122,26 @@ class PerceiverResampler(nn.Module):
         return self.norm(latents)  # (B, Q, D)
 
 
+class PixelShuffleProjector(nn.Module):
+    """Idefics3's connector: each `scale x scale` block of a square grid of patches becomes one token (its channels
+    side by side, in transformers' `pixel_shuffle` order), then one Linear without bias."""
+
+    def __init__(self, *, vision_dim: int, llm_dim: int, scale: int) -> None:
+        super().__init__()
+        self.scale = scale
+        self.proj = nn.Linear(vision_dim * scale * scale, llm_dim, bias=False)
+
+    def shuffle(self, x: torch.Tensor) -> torch.Tensor:  # (B, P, Dv), P a square
+        b, p, d = x.shape
+        side, s = math.isqrt(p), self.scale
+        x = x.view(b, side, side // s, d * s)  # (B, H, W/s, Dv*s): s neighbours in a row side by side
+        x = x.permute(0, 2, 1, 3).reshape(b, side // s, side // s, d * s * s)  # (B, W/s, H/s, Dv*s*s)
+        return x.permute(0, 2, 1, 3).reshape(b, p // (s * s), d * s * s)  # (B, P/s^2, Dv*s^2)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:  # (B, P, Dv)
+        return self.proj(self.shuffle(features))  # (B, P/s^2, D)
+
+
 def build_projector(config: ProjectorConfig, *, vision_dim: int, llm_dim: int) -> nn.Module:
     """The projector a config names."""
     if config.kind == "linear":
@@ -134,4 +157,6 @@ def build_projector(config: ProjectorConfig, *, vision_dim: int, llm_dim: int) -
             num_heads=config.num_heads,
             ff_mult=config.ff_mult,
         )
-    raise ValueError(f"unknown projector kind {config.kind!r}; supported: linear, mlp, resampler")
+    if config.kind == "pixel_shuffle":
+        return PixelShuffleProjector(vision_dim=vision_dim, llm_dim=llm_dim, scale=config.scale_factor)
+    raise ValueError(f"unknown projector kind {config.kind!r}; supported: linear, mlp, resampler, pixel_shuffle")

@@ -28,13 +28,16 @@ class VisionEmbeddings(nn.Module):
             self.class_embedding = nn.Parameter(torch.zeros(d))
         self.position_embedding = nn.Embedding(config.num_positions, d)
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:  # (N, C, H, W)
+    def forward(self, pixel_values: torch.Tensor,  # (N, C, H, W)
+                positions: torch.Tensor | None = None) -> torch.Tensor:  # (P,) position ids, Idefics3's buckets
         w = self.patch_embedding.weight
         patches = self.patch_embedding(pixel_values.to(w.dtype))  # (N, D, H/p, W/p)
         x = patches.flatten(2).transpose(1, 2)  # (N, P, D)
         if self.config.has_class_token:
             cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # (N, 1, D)
             x = torch.cat([cls, x], dim=1)  # (N, 1 + P, D)
+        if positions is not None:
+            return x + self.position_embedding(positions).to(x.dtype)  # (N, P, D)
         if x.shape[1] != self.config.num_positions:
             raise ValueError(
                 f"pixel_values {tuple(pixel_values.shape[-2:])} give {x.shape[1]} positions; the encoder expects "
@@ -101,11 +104,13 @@ class VisionTransformer(nn.Module):
         self.encoder = VisionEncoderLayers(config)
         self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
-    def forward(self, pixel_values: torch.Tensor, layers: tuple[int, ...] = (-1,)) -> list[torch.Tensor]:
-        """Hidden states (N, T, D) for each index in `layers` (negative counts from the end, -1 = last layer)."""
+    def forward(self, pixel_values: torch.Tensor, layers: tuple[int, ...] = (-1,),
+                positions: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Hidden states (N, T, D) for each index in `layers` (negative counts from the end, -1 = last layer);
+        `positions` (T,) picks each patch's position embedding (default: patch i takes position i)."""
         n_states = self.config.num_hidden_layers + 1
         wanted = [i % n_states for i in layers]
-        x = self.embeddings(pixel_values)  # (N, T, D)
+        x = self.embeddings(pixel_values, positions)  # (N, T, D)
         if self.config.has_class_token:
             x = self.pre_layrnorm(x)
         states = {0: x}

@@ -3,7 +3,8 @@
 Each image's visual tokens are its features through the projector: for `llava`, one encoder-sized view of the
 image; for `llava_next`, a grid of tiles plus the whole image, packed as model/anyres.py says; for `qwen2_vl`, the
 image at its own resolution through Qwen2-VL's tower and patch merger (model/qwen2_vision.py), placed with M-RoPE
-positions (model/mrope.py).
+positions (model/mrope.py); for `idefics3`, the tiles of model/idefics3.py's split through a SigLIP tower (its
+post-LayerNorm applied) and the pixel shuffle, laid out with the tile tags the image's token layout holds.
 
 Images enter the prompt in one of two ways:
 - at the placeholder: the prompt carries `image_token_index` once per visual token (LLaVA); those positions take
@@ -19,6 +20,7 @@ from torch import nn
 
 from .anyres import Anyres, Layout
 from .config import VLMConfig
+from .idefics3 import bucket_positions
 from .projector import build_projector
 from .qwen2_vision import Grid, Qwen2VisionConfig, Qwen2VisionTower
 from .text import TextModel
@@ -51,6 +53,12 @@ class VisionLanguageModel(nn.Module):
     # -- vision ---------------------------------------------------------------------------------------------------
     def select_features(self, pixel_values: torch.Tensor) -> torch.Tensor:  # (N, C, H, W)
         """LLaVA's feature selection: the configured layer(s), CLS dropped by `default`, layers concatenated."""
+        if self.config.family == "idefics3":  # the last layer after the post-LayerNorm, patches at bucketed positions
+            v = self.config.vision
+            assert not isinstance(v, Qwen2VisionConfig)
+            positions = bucket_positions(v.image_size // v.patch_size, pixel_values.shape[-1] // v.patch_size)
+            last = self.vision_tower(pixel_values, (-1,), positions.to(pixel_values.device))[0]  # (N, P, Dv)
+            return self.vision_tower.post_layernorm(last)  # (N, P, Dv)
         states = self.vision_tower(pixel_values, self.config.feature_layers)  # [(N, T, Dv)] per layer
         if self.config.vision_feature_select_strategy == "default":
             states = [s[:, 1:] for s in states]
@@ -76,6 +84,23 @@ class VisionLanguageModel(nn.Module):
         features = self.encode_images(pixel_values.flatten(0, 1))  # (N * T, S*S, D)
         per_image = features.view(n, t, *features.shape[1:])  # (N, T, S*S, D)
         return [self.anyres.pack(f, layout, self.image_newline) for f, layout in zip(per_image, layouts, strict=True)]
+
+    def encode_split(self, pixel_values: torch.Tensor, token_layouts: list[torch.Tensor]) -> list[torch.Tensor]:
+        """idefics3: the tiles (sum T_i, C, H, W) of several images side by side and each image's token layout
+        (L_i,) ids, its `<image>` slots at image_token_index -> each image's rows (L_i, D): the layout's own token
+        embeddings with the visual tokens in its slots, in order (transformers' `inputs_merger`)."""
+        features = self.encode_images(pixel_values)  # (sum T_i, S, D)
+        flat = features.reshape(-1, features.shape[-1])  # (sum T_i * S, D)
+        out, done = [], 0
+        for ids in token_layouts:
+            slots = ids == self.config.image_token_index  # (L,)
+            n = int(slots.sum())
+            rows = self.embed_tokens(ids[None])[0]  # (L, D)
+            out.append(rows.masked_scatter(slots[:, None], flat[done : done + n].to(rows.dtype)))  # (L, D)
+            done += n
+        if done != flat.shape[0]:
+            raise ValueError(f"the token layouts hold {done} image slots but the tiles give {flat.shape[0]} tokens")
+        return out
 
     # -- text + images ----------------------------------------------------------------------------------------------
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:  # (B, T)

@@ -3,6 +3,8 @@
 Key layouts accepted on load (all map onto our module names):
 - the hub's classic layout: `language_model.model.*`, `language_model.lm_head.*`, `vision_tower.vision_model.*`,
   `multi_modal_projector.*`;
+- Idefics3 / SmolVLM's (the Hub's and transformers 5's alike): `model.text_model.*`, `model.vision_model.*`,
+  `model.connector.modality_projection.*`, `lm_head.*`;
 - transformers 4.5x+/5.x in-memory names: `model.language_model.*`, `lm_head.*`, `model.vision_tower.*`,
   `model.multi_modal_projector.*` (with or without `vision_model.` under the tower).
 We save the classic layout, which every transformers release since LLaVA's introduction loads.
@@ -45,6 +47,9 @@ _LOAD_RULES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
         (r"^(?:model\.)?multi_modal_projector\.", "multi_modal_projector."),
         (r"^(?:model\.)?image_newline$", "image_newline"),
         (r"^(?:model\.)?visual\.", "visual."),  # Qwen2-VL's tower
+        (r"^model\.text_model\.", "language_model."),  # Idefics3 / SmolVLM (Hub and transformers 5 alike)
+        (r"^model\.vision_model\.", "vision_tower."),
+        (r"^model\.connector\.modality_projection\.", "multi_modal_projector."),
         (r"^model\.", "language_model."),  # Qwen2-VL's Hub layout: the LM's `model.layers.*`, `model.embed_tokens`
     )
 )
@@ -63,6 +68,12 @@ _SAVE_RULES_QWEN2_VL: tuple[tuple[str, str], ...] = (  # the Qwen2-VL Hub layout
     ("language_model.lm_head.", "lm_head."),
     ("language_model.", "model."),
     ("visual.", "visual."),
+)
+_SAVE_RULES_IDEFICS3: tuple[tuple[str, str], ...] = (  # the Idefics3 / SmolVLM Hub layout
+    ("language_model.lm_head.", "lm_head."),
+    ("language_model.", "model.text_model."),
+    ("vision_tower.", "model.vision_model."),
+    ("multi_modal_projector.", "model.connector.modality_projection."),
 )
 _CHECKPOINT_FILES = ("*.json", "*.safetensors", "*.jinja", "*.model", "*.txt")
 # (our module path, the checkpoint's parts in order, the fused module): q/k/v and gate/up, one matmul each.
@@ -236,7 +247,7 @@ def checkpoint_state(model: VisionLanguageModel) -> dict[str, torch.Tensor]:
     embeddings stored once."""
     out: dict[str, torch.Tensor] = {}
     tied = model.config.text.tie_word_embeddings
-    rules = _SAVE_RULES_QWEN2_VL if model.config.family == "qwen2_vl" else _SAVE_RULES
+    rules = {"qwen2_vl": _SAVE_RULES_QWEN2_VL, "idefics3": _SAVE_RULES_IDEFICS3}.get(model.config.family, _SAVE_RULES)
     for fused_name, fused_tensor in model.state_dict().items():
         if tied and fused_name == "language_model.lm_head.weight":
             continue

@@ -150,7 +150,21 @@ FAMILY_SPECS = {
     "qwen2-vl": TinySpec(name="qwen2-vl", family="qwen2_vl", seed=4, patch_size=4, max_positions=1024),
     # Qwen2.5-VL's: the same with RMSNorm, a gated MLP, and attention within 16 px windows but in block 1
     "qwen2.5-vl": TinySpec(name="qwen2.5-vl", family="qwen2_5_vl", seed=6, patch_size=4, max_positions=1024),
+    # Idefics3 / SmolVLM's layout: 24 px tiles of 6 x 6 patches (the tile is the tower's image_size, as released), pixel
+    # shuffle 2 (9 tokens a tile), images resized to a 96 px longest edge: up to 4 x 4 tiles and the global view
+    "idefics3": TinySpec(name="idefics3", family="idefics3", vision="siglip", seed=7, image_size=24, patch_size=4,
+                         max_positions=1024),
 }
+IDEFICS3_TOKENS = ["<fake_token_around_image>", "<global-img>", "<end_of_utterance>",
+                   *(f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7))]
+# SmolVLM's chat template
+IDEFICS3_CHAT_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}"
+    "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"
+    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
+    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
 QWEN2_VL_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 # Qwen2-VL's prompt shape (ChatML), each image as <|vision_start|><|image_pad|><|vision_end|>
 QWEN2_VL_CHAT_TEMPLATE = (
@@ -167,6 +181,8 @@ def build_checkpoint(spec: TinySpec, out_dir: Path) -> Path:
     torch.manual_seed(spec.seed)
     if spec.family in ("qwen2_vl", "qwen2_5_vl"):
         return _build_qwen2_vl(spec, out_dir, train_tokenizer(seed=spec.seed, image_token="<|image_pad|>"))
+    if spec.family == "idefics3":
+        return _build_idefics3(spec, out_dir, train_tokenizer(seed=spec.seed))
     tokenizer = train_tokenizer(seed=spec.seed)
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     if spec.vision == "clip":
@@ -353,6 +369,38 @@ def _build_qwen2_vl(spec: TinySpec, out_dir: Path, tokenizer: PreTrainedTokenize
     Qwen2VLImageProcessorPil(patch_size=spec.patch_size, merge_size=2, temporal_patch_size=2,
                              min_pixels=4 * factor * factor, max_pixels=256 * factor * factor).save_pretrained(out_dir)
     tokenizer.chat_template = QWEN2_VL_CHAT_TEMPLATE
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def _build_idefics3(spec: TinySpec, out_dir: Path, tokenizer: PreTrainedTokenizerFast) -> Path:
+    """transformers' Idefics3ForConditionalGeneration, Idefics3ImageProcessorPil and Idefics3Processor."""
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
+    from transformers.models.idefics3.configuration_idefics3 import Idefics3VisionConfig
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+    tokenizer.add_special_tokens({"additional_special_tokens": IDEFICS3_TOKENS})
+    vision = Idefics3VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                  image_size=spec.image_size, patch_size=spec.patch_size)
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=spec.max_positions,
+                       rope_parameters=spec.rope, bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = Idefics3Config(vision_config=vision.to_dict(), text_config=text.to_dict(),
+                            image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), scale_factor=2)
+    model = Idefics3ForConditionalGeneration(config).eval()
+    _scale_random_weights(model, spec.init_scale, spec.seed)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    image_processor = Idefics3ImageProcessorPil(size={"longest_edge": 4 * spec.image_size},
+                                                max_image_size={"longest_edge": spec.image_size})
+    seq_len = (spec.image_size // spec.patch_size // 2) ** 2
+    tokenizer.chat_template = IDEFICS3_CHAT_TEMPLATE
+    Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=seq_len,
+                      chat_template=IDEFICS3_CHAT_TEMPLATE).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
 

@@ -12,15 +12,19 @@ from PIL import Image
 from transformers import (
     AutoProcessor,
     AutoTokenizer,
+    Idefics3ForConditionalGeneration,
     LlavaNextForConditionalGeneration,
     LlavaOnevisionForConditionalGeneration,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2VLForConditionalGeneration,
 )
 
+from vlmserve.model.idefics3 import split_layout
 from vlmserve.model.images import ImageProcessor
 from vlmserve.model.qwen2_vision import smart_resize
+from vlmserve.model.tokenizer import ChatTokenizer
 from vlmserve.model.weights import load_model
+from vlmserve.server.engine.plan_idefics3 import Idefics3Planner
 
 
 def messages(n_images: int, question: str) -> list[dict[str, Any]]:
@@ -60,6 +64,11 @@ class Oracle:
             extra["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"],
                                                     torch.zeros(1, len(continuation), dtype=torch.int)], dim=1)
         return self.model(input_ids=ids, **extra).logits[0, -1].float()
+
+    def served_ids(self, inputs: dict[str, Any]) -> list[int]:
+        """The prompt ids as our engine holds them (the same as transformers' unless a family's image span holds
+        text tokens, whose rows the image's visual tokens carry)."""
+        return list(inputs["input_ids"][0].tolist())
 
     def check_pixels(self, image: Image.Image) -> int:
         """Assert our pixels are transformers' bit for bit and our encoder its features; return the token count."""
@@ -237,3 +246,68 @@ class Qwen25VLOracle(Qwen2VLOracle):
     """Qwen2.5-VL: Qwen2-VL's processor and prompt, its own model."""
 
     hf_class = Qwen2_5_VLForConditionalGeneration
+
+
+class Idefics3Oracle(Oracle):
+    """Idefics3 / SmolVLM: transformers' Idefics3Processor (PIL image processor) does everything: the splitting, the
+    tile tags and `<image>` slots; `detail` low is its `do_image_splitting=False`."""
+
+    hf_class = Idefics3ForConditionalGeneration
+
+    def __init__(self, ckpt: Path, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__(ckpt, dtype)
+        self.processor = AutoProcessor.from_pretrained(ckpt)
+
+    def _kwargs(self, detail: str | None) -> dict[str, Any]:
+        return {"do_image_splitting": False} if detail == "low" else {}
+
+    def inputs(self, question: str, images: list[Image.Image], detail: str | None = None) -> dict[str, Any]:
+        prompt = self.processor.apply_chat_template(messages(len(images), question), add_generation_prompt=True)
+        out = dict(self.processor(images=[images] if images else None, text=[prompt], return_tensors="pt",
+                                  return_mm_token_type_ids=True, **self._kwargs(detail)))
+        if "pixel_values" in out:
+            out["pixel_values"] = out["pixel_values"].to(self.dtype)
+        return out
+
+    def served_ids(self, inputs: dict[str, Any]) -> list[int]:
+        """Each image's whole span (its tags and slots, mm_token_type_ids 1) at the image token id, as we serve it."""
+        ids = inputs["input_ids"][0].clone()
+        ids[inputs["mm_token_type_ids"][0] == 1] = self.model.config.image_token_id
+        return list(ids.tolist())
+
+    def answer(self, question: str, images: list[Image.Image], detail: str | None = None,
+               max_new_tokens: int = 12) -> tuple[list[int], int]:
+        inputs = self.inputs(question, images, detail)
+        inputs.pop("mm_token_type_ids")  # ours only (served_ids): Idefics3's model takes none
+        n = inputs["input_ids"].shape[1]
+        with torch.no_grad():
+            out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        return out[0, n:].tolist(), n
+
+    def next_logits(self, inputs: dict[str, Any], continuation: list[int]) -> torch.Tensor:
+        return super().next_logits({k: v for k, v in inputs.items() if k != "mm_token_type_ids"}, continuation)
+
+    def check_pixels(self, image: Image.Image) -> int:
+        ours = load_model(self.ckpt)
+        processor = ImageProcessor.from_pretrained(self.ckpt)
+        cfg = processor.config
+        want = self.processor.image_processor(images=[[image]], return_tensors="pt", return_row_col_info=True)
+        split = split_layout(image.height, image.width, tile=cfg.tile_size, longest_edge=cfg.longest_edge,
+                             splitting=cfg.do_image_splitting)
+        assert (split.rows, split.cols) == (want["rows"][0][0], want["cols"][0][0])
+        got = processor.preprocess_split(image, split)
+        assert torch.equal(got, want["pixel_values"][0])  # bit for bit
+        text = self.processor(images=[[image]], text=["<image>"], return_tensors="pt", return_mm_token_type_ids=True)
+        theirs_layout = text["input_ids"][0][text["mm_token_type_ids"][0] == 1]  # the image's span: tags and slots
+        planner = Idefics3Planner(ChatTokenizer.from_pretrained(self.ckpt), cfg, ours.config.num_visual_tokens)
+        layout = planner.token_layout(split)
+        assert layout == tuple(theirs_layout.tolist())
+        with torch.no_grad():
+            theirs = self.model.model.get_image_features(pixel_values=want["pixel_values"],
+                                                         return_dict=True).pooler_output[0]
+            mine = ours.encode_split(got, [torch.tensor(layout)])[0]  # (L, D)
+            embeds = self.model.get_input_embeddings()(theirs_layout)  # (L, D)
+        slots = theirs_layout == self.model.config.image_token_id
+        torch.testing.assert_close(mine[slots], theirs, atol=1e-4, rtol=1e-4)  # float32 sums in another order
+        assert torch.equal(mine[~slots], embeds[~slots])  # the tags' rows: their token embeddings
+        return len(layout)

@@ -18,7 +18,15 @@ import numpy as np
 import pytest
 import torch
 from checkpoints import FAMILY_SPECS, build_checkpoint
-from family_oracles import LlavaNextOracle, LlavaOnevisionOracle, Oracle, Qwen2VLOracle, Qwen25VLOracle, messages
+from family_oracles import (
+    Idefics3Oracle,
+    LlavaNextOracle,
+    LlavaOnevisionOracle,
+    Oracle,
+    Qwen2VLOracle,
+    Qwen25VLOracle,
+    messages,
+)
 from live_server import LiveServer, start_server
 from PIL import Image
 from safetensors.torch import save_file
@@ -36,6 +44,7 @@ class Family:
     spec: str
     oracle: type[Oracle]
     max_aspect: float | None = None  # the processor refuses images past this aspect ratio (a 400)
+    lm_prefix: str = "model.language_model."  # the LM's keys in transformers 5's module names
 
 
 FAMILIES = {
@@ -43,6 +52,7 @@ FAMILIES = {
     "llava-onevision": Family("llava-onevision", LlavaOnevisionOracle),
     "qwen2-vl": Family("qwen2-vl", Qwen2VLOracle, max_aspect=200),
     "qwen2.5-vl": Family("qwen2.5-vl", Qwen25VLOracle, max_aspect=200),
+    "idefics3": Family("idefics3", Idefics3Oracle, lm_prefix="model.text_model."),
 }
 SIZES = [(40, 90), (100, 30), (32, 32), (250, 240), (1, 1), (1, 150), (400, 1), (7, 200)]  # (height, width)
 
@@ -223,12 +233,12 @@ def test_our_saves_load_in_transformers(family: tuple[Family, Path], oracle: Ora
 def test_transformers_in_memory_key_names_load(family: tuple[Family, Path], oracle: Oracle, tmp_path: Path) -> None:
     """A checkpoint written under transformers 5's module names (`model.language_model.*`, `model.visual.*`,
     `model.image_newline`, `lm_head.*`) loads to the same model as the Hub layout."""
-    _, ckpt = family
+    fam, ckpt = family
     target = tmp_path / "in-memory"
     shutil.copytree(ckpt, target)
     (target / "model.safetensors").unlink()
     state = oracle.model.state_dict()
-    assert any(k.startswith("model.language_model.") for k in state)
+    assert any(k.startswith(fam.lm_prefix) for k in state)
     save_file({k: v.contiguous() for k, v in state.items()}, str(target / "model.safetensors"))
     a, b = load_model(ckpt).state_dict(), load_model(target).state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -256,7 +266,7 @@ def test_bfloat16_agrees_with_transformers_within_its_rounding(family: tuple[Fam
             final = list(engine.generate(req))[-1]
             assert isinstance(final, Finished)
             inputs = oracle.inputs("what is it?", [image])
-            assert inputs["input_ids"][0].tolist() == req.prompt_ids
+            assert oracle.served_ids(inputs) == req.prompt_ids
             want, _ = oracle.answer("what is it?", [image], max_new_tokens=10)
             got = list(final.token_ids)
             for k, (a, b) in enumerate(zip(got, want, strict=False)):

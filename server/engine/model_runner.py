@@ -256,6 +256,7 @@ class ModelRunner:
         pixels: dict[tuple[str, str], torch.Tensor] = {}
         layouts: dict[tuple[str, str], Layout] = {}  # tiled (llava_next) images: size and grid
         grids: dict[tuple[str, str], Grid] = {}  # qwen2_vl images: their patch grids
+        token_layouts: dict[tuple[str, str], tuple[int, ...]] = {}  # idefics3 images: their spans' ids
         hits = 0
         for seq, n in batch.items:
             for span in seq.spans_in(seq.num_computed, seq.num_computed + n):
@@ -276,16 +277,19 @@ class ModelRunner:
                         layouts[key] = img.layout
                     if img.grid is not None:
                         grids[key] = img.grid
+                    if img.token_layout is not None:
+                        token_layouts[key] = img.token_layout
                 else:
                     todo.setdefault(key, []).append((seq, span.index))
         encoded: dict[tuple[str, str], torch.Tensor] = {}
         by_shape: dict[tuple[int, ...], list[tuple[str, str]]] = {}
-        for key in pixels:  # qwen2_vl's tower takes images of any size side by side: one group
-            by_shape.setdefault(() if key in grids else tuple(pixels[key].shape), []).append(key)
+        for key in pixels:  # qwen2_vl's tower (idefics3's: tiles) takes images of any size side by side: one group
+            by_shape.setdefault(() if key in grids or key in token_layouts else tuple(pixels[key].shape), []
+                                ).append(key)
         for keys in by_shape.values():
             step = self.max_images_per_encode
             for i in range(0, len(keys), step):
-                encoded.update(self._encode([*keys[i : i + step]], pixels, layouts, grids))
+                encoded.update(self._encode([*keys[i : i + step]], pixels, layouts, grids, token_layouts))
         failed: set[int] = set()
         for key, users in todo.items():
             tokens = encoded.get(key)
@@ -305,8 +309,8 @@ class ModelRunner:
         return failed
 
     def _encode(self, keys: Seq[tuple[str, str]], pixels: dict[tuple[str, str], torch.Tensor],
-                layouts: dict[tuple[str, str], Layout], grids: dict[tuple[str, str], Grid]
-                ) -> dict[tuple[str, str], torch.Tensor]:
+                layouts: dict[tuple[str, str], Layout], grids: dict[tuple[str, str], Grid],
+                token_layouts: dict[tuple[str, str], tuple[int, ...]]) -> dict[tuple[str, str], torch.Tensor]:
         """Encode images of one pixel shape (qwen2_vl: of any) in one call; on failure retry one by one so that only
         the bad image is lost."""
         try:
@@ -314,6 +318,8 @@ class ModelRunner:
             tokens: Seq[torch.Tensor]
             if self.model.qwen2_vision is not None:  # patches side by side (sum N_i, C*T*P*P) -> each (n_i, D)
                 tokens = self.model.encode_patches(torch.cat(moved), [grids[k] for k in keys])
+            elif self.model.config.family == "idefics3":  # tiles (sum T_i, C, H, W) -> each image's span (L_i, D)
+                tokens = self.model.encode_split(torch.cat(moved), [self._tensor(token_layouts[k]) for k in keys])
             elif self.model.anyres is not None:  # (N, T, C, H, W) tiles -> each image's (n_i, D)
                 tokens = self.model.encode_tiled(torch.stack(moved), [layouts[k] for k in keys])
             else:
@@ -324,7 +330,7 @@ class ModelRunner:
                 return {}
             out: dict[tuple[str, str], torch.Tensor] = {}
             for k in keys:
-                out.update(self._encode([k], pixels, layouts, grids))
+                out.update(self._encode([k], pixels, layouts, grids, token_layouts))
             return out
         self.counters.encoder_calls += 1
         self.counters.images_encoded += len(keys)

@@ -7,47 +7,28 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from vlmserve.model.anyres import Anyres, Layout
+from vlmserve.model.anyres import Anyres
 from vlmserve.model.image_decode import image_size, open_image
 from vlmserve.model.images import ImageProcessor
-from vlmserve.model.qwen2_vision import Grid, smart_resize
+from vlmserve.model.qwen2_vision import smart_resize
 from vlmserve.model.sampling import SamplingParams
 from vlmserve.model.tokenizer import ChatTokenizer, EncodedPrompt
 
 from .config import ImageLimits
+from .image_plan import LOW_TOKENS, ImagePlan
+from .plan_idefics3 import Idefics3Planner
 from .requests import BadRequest, EngineRequest, ImageInput
+
+__all__ = ["LOW_TOKENS", "ImagePlan", "RequestPreparer", "image_hash"]
 
 
 def image_hash(data: bytes) -> str:
     """Content key of an image: the same bytes always give the same visual tokens."""
     return hashlib.blake2b(data, digest_size=20).hexdigest()
-
-
-@dataclass(frozen=True)
-class ImagePlan:
-    """How one image of a request becomes visual tokens, decided before any pixel work: how many, and for a tiled
-    (llava_next) model its layout of tiles."""
-
-    tokens: int
-    layout: Layout | None = None  # llava_next: its tiles
-    resized: tuple[int, int] | None = None  # qwen2_vl: the (h, w) it is resized to
-    grid: Grid | None = None  # qwen2_vl: its (t, h, w) in patches
-
-    @property
-    def setting(self) -> str:
-        """The resolution setting, part of the image's cache key: `base` (the whole image as one tile) or `grid`
-        (llava_next), the resized size (qwen2_vl)."""
-        if self.resized is not None:
-            return f"{self.resized[0]}x{self.resized[1]}"
-        return "" if self.layout is None else ("base" if not self.layout.rows else "grid")
-
-
-LOW_TOKENS = 100  # OpenAI's `detail: low` is one small view; where a family can, at most this many visual tokens
 
 
 class RequestPreparer:
@@ -67,6 +48,8 @@ class RequestPreparer:
         self.num_visual_tokens = num_visual_tokens  # per image (llava); per tile (llava_next): a floor per image
         self.limits = limits or ImageLimits()
         self.anyres = anyres
+        self.idefics3 = (Idefics3Planner(tokenizer, processor.config, num_visual_tokens)
+                         if processor.config.kind == "idefics3" else None)
         # The processing settings that turn bytes into pixels: part of every image's key, so that cached visual
         # tokens (and KV blocks over them) are reused only for the same bytes processed the same way.
         self.processing = hashlib.blake2b(repr((processor.config, anyres)).encode(), digest_size=8).hexdigest()
@@ -74,7 +57,7 @@ class RequestPreparer:
     @property
     def needs_size(self) -> bool:
         """Whether an image's token count depends on its size (read from its header before planning)."""
-        return self.anyres is not None or self.processor.config.kind == "qwen2_vl"
+        return self.anyres is not None or self.processor.config.kind in ("qwen2_vl", "idefics3")
 
     def size(self, data: bytes) -> tuple[int, int]:
         """(height, width) of an image as it will be decoded, from its header (the limits checked). ImageError."""
@@ -90,7 +73,8 @@ class RequestPreparer:
         and `high` tile the image over the checkpoint's grid pinpoints (its processor's default, and its most);
         `low` is the whole image as one tile (S x S tokens and a newline), the fewest it has, and `max_image_tokens`
         below the grid's count falls back to it. llava_onevision: the same, its one tile padded to a square, and
-        every image of a request with several (`n_images`) is one tile, as its processor and model do."""
+        every image of a request with several (`n_images`) is one tile, as its processor and model do. idefics3: its
+        planner's (server/engine/plan_idefics3.py)."""
         if detail not in (None, "auto", "low", "high"):
             raise BadRequest(f"detail must be low, high or auto, not {detail!r}")
         if not self.needs_size:
@@ -102,6 +86,8 @@ class RequestPreparer:
             raise ValueError("a tiled model plans an image from its size")
         if self.processor.config.kind == "qwen2_vl":
             return self._plan_resized(detail, max_image_tokens, size)
+        if self.idefics3 is not None:  # server/engine/plan_idefics3.py
+            return self.idefics3.plan(detail, max_image_tokens, size)
         assert self.anyres is not None
         base = self.anyres.layout(*size, base_only=True)
         grid = self.anyres.layout(*size)
@@ -183,6 +169,9 @@ class RequestPreparer:
         if plan.resized is not None:
             patches = self.processor.preprocess_patches(rgb, plan.resized)  # (N, C * T * P * P)
             return ImageInput(key, patches, plan.tokens, grid=plan.grid)
+        if plan.split is not None:
+            tiles = self.processor.preprocess_split(rgb, plan.split)  # (T, C, H, W)
+            return ImageInput(key, tiles, plan.tokens, token_layout=plan.token_layout)
         if plan.layout is None:
             return ImageInput(key, self.processor.preprocess_one(rgb), plan.tokens)  # (C, H, W)
         assert self.anyres is not None

@@ -71,6 +71,7 @@ class ImageInput:
     visual_tokens: torch.Tensor | None = None  # (num_tokens, D), from a lease; then pixel_values may be None
     layout: Layout | None = None  # a tiled (llava_next) image's size and grid of tiles
     grid: tuple[int, int, int] | None = None  # qwen2_vl: (t, h, w) in patches; pixel_values (t*h*w, C*T*P*P)
+    token_layout: tuple[int, ...] | None = None  # idefics3: its span's ids (tile tags and slots), num_tokens long
 
     def __post_init__(self) -> None:
         if self.num_tokens < 1:
