@@ -185,10 +185,10 @@ class PagedBatch:
             q_pos = torch.arange(seg.context_len - seg.num_tokens, seg.context_len, device=q.device)  # (T,)
             k_pos = torch.arange(seg.context_len, device=q.device)  # (S,)
             allowed = k_pos[None, :] <= q_pos[:, None]  # (T, S)
-            if window is not None:
-                allowed &= k_pos[None, :] > q_pos[:, None] - window
-            for lo, hi in seg.spans:
+            for lo, hi in seg.spans:  # an image's tokens see each other both ways
                 allowed |= ((q_pos >= lo) & (q_pos < hi))[:, None] & ((k_pos >= lo) & (k_pos < hi))[None, :]
+            if window is not None:  # then the window, as transformers: AND(window, OR(causal, image span))
+                allowed &= k_pos[None, :] > q_pos[:, None] - window
             mask = allowed[None, None]  # (1, 1, T, S)
         out = _sdpa(q.transpose(0, 1)[None], keys.transpose(0, 1)[None], values.transpose(0, 1)[None], mask,
                     causal=True, scale=scale)  # (1, H, T, Dh)

@@ -8,6 +8,7 @@ here. Derived values are computed in `__post_init__`; a config is never mutated 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -20,15 +21,16 @@ __all__ = ["SUPPORTED_TEXT_TYPES", "ConfigError", "ProjectorConfig", "RopeConfig
            "VisionConfig"]
 
 VisionFlavour = Literal["clip", "siglip"]
-ProjectorKind = Literal["linear", "mlp", "resampler", "pixel_shuffle"]
+ProjectorKind = Literal["linear", "mlp", "resampler", "pixel_shuffle", "avg_pool"]
 
-SUPPORTED_MODEL_TYPES = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "idefics3")
+SUPPORTED_MODEL_TYPES = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "idefics3", "gemma3")
 # The composition: how images become tokens. Qwen2.5-VL is qwen2_vl's with its tower's `version` 2.5.
-Family = Literal["llava", "llava_next", "llava_onevision", "qwen2_vl", "idefics3"]
+Family = Literal["llava", "llava_next", "llava_onevision", "qwen2_vl", "idefics3", "gemma3"]
 _ANYRES = ("llava_next", "llava_onevision")
 # llava-v1.6's pinpoints, transformers' LlavaNextConfig default
 DEFAULT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
 _QWEN2_VL_TOKEN_IDS = ("vision_start_token_id", "vision_end_token_id", "video_token_id")
+_GEMMA3_TOKEN_IDS = ("boi_token_index", "eoi_token_index")
 SUPPORTED_VISION_TYPES = ("clip_vision_model", "siglip_vision_model", "idefics3_vision")
 
 
@@ -168,6 +170,12 @@ class VLMConfig:
                                   f"side divisible by scale_factor {scale}")
         if self.projector.kind == "resampler":
             tokens = self.projector.num_queries
+        elif self.projector.kind == "avg_pool":  # gemma3: mm_tokens_per_image, a square pooled from the patches
+            side, out = self.vision.image_size // self.vision.patch_size, math.isqrt(self.projector.num_queries)
+            if out * out != self.projector.num_queries or side % out:
+                raise ConfigError(f"mm_tokens_per_image {self.projector.num_queries} must be a square whose side "
+                                  f"divides the {side} patches a side")
+            tokens = self.projector.num_queries
         elif self.projector.kind == "pixel_shuffle":  # per tile (idefics3: a floor per image)
             tokens = (self.vision.image_size // self.vision.patch_size // self.projector.scale_factor) ** 2
         else:
@@ -197,6 +205,8 @@ class VLMConfig:
             return cls._from_qwen2_vl(d)
         if model_type == "idefics3":
             return cls._from_idefics3(d)
+        if model_type == "gemma3":
+            return cls._from_gemma3(d)
         text_d = dict(d.get("text_config") or {})
         text_d.setdefault("model_type", "llama")
         vision_d = dict(d.get("vision_config") or {})
@@ -267,7 +277,29 @@ class VLMConfig:
                    vision_feature_select_strategy="full", tie_word_embeddings=text.tie_word_embeddings,
                    family="idefics3")
 
+    @classmethod
+    def _from_gemma3(cls, d: dict[str, Any]) -> VLMConfig:
+        """Gemma 3: a SigLIP tower (its post-LayerNorm), 4 x 4 average pooling, a Gemma norm and one matrix, and a
+        Gemma 3 LM; image tokens attend to each other both ways."""
+        text_d = {**dict(d.get("text_config") or {}), "model_type": "gemma3_text"}
+        if "tie_word_embeddings" in d and "tie_word_embeddings" not in text_d:
+            text_d["tie_word_embeddings"] = d["tie_word_embeddings"]
+        vision_d = {"model_type": "siglip_vision_model", **dict(d.get("vision_config") or {})}
+        text = TextConfig.from_hf(text_d)
+        return cls(vision=VisionConfig.from_hf(vision_d), text=text,
+                   projector=ProjectorConfig(kind="avg_pool", bias=False,
+                                             num_queries=int(d.get("mm_tokens_per_image", 256))),
+                   image_token_index=int(d.get("image_token_index", d.get("image_token_id", 262_144))),
+                   vision_feature_layer=-1, vision_feature_select_strategy="full",
+                   tie_word_embeddings=text.tie_word_embeddings, family="gemma3",
+                   token_ids=tuple((k, int(d[k])) for k in _GEMMA3_TOKEN_IDS if k in d))
+
     def to_hf(self) -> dict[str, Any]:
+        if self.family == "gemma3":
+            return {"model_type": "gemma3", "architectures": ["Gemma3ForConditionalGeneration"],
+                    "vision_config": self.vision.to_hf(), "text_config": self.text.to_hf(),
+                    "image_token_index": self.image_token_index, "mm_tokens_per_image": self.projector.num_queries,
+                    "tie_word_embeddings": self.tie_word_embeddings, **dict(self.token_ids)}
         if self.family == "idefics3":
             vision = {k: v for k, v in self.vision.to_hf().items() if k != "vision_use_head"}
             return {"model_type": "idefics3", "architectures": ["Idefics3ForConditionalGeneration"],

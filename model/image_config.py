@@ -107,7 +107,7 @@ def _shortest_longest_size(height: int, width: int, shortest: int, longest: int)
     return max(1, shortest), max(1, new_w)
 
 
-ProcessorKind = Literal["clip", "siglip", "llava", "llava_next", "llava_onevision", "qwen2_vl", "idefics3"]
+ProcessorKind = Literal["clip", "siglip", "llava", "llava_next", "llava_onevision", "qwen2_vl", "idefics3", "gemma3"]
 
 # transformers' image_processor_type (with any Fast/Pil suffix removed) -> our kind.
 _KIND_FOR_TYPE: dict[str, ProcessorKind] = {
@@ -118,6 +118,7 @@ _KIND_FOR_TYPE: dict[str, ProcessorKind] = {
     "LlavaOnevisionImageProcessor": "llava_onevision",  # the same, SigLIP-style square tiles
     "Qwen2VLImageProcessor": "qwen2_vl",  # a resize to multiples of patch * merge within a pixel budget, patches
     "Idefics3ImageProcessor": "idefics3",  # a longest-edge resize, then tiles (model/idefics3.py)
+    "Gemma3ImageProcessor": "gemma3",  # SigLIP's square resize, bilinear (pan and scan: refused)
 }
 
 
@@ -158,6 +159,8 @@ class ImageProcessorConfig:
         "llava_next": {},
         "llava_onevision": {"size": SizeSpec(height=384, width=384), "do_center_crop": False, "crop_size": None},
         "qwen2_vl": {"do_center_crop": False, "crop_size": None},
+        "gemma3": {"size": SizeSpec(height=224, width=224), "do_center_crop": False, "crop_size": None,
+                   "resample": Image.Resampling.BILINEAR, "image_mean": SIGLIP_MEAN, "image_std": SIGLIP_STD},
         "idefics3": {"do_center_crop": False, "crop_size": None, "resample": Image.Resampling.LANCZOS,
                      "image_mean": SIGLIP_MEAN, "image_std": SIGLIP_STD},
         "siglip": {
@@ -197,6 +200,8 @@ class ImageProcessorConfig:
         `image_processor`); keys left out or null take that processor class's defaults."""
         kind = _kind_of(config)
         d = {k: v for k, v in config.items() if v is not None}
+        if kind == "gemma3" and d.get("do_pan_and_scan"):
+            raise ValueError("Gemma 3's do_pan_and_scan is not supported (its crops rewrite the prompt); turn it off")
         values: dict[str, Any] = {"kind": kind, **cls._DEFAULTS[kind]}
         for key in ("do_convert_rgb", "do_resize", "do_center_crop", "do_rescale", "do_normalize"):
             if key in d:

@@ -6,6 +6,7 @@
 | `mlp`       | P               | Linear -> GELU -> Linear (LLaVA-1.5's `mlp2x_gelu`)           |
 | `resampler` | num_queries     | Perceiver Resampler: learnable queries cross-attend to patches |
 | `pixel_shuffle` | P / scale^2 | every scale x scale patches side by side, one Linear (Idefics3) |
+| `avg_pool`  | num_queries     | average pooling to a square of num_queries, a Gemma norm, one matrix (Gemma 3) |
 
 The MLP's parameter names (`linear_1`, `linear_2`) are LLaVA's, so its checkpoints load in transformers.
 """
@@ -20,6 +21,7 @@ from torch import nn
 
 from .activations import activation
 from .config import ProjectorConfig
+from .gemma3_text import GemmaRMSNorm
 
 
 class LinearProjector(nn.Module):
@@ -142,6 +144,26 @@ class PixelShuffleProjector(nn.Module):
         return self.proj(self.shuffle(features))  # (B, P/s^2, D)
 
 
+class AvgPoolProjector(nn.Module):
+    """Gemma 3's projector: the square grid of patches average-pooled to `num_queries` tokens (a square), normed
+    (Gemma's RMSNorm, 1 + weight) and multiplied by one (vision_dim, llm_dim) matrix. Names are transformers'."""
+
+    def __init__(self, *, vision_dim: int, llm_dim: int, num_queries: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.side = math.isqrt(num_queries)
+        self.mm_input_projection_weight = nn.Parameter(torch.zeros(vision_dim, llm_dim))
+        self.mm_soft_emb_norm = GemmaRMSNorm(vision_dim, eps=eps)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:  # (B, P, Dv), P a square
+        b, p, d = features.shape
+        grid = math.isqrt(p)
+        x = features.transpose(1, 2).reshape(b, d, grid, grid)  # (B, Dv, G, G)
+        k = grid // self.side
+        pooled = F.avg_pool2d(x, kernel_size=k, stride=k).flatten(2).transpose(1, 2)  # (B, Q, Dv)
+        out = torch.matmul(self.mm_soft_emb_norm(pooled), self.mm_input_projection_weight)  # (B, Q, D)
+        return out.type_as(features)
+
+
 def build_projector(config: ProjectorConfig, *, vision_dim: int, llm_dim: int) -> nn.Module:
     """The projector a config names."""
     if config.kind == "linear":
@@ -159,4 +181,7 @@ def build_projector(config: ProjectorConfig, *, vision_dim: int, llm_dim: int) -
         )
     if config.kind == "pixel_shuffle":
         return PixelShuffleProjector(vision_dim=vision_dim, llm_dim=llm_dim, scale=config.scale_factor)
-    raise ValueError(f"unknown projector kind {config.kind!r}; supported: linear, mlp, resampler, pixel_shuffle")
+    if config.kind == "avg_pool":
+        return AvgPoolProjector(vision_dim=vision_dim, llm_dim=llm_dim, num_queries=config.num_queries)
+    raise ValueError(f"unknown projector kind {config.kind!r}; supported: linear, mlp, resampler, pixel_shuffle, "
+                     "avg_pool")

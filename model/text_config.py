@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-SUPPORTED_TEXT_TYPES = ("llama", "qwen2", "mistral", "qwen2_vl_text", "qwen2_5_vl_text")
+SUPPORTED_TEXT_TYPES = ("llama", "qwen2", "mistral", "qwen2_vl_text", "qwen2_5_vl_text", "gemma3_text")
 _QWEN2_TYPES = ("qwen2", "qwen2_vl_text", "qwen2_5_vl_text")  # q/k/v bias, no o bias
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -92,13 +92,24 @@ class TextConfig:
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
+    # gemma3_text (model/gemma3_text.py): each layer's kind, the softmax scale's scalar, the sliding layers' rope
+    layer_types: tuple[str, ...] = ()
+    query_pre_attn_scalar: float | None = None
+    rope_local: RopeConfig | None = None
 
     def __post_init__(self) -> None:
         if self.head_dim == 0:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError("num_attention_heads must be a multiple of num_key_value_heads")
-        if self.hidden_act != "silu":
+        if self.model_type == "gemma3_text":
+            if self.hidden_act != "gelu_pytorch_tanh" or self.rope_local is None:
+                raise ConfigError("gemma3_text needs hidden_activation gelu_pytorch_tanh and a local rope")
+            if len(self.layer_types) != self.num_hidden_layers or not set(self.layer_types) <= {
+                    "sliding_attention", "full_attention"}:
+                raise ConfigError(f"gemma3_text layer_types {self.layer_types} must give each of the "
+                                  f"{self.num_hidden_layers} layers sliding_attention or full_attention")
+        elif self.hidden_act != "silu":
             raise ConfigError(f"text hidden_act {self.hidden_act!r} is not supported (SwiGLU with silu only)")
 
     @classmethod
@@ -106,6 +117,8 @@ class TextConfig:
         model_type = d.get("model_type", "llama")
         if model_type not in SUPPORTED_TEXT_TYPES:
             raise ConfigError(f"text model_type {model_type!r} is not supported; supported: {SUPPORTED_TEXT_TYPES}")
+        if model_type == "gemma3_text":
+            return _gemma3_from_hf(d)
         qwen2 = model_type in _QWEN2_TYPES
         attention_bias = bool(d.get("attention_bias", False))
         heads = d.get("num_attention_heads", 32)
@@ -134,6 +147,8 @@ class TextConfig:
         )
 
     def to_hf(self) -> dict[str, Any]:
+        if self.model_type == "gemma3_text":
+            return _gemma3_to_hf(self)
         out: dict[str, Any] = {
             "model_type": self.model_type,
             "vocab_size": self.vocab_size,
@@ -161,3 +176,53 @@ class TextConfig:
         if self.model_type == "mistral":
             out["sliding_window"] = self.sliding_window
         return out
+
+
+def _gemma3_from_hf(d: dict[str, Any]) -> TextConfig:
+    """Gemma 3's text config: transformers 5's `rope_parameters` per layer kind, or the released configs'
+    `rope_theta` / `rope_scaling` (global layers) and `rope_local_base_freq` (sliding ones)."""
+    for key in ("final_logit_softcapping", "attn_logit_softcapping"):
+        if d.get(key) is not None:
+            raise ConfigError(f"gemma3_text {key} is not supported (Gemma 3's checkpoints set none)")
+    if d.get("use_bidirectional_attention"):
+        raise ConfigError("gemma3_text use_bidirectional_attention (EmbeddingGemma) is not supported")
+    params = d.get("rope_parameters") or {}
+    if "full_attention" in params:
+        full, local = RopeConfig.from_hf({"rope_parameters": params["full_attention"]}), \
+            RopeConfig.from_hf({"rope_parameters": params["sliding_attention"]})
+    else:
+        full = RopeConfig.from_hf({"rope_scaling": d.get("rope_scaling"), "rope_theta": d.get("rope_theta", 1e6)})
+        local = RopeConfig(theta=float(d.get("rope_local_base_freq", 10000.0)))
+    layers = int(d.get("num_hidden_layers", 26))
+    pattern = int(d.get("sliding_window_pattern", 6))
+    types = d.get("layer_types") or ["sliding_attention" if (i + 1) % pattern else "full_attention"
+                                     for i in range(layers)]
+    heads = d.get("num_attention_heads", 8)
+    return TextConfig(
+        model_type="gemma3_text", vocab_size=d.get("vocab_size", 262_208), hidden_size=d.get("hidden_size", 2304),
+        intermediate_size=d.get("intermediate_size", 9216), num_hidden_layers=layers, num_attention_heads=heads,
+        num_key_value_heads=d.get("num_key_value_heads") or heads, head_dim=d.get("head_dim", 256),
+        max_position_embeddings=d.get("max_position_embeddings", 131_072), rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+        rope=full, rope_local=local, qkv_bias=bool(d.get("attention_bias", False)),
+        o_bias=bool(d.get("attention_bias", False)),
+        hidden_act=d.get("hidden_activation") or d.get("hidden_act") or "gelu_pytorch_tanh",
+        tie_word_embeddings=bool(d.get("tie_word_embeddings", True)), sliding_window=d.get("sliding_window", 4096),
+        bos_token_id=d.get("bos_token_id"), eos_token_id=d.get("eos_token_id"), pad_token_id=d.get("pad_token_id"),
+        layer_types=tuple(types), query_pre_attn_scalar=float(d.get("query_pre_attn_scalar", 256)),
+    )
+
+
+def _gemma3_to_hf(c: TextConfig) -> dict[str, Any]:
+    assert c.rope_local is not None
+    return {
+        "model_type": "gemma3_text", "vocab_size": c.vocab_size, "hidden_size": c.hidden_size,
+        "intermediate_size": c.intermediate_size, "num_hidden_layers": c.num_hidden_layers,
+        "num_attention_heads": c.num_attention_heads, "num_key_value_heads": c.num_key_value_heads,
+        "head_dim": c.head_dim, "max_position_embeddings": c.max_position_embeddings, "rms_norm_eps": c.rms_norm_eps,
+        "rope_parameters": {"full_attention": c.rope.to_hf(), "sliding_attention": c.rope_local.to_hf()},
+        "hidden_activation": c.hidden_act, "tie_word_embeddings": c.tie_word_embeddings,
+        "sliding_window": c.sliding_window, "layer_types": list(c.layer_types),
+        "query_pre_attn_scalar": int(q) if (q := c.query_pre_attn_scalar or c.head_dim) == int(q) else q,
+        "attention_bias": c.qkv_bias,
+        "bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id, "pad_token_id": c.pad_token_id,
+    }

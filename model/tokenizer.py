@@ -102,11 +102,16 @@ class ChatTokenizer:
         image_token: str | None = None,
         image_token_id: int | None = None,
         eos_token_ids: Sequence[int] = (),
+        image_wrap: tuple[str, str] | None = None,
     ) -> None:
         backend = getattr(tokenizer, "backend_tokenizer", None)
         if not isinstance(backend, Tokenizer):
             raise TypeError(f"{type(tokenizer).__name__} has no `tokenizers` backend; a fast tokenizer is required")
         self.tokenizer = tokenizer
+        # (what the template writes for an image, the text it becomes around one image token) where a processor
+        # rewrites the prompt's text before tokenizing it (Gemma 3: <start_of_image> -> "\n\n" + it + the image
+        # tokens + <end_of_image> + "\n\n"): done to the rendered prompt, then each image token expands to its slots
+        self._image_wrap = image_wrap
         # Private copies of the Rust tokenizer: HF toggles `encode_special_tokens` on its shared backend per call,
         # which would race between threads. One copy parses added tokens, the other never does.
         self._backend = Tokenizer.from_str(backend.to_str())
@@ -179,12 +184,17 @@ class ChatTokenizer:
         eos = generation.get("eos_token_id")
         eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
         image_token_id = config.get("image_token_index", config.get("image_token_id"))
+        image_token, wrap = processor.get("image_token"), None
+        if config.get("model_type") == "gemma3":  # its processor's image_token is <start_of_image>: the wrap's
+            boi, eoi, image_token = tokenizer.boi_token, tokenizer.eoi_token, tokenizer.image_token
+            wrap = (boi, f"\n\n{boi}{image_token}{eoi}\n\n")
         return cls(
             tokenizer,
             chat_template=chat_template or template_from_checkpoint(path, tokenizer),
-            image_token=processor.get("image_token"),
+            image_token=image_token,
             image_token_id=int(image_token_id) if image_token_id is not None else None,
             eos_token_ids=eos_ids,
+            image_wrap=wrap,
         )
 
     # -------------------------------------------------------------------------------------------------- properties
@@ -279,6 +289,8 @@ class ChatTokenizer:
 
         sentinel = Sentinel.choose(self._reserved_chars, client_texts(parsed, tools))
         prompt = self._render(parsed, add_generation_prompt, lambda text: self._escape(text, sentinel), tools)
+        if self._image_wrap is not None:
+            prompt = prompt.replace(*self._image_wrap)
         display = sentinel.restore(prompt, self._control_tokens)
         if token_limit is not None:  # the rendered text's bytes bound its tokens: a prompt far over is not tokenized
             plain = self._control_re.sub("", display) if self._control_re is not None else display

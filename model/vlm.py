@@ -4,7 +4,8 @@ Each image's visual tokens are its features through the projector: for `llava`, 
 image; for `llava_next`, a grid of tiles plus the whole image, packed as model/anyres.py says; for `qwen2_vl`, the
 image at its own resolution through Qwen2-VL's tower and patch merger (model/qwen2_vision.py), placed with M-RoPE
 positions (model/mrope.py); for `idefics3`, the tiles of model/idefics3.py's split through a SigLIP tower (its
-post-LayerNorm applied) and the pixel shuffle, laid out with the tile tags the image's token layout holds.
+post-LayerNorm applied) and the pixel shuffle, laid out with the tile tags the image's token layout holds; for
+`gemma3`, one SigLIP view average-pooled (model/projector.py) into a Gemma 3 LM (model/gemma3_text.py).
 
 Images enter the prompt in one of two ways:
 - at the placeholder: the prompt carries `image_token_index` once per visual token (LLaVA); those positions take
@@ -20,6 +21,7 @@ from torch import nn
 
 from .anyres import Anyres, Layout
 from .config import VLMConfig
+from .gemma3_text import Gemma3TextModel
 from .idefics3 import bucket_positions
 from .projector import build_projector
 from .qwen2_vision import Grid, Qwen2VisionConfig, Qwen2VisionTower
@@ -31,7 +33,10 @@ class VisionLanguageModel(nn.Module):
     def __init__(self, config: VLMConfig, *, max_positions: int | None = None) -> None:
         super().__init__()
         self.config = config
-        self.language_model = TextModel(config.text, max_positions=max_positions)
+        lm_class = Gemma3TextModel if config.text.model_type == "gemma3_text" else TextModel
+        self.language_model = lm_class(config.text, max_positions=max_positions)
+        # Gemma 3: an image's tokens attend to each other both ways in prefill (the runner passes the spans)
+        self.bidirectional_images = config.family == "gemma3"
         self.anyres: Anyres | None = None
         self.qwen2_vision: Qwen2VisionConfig | None = None
         if isinstance(config.vision, Qwen2VisionConfig):  # qwen2_vl: its tower ends in the merger (no projector)
@@ -59,6 +64,8 @@ class VisionLanguageModel(nn.Module):
             positions = bucket_positions(v.image_size // v.patch_size, pixel_values.shape[-1] // v.patch_size)
             last = self.vision_tower(pixel_values, (-1,), positions.to(pixel_values.device))[0]  # (N, P, Dv)
             return self.vision_tower.post_layernorm(last)  # (N, P, Dv)
+        if self.config.family == "gemma3":  # SigLIP's last_hidden_state: after its post-LayerNorm
+            return self.vision_tower.post_layernorm(self.vision_tower(pixel_values, (-1,))[0])  # (N, P, Dv)
         states = self.vision_tower(pixel_values, self.config.feature_layers)  # [(N, T, Dv)] per layer
         if self.config.vision_feature_select_strategy == "default":
             states = [s[:, 1:] for s in states]

@@ -12,6 +12,7 @@ from PIL import Image
 from transformers import (
     AutoProcessor,
     AutoTokenizer,
+    Gemma3ForConditionalGeneration,
     Idefics3ForConditionalGeneration,
     LlavaNextForConditionalGeneration,
     LlavaOnevisionForConditionalGeneration,
@@ -311,3 +312,46 @@ class Idefics3Oracle(Oracle):
         torch.testing.assert_close(mine[slots], theirs, atol=1e-4, rtol=1e-4)  # float32 sums in another order
         assert torch.equal(mine[~slots], embeds[~slots])  # the tags' rows: their token embeddings
         return len(layout)
+
+
+class Gemma3Oracle(Oracle):
+    """Gemma 3: transformers' Gemma3Processor (PIL image processor) expands each <start_of_image> and marks the image
+    tokens (`token_type_ids`) that attend to each other both ways. One resolution (pan and scan off): every `detail`
+    is the same 896 px view (here 32 px)."""
+
+    hf_class = Gemma3ForConditionalGeneration
+
+    def __init__(self, ckpt: Path, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__(ckpt, dtype)
+        self.processor = AutoProcessor.from_pretrained(ckpt)
+
+    def inputs(self, question: str, images: list[Image.Image], detail: str | None = None) -> dict[str, Any]:
+        prompt = self.processor.apply_chat_template(messages(len(images), question), add_generation_prompt=True)
+        # the template writes <bos>: not a second one (as processor.apply_chat_template(tokenize=True) does)
+        out = dict(self.processor(images=[images] if images else None, text=[prompt], return_tensors="pt",
+                                  add_special_tokens=False))
+        assert "token_type_ids" in out  # the bidirectional image spans
+        if "pixel_values" in out:
+            out["pixel_values"] = out["pixel_values"].to(self.dtype)
+        return out
+
+    def next_logits(self, inputs: dict[str, Any], continuation: list[int]) -> torch.Tensor:
+        ids = torch.cat([inputs["input_ids"], torch.tensor([continuation], dtype=torch.long)], dim=1)
+        types = torch.cat([inputs["token_type_ids"], torch.zeros(1, len(continuation), dtype=torch.long)], dim=1)
+        extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "token_type_ids", "attention_mask")}
+        return self.model(input_ids=ids, token_type_ids=types, **extra).logits[0, -1].float()
+
+    def check_pixels(self, image: Image.Image) -> int:
+        ours = load_model(self.ckpt)
+        want = self.processor.image_processor(images=[image], return_tensors="pt")
+        got = ImageProcessor.from_pretrained(self.ckpt).preprocess_one(image)
+        assert torch.equal(got, want["pixel_values"][0])  # bit for bit
+        text = self.processor(images=[[image]], text=["<start_of_image>"], return_tensors="pt")
+        count = int((text["input_ids"] == self.model.config.image_token_index).sum())
+        assert count == ours.config.num_visual_tokens
+        with torch.no_grad():
+            theirs = self.model.model.get_image_features(pixel_values=want["pixel_values"],
+                                                         return_dict=True).pooler_output[0]
+            mine = ours.encode_images(got[None])[0]  # (N_vis, D)
+        torch.testing.assert_close(mine, theirs, atol=1e-4, rtol=1e-4)  # float32 sums in another order
+        return count
