@@ -4,8 +4,8 @@ family we serve; prints JSON.
 For every family and image size: the largest absolute difference of the normalized pixels (PIL minus torchvision,
 over the tiles both make) and whether the two backends give the same token layout (the tiles or patch grid the
 visual-token count is a function of: LLaVA-NeXT / OneVision's `image_sizes` and tile count, Qwen2-VL's
-`image_grid_thw`, Idefics3's rows and columns). Settings are the released checkpoints' (class defaults, SmolVLM's
-512 px tiles over a 2048 px longest edge for Idefics3).
+`image_grid_thw`, Idefics3's rows and columns, Gemma 3's one view). Settings are the released checkpoints' (class
+defaults; SmolVLM's 512 px tiles over a 2048 px longest edge for Idefics3, Gemma 3's 896 px).
 
 vlmserve's own venv has no torchvision (it cannot load beside the CPU torch build there), so this runs under a venv
 that has one, e.g. vLLM's: `/tmp/vllm-venv/bin/python benchmarks/processors_torchvision.py`. It imports nothing of
@@ -43,10 +43,14 @@ def _layout(family: str, out: Any) -> Any:
         return [list(map(int, out["image_sizes"][0])), int(out["pixel_values"].shape[1])]
     if family == "qwen2_vl":
         return [int(x) for x in out["image_grid_thw"][0]]
+    if family == "gemma3":  # one 896 px view (pan and scan off): its shape
+        return list(out["pixel_values"].shape[1:])
     return [int(out["rows"][0][0]), int(out["cols"][0][0]), int(out["pixel_values"].shape[1])]
 
 
 def _processors() -> dict[str, tuple[Callable[..., Any], Callable[..., Any], dict[str, Any]]]:
+    from transformers.models.gemma3.image_processing_gemma3 import Gemma3ImageProcessor
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
     from transformers.models.idefics3.image_processing_idefics3 import Idefics3ImageProcessor
     from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
     from transformers.models.llava_next.image_processing_llava_next import LlavaNextImageProcessor
@@ -64,6 +68,7 @@ def _processors() -> dict[str, tuple[Callable[..., Any], Callable[..., Any], dic
         "llava_onevision": (LlavaOnevisionImageProcessorPil, LlavaOnevisionImageProcessor, {}),
         "qwen2_vl": (Qwen2VLImageProcessorPil, Qwen2VLImageProcessor, {}),
         "idefics3": (Idefics3ImageProcessorPil, Idefics3ImageProcessor, smolvlm),
+        "gemma3": (Gemma3ImageProcessorPil, Gemma3ImageProcessor, {"size": {"height": 896, "width": 896}}),
     }
 
 
