@@ -147,6 +147,9 @@ class VisionLanguageModel(nn.Module):
         """
         if vision_features is not None and pixel_values is not None:
             raise ValueError("pass vision_features or pixel_values, not both")
+        if self.config.family in ("idefics3", "gemma3") and (vision_features is not None or pixel_values is not None):
+            raise ValueError(f"{self.config.family} images go through the engine (their token layouts and attention "
+                             "masks are the runner's), not this dense forward")
         embeds = self.embed_tokens(input_ids)  # (B, T, D)
         if vision_features is None and pixel_values is None:
             return self.language_model(inputs_embeds=embeds, positions=positions, attention_mask=attention_mask)
