@@ -450,7 +450,7 @@ def test_config_defaults_and_fallbacks(tmp_path: Path) -> None:
     assert legacy.size == SizeSpec(shortest_edge=336) and legacy.crop_size == (336, 336)
     assert legacy.resample == Image.Resampling.BICUBIC and legacy.output_hw == (336, 336)
     with pytest.raises(ValueError, match="unsupported image processor type"):
-        ImageProcessorConfig.from_dict({"image_processor_type": "Idefics3ImageProcessor"})
+        ImageProcessorConfig.from_dict({"image_processor_type": "MllamaImageProcessor"})
 
     (tmp_path / "config.json").write_text(
         json.dumps({"model_type": "llava", "vision_config": {"model_type": "siglip_vision_model", "image_size": 40}})
