@@ -12,7 +12,7 @@ import hmac
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any
@@ -49,6 +49,7 @@ from .pipeline import (
     submit,
     usage_of,
 )
+from .replica_header import ReplicaHeader
 from .responses import install_responses_routes
 from .schemas import (
     MAX_STOP_CHARS,
@@ -69,14 +70,17 @@ from .webui import install_ui_routes
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    """The app; the model loads in the background at startup (/ready answers 503 until it is warm)."""
+def create_app(settings: Settings | None = None, load: Callable[[ServerState], Awaitable[None]] | None = None
+               ) -> FastAPI:
+    """The app; the model loads in the background at startup (/ready answers 503 until it is warm). `load`
+    replaces the one-process load (the Ray Serve ingress's engine is remote: server/scale/ingress.py)."""
     settings = settings or Settings()
     state = ServerState(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        loader = asyncio.ensure_future(in_fresh_thread(state.load, "vlmserve-load"))
+        loader = asyncio.ensure_future(load(state) if load is not None
+                                       else in_fresh_thread(state.load, "vlmserve-load"))
         watchdog = asyncio.ensure_future(_watch_engine(state))
         try:
             yield
@@ -96,6 +100,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     budget = BodyBudget(max(settings.max_body_buffer_mb * 1024**2, settings.max_body_bytes))  # one body always fits
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, timeout=settings.body_timeout, budget=budget)
     app.add_middleware(StatusCounter, count=lambda route, status: state.metrics.http.labels(route, status).inc())
+    app.add_middleware(ReplicaHeader)
     _routes(app, state)
     return app
 
@@ -160,7 +165,10 @@ def _routes(app: FastAPI, state: ServerState) -> None:
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        return PlainTextResponse(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        text = generate_latest(state.metrics.registry).decode()
+        if state.replica_metrics is not None:  # on Ray Serve: every replica's too, labelled by rank
+            text = await state.replica_metrics(text)
+        return PlainTextResponse(text, media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models", dependencies=auth)
     async def models() -> ModelList:

@@ -119,7 +119,7 @@ def install_ollama_routes(app: FastAPI, state: ServerState, authorize: Callable[
     async def ps(request: Request) -> Response:
         engine, _ = state.require_ready()
         on_gpu = next(engine.model.parameters()).device.type == "cuda"
-        vram = card()["size"] + engine.core.kv.nbytes if on_gpu else 0
+        vram = card()["size"] + engine.kv_cache_bytes if on_gpu else 0
         return JSONResponse({"models": [{**card(), "expires_at": "2999-12-31T23:59:59Z", "size_vram": vram,
                                          "context_length": engine.max_model_len}]})
 

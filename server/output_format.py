@@ -12,7 +12,7 @@ from .errors import APIError
 from .schemas import ChatCompletionRequest
 
 if TYPE_CHECKING:
-    from .engine import Engine
+    from .engine.serving import ServingEngine
 
 GRAMMAR_TIMEOUT_S = 2.0  # compiling one grammar (a cached one costs nothing)
 
@@ -71,7 +71,7 @@ def _grammar(kind: str, value: Any) -> str:
     return grammar_from("lark", value)
 
 
-async def compile_grammar(engine: Engine, grammar: str, param: str) -> None:
+async def compile_grammar(engine: ServingEngine, grammar: str, param: str) -> None:
     """Validate and compile the grammar in a worker thread: 400 naming `param` if it is unusable or too slow."""
     try:
         await asyncio.wait_for(asyncio.to_thread(engine.compile_grammar, grammar), GRAMMAR_TIMEOUT_S)

@@ -27,7 +27,7 @@ from .streaming import EventStream
 if TYPE_CHECKING:
     from vlmserve.model.tokenizer import EncodedPrompt
 
-    from .engine import Engine
+    from .engine.serving import ServingEngine
 
 
 def usage_of(*finals: Finished) -> Usage:
@@ -67,7 +67,7 @@ def choice_sampling(sampling: SamplingParams, index: int) -> SamplingParams:
 
 
 @contextmanager
-def admission(engine: Engine) -> Iterator[None]:
+def admission(engine: ServingEngine) -> Iterator[None]:
     """Admission before any expensive work: a place in the queue is held while the request is prepared (so a burst
     is refused here, before image decoding) and given back once it is submitted or refused."""
     try:
@@ -80,7 +80,7 @@ def admission(engine: Engine) -> Iterator[None]:
         engine.unreserve()
 
 
-def logit_bias_pairs(engine: Engine, bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
+def logit_bias_pairs(engine: ServingEngine, bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
     """OpenAI's logit_bias as (token id, bias) pairs, each id checked against the vocabulary."""
     out = tuple(sorted((int(token), float(value)) for token, value in (bias or {}).items()))
     bad = [token for token, _ in out if token >= engine.vocab_size]
@@ -90,14 +90,14 @@ def logit_bias_pairs(engine: Engine, bias: dict[str, float] | None) -> tuple[tup
     return out
 
 
-def max_tokens_for(engine: Engine, prompt_len: int, requested: int | None) -> int:
+def max_tokens_for(engine: ServingEngine, prompt_len: int, requested: int | None) -> int:
     try:
         return engine.resolve_max_tokens(prompt_len, requested)
     except EngineError as e:
         raise APIError.from_exception(e) from e
 
 
-def submit(engine: Engine, req: EngineRequest) -> EventStream:
+def submit(engine: ServingEngine, req: EngineRequest) -> EventStream:
     try:
         return EventStream(engine, req)
     except EngineError as e:

@@ -10,7 +10,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -21,10 +21,12 @@ from PIL import Image
 from vlmserve.model.images import ImageProcessor
 from vlmserve.model.sampling import SamplingParams
 from vlmserve.model.tokenizer import ChatTokenizer
+from vlmserve.model.vlm import VisionLanguageModel
 from vlmserve.model.weights import load_model, resolve_checkpoint
 
 from .engine import Engine, Event, Failed, Finished
 from .engine.prepare import RequestPreparer
+from .engine.serving import ServingEngine
 from .errors import APIError
 from .metrics import Metrics
 from .settings import Settings
@@ -84,7 +86,7 @@ class ServerState:
         self.settings = settings
         self.metrics = Metrics()
         self.model_id = settings.model_id()
-        self.engine: Engine | None = None
+        self.engine: ServingEngine | None = None
         self.preparer: RequestPreparer | None = None
         self.tool_parser = "hermes"  # how answers' tool calls are read (settled at load)
         self.generation_defaults: dict[str, Any] = {}
@@ -94,6 +96,8 @@ class ServerState:
         self.load_error: BaseException | None = None
         self.created = int(time.time())
         self.on_fatal: Callable[[], None] | None = None  # set by the CLI: make the process exit non-zero
+        # Ray Serve: /metrics from the ingress's own text and every replica's (server/scale/metrics_board.py)
+        self.replica_metrics: Callable[[str], Awaitable[str]] | None = None
 
     # -- loading ---------------------------------------------------------------------------------------------------
     def load(self) -> None:
@@ -105,17 +109,10 @@ class ServerState:
             device = pick_device(s.device)
             dtype = pick_dtype(s.dtype, device)
             model = load_model(path, device=device, dtype=dtype)
-            tokenizer = ChatTokenizer.from_pretrained(path, chat_template=s.chat_template_text())
-            self.tool_parser = (parser_for_template(tokenizer.chat_template) if s.tool_call_parser == "auto"
-                                else s.tool_call_parser)
-            log.info("tool calls: %s (template renders tools: %s)", self.tool_parser, tokenizer.renders_tools)
-            processor = ImageProcessor.from_pretrained(path)
-            self.preparer = RequestPreparer(tokenizer, processor, model.config.num_visual_tokens, s.image_limits(),
-                                            anyres=model.anyres)
-            log.debug("longest token: %d bytes", tokenizer.max_token_bytes)  # computed now, not on a request
-            self.generation_defaults = _generation_defaults(path)
+            tokenizer = self.load_frontend(path, model)
             config = s.engine_config()
-            self.engine = Engine(model, tokenizer, config, model_id=self.model_id, observer=self.metrics).start()
+            engine = Engine(model, tokenizer, config, model_id=self.model_id, observer=self.metrics).start()
+            self.engine = engine
             if config.compile:
                 log.info("compiling the decode step (inductor keeps the result: later starts take seconds)")
             self._warm_up()
@@ -125,12 +122,27 @@ class ServerState:
             raise
         self.ready = True
         log.info("model %s ready on %s (%s) in %.1fs; context %d, %d rows", self.model_id, device, dtype,
-                 time.perf_counter() - t0, self.engine.max_model_len, s.max_running)
+                 time.perf_counter() - t0, engine.max_model_len, s.max_running)
+
+    def load_frontend(self, path: Path, model: VisionLanguageModel) -> ChatTokenizer:
+        """Tokenizer, tool-call parser, image preprocessing and sampling defaults: what the HTTP side needs of a
+        checkpoint (`model` may live on the meta device: only its config is read)."""
+        s = self.settings
+        tokenizer = ChatTokenizer.from_pretrained(path, chat_template=s.chat_template_text())
+        self.tool_parser = (parser_for_template(tokenizer.chat_template) if s.tool_call_parser == "auto"
+                            else s.tool_call_parser)
+        log.info("tool calls: %s (template renders tools: %s)", self.tool_parser, tokenizer.renders_tools)
+        processor = ImageProcessor.from_pretrained(path)
+        self.preparer = RequestPreparer(tokenizer, processor, model.config.num_visual_tokens, s.image_limits(),
+                                        anyres=model.anyres)
+        log.debug("longest token: %d bytes", tokenizer.max_token_bytes)  # computed now, not on a request
+        self.generation_defaults = _generation_defaults(path)
+        return tokenizer
 
     def _warm_up(self) -> None:
         """Two short generations with an image, side by side: the first real requests pay for no lazy
         initialisation (with `compile`, the decode step compiles here: for one sequence, and for several)."""
-        assert self.engine is not None and self.preparer is not None
+        assert isinstance(self.engine, Engine) and self.preparer is not None
         buf = io.BytesIO()
         Image.new("RGB", (64, 64), (128, 128, 128)).save(buf, "PNG")
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "warm up"}]}]
@@ -148,7 +160,7 @@ class ServerState:
                     raise RuntimeError(f"warm-up generation failed: {event}")
 
     # -- status ----------------------------------------------------------------------------------------------------
-    def require_ready(self) -> tuple[Engine, RequestPreparer]:
+    def require_ready(self) -> tuple[ServingEngine, RequestPreparer]:
         if self.draining:
             raise APIError(503, "the server is shutting down", code="draining", retry_after=5)
         if self.engine is None or self.preparer is None or not self.ready:

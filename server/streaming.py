@@ -12,7 +12,9 @@ from typing import Any
 
 from starlette.requests import Request
 
-from .engine import Engine, EngineError, EngineRequest, Event, Failed, Finished
+from .engine import EngineError, EngineRequest, Event, Failed, Finished
+from .engine.serving import ServingEngine
+from .replica_header import note_request
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +59,7 @@ def _dispatcher(loop: asyncio.AbstractEventLoop) -> _Dispatcher:
 class EventStream:
     """Submits a request and exposes its events to one asyncio consumer; cancels it if the consumer leaves."""
 
-    def __init__(self, engine: Engine, req: EngineRequest) -> None:
+    def __init__(self, engine: ServingEngine, req: EngineRequest) -> None:
         self.engine, self.req = engine, req
         self._queue: asyncio.Queue[Event] = asyncio.Queue()
         self.done = False
@@ -68,6 +70,7 @@ class EventStream:
             dispatcher.post(queue, event)
 
         engine.submit(req, sink)
+        note_request(engine, req.request_id)
 
     async def next(self) -> Event:
         event = await self._queue.get()
@@ -121,7 +124,7 @@ class ChoiceStreams:
     by then the prompt's full blocks are in the prefix cache, so the others compute only the prompt's last block
     (the sharing vLLM gets by forking after prefill, here from the cache)."""
 
-    def __init__(self, engine: Engine, reqs: Sequence[EngineRequest]) -> None:
+    def __init__(self, engine: ServingEngine, reqs: Sequence[EngineRequest]) -> None:
         self.engine, self.reqs = engine, list(reqs)
         self.streams = [EventStream(engine, self.reqs[0])]  # raises EngineError if refused
 

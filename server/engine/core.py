@@ -93,21 +93,7 @@ class EngineCore:
     # --------------------------------------------------------------------------------------------------- intake
     def resolve_max_tokens(self, prompt_len: int, max_tokens: int | None) -> int:
         """The completion budget of a prompt, or ContextTooLong with the numbers."""
-        room = self.max_model_len - prompt_len
-        if max_tokens is None:
-            if room < 1:
-                raise ContextTooLong(
-                    f"the prompt has {prompt_len} tokens (text and images) but the context is {self.max_model_len}"
-                )
-            return min(room, self.config.max_tokens_default)
-        if max_tokens < 1:
-            raise BadRequest("max_tokens must be at least 1")
-        if prompt_len + max_tokens > self.max_model_len:
-            raise ContextTooLong(
-                f"this request needs {prompt_len + max_tokens} tokens ({prompt_len} in the prompt, text and images, "
-                f"+ {max_tokens} max_tokens) but the model's context is {self.max_model_len}"
-            )
-        return max_tokens
+        return resolve_max_tokens(self.max_model_len, self.config.max_tokens_default, prompt_len, max_tokens)
 
     def make_sequence(self, req: EngineRequest) -> Sequence:
         """Validate a request (pure: safe from any thread) and make its sequence. Raises EngineError."""
@@ -197,3 +183,23 @@ class EngineCore:
         self.observer.kv_cache(b.usage, b.prefix_queries - q0, b.prefix_hits - h0, s.num_preemptions - p0)
         self._reported = (b.prefix_queries, b.prefix_hits, s.num_preemptions)
         self.observer.queue_state(self.num_running, len(s.waiting))
+
+
+def resolve_max_tokens(max_model_len: int, default: int, prompt_len: int, max_tokens: int | None) -> int:
+    """The completion budget of a prompt in a context of `max_model_len` (`default` when max_tokens is omitted),
+    or ContextTooLong with the numbers."""
+    room = max_model_len - prompt_len
+    if max_tokens is None:
+        if room < 1:
+            raise ContextTooLong(
+                f"the prompt has {prompt_len} tokens (text and images) but the context is {max_model_len}"
+            )
+        return min(room, default)
+    if max_tokens < 1:
+        raise BadRequest("max_tokens must be at least 1")
+    if prompt_len + max_tokens > max_model_len:
+        raise ContextTooLong(
+            f"this request needs {prompt_len + max_tokens} tokens ({prompt_len} in the prompt, text and images, "
+            f"+ {max_tokens} max_tokens) but the model's context is {max_model_len}"
+        )
+    return max_tokens

@@ -79,6 +79,15 @@ class Engine:
         return self.model.language_model.lm_head.out_features
 
     @property
+    def kv_cache_bytes(self) -> int:
+        """The KV block pool's size."""
+        return int(self.core.kv.nbytes)
+
+    async def replica_rank(self, request_id: str) -> int | None:
+        """The replica that serves `request_id`: one process is replica 0 (server/scale/ has others)."""
+        return 0
+
+    @property
     def num_running(self) -> int:
         return self.core.num_running
 
