@@ -70,6 +70,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except (CheckpointError, ValueError, OSError) as e:
         print(f"vlmserve serve: {e}", file=sys.stderr)
         return 2
+    if settings.replicas > 0 or settings.autoscaling():
+        from .scale.launch import serve_on_ray
+
+        return serve_on_ray(settings)
     app = create_app(settings)
     state = app.state.server
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,

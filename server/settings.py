@@ -6,7 +6,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from .engine.config import CPU_KV_CACHE_MB, CUDA_KV_CACHE_SHARE, EngineConfig, ImageLimits
@@ -112,6 +112,26 @@ class Settings(BaseSettings):
     )
     no_ui: bool = Field(False, description="do not serve the web chat page at / (the API is unchanged)")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
+    # Scale-out on Ray Serve (server/scale/; `pip install "vlmserve[ray]"`). replicas 0: one process, no Ray.
+    replicas: int = Field(0, ge=0, description="engine replicas on Ray Serve (0: one process, no Ray)")
+    ray_address: str | None = Field(None, description="Ray cluster to join, e.g. ray://head:10001 or auto "
+                                    "(default: start a local one)")
+    min_replicas: int | None = Field(None, ge=0, description="autoscaling floor (set with --max-replicas)")
+    max_replicas: int | None = Field(None, ge=1, description="autoscaling ceiling: scale on queue depth")
+    target_ongoing_requests: float = Field(
+        4.0, gt=0, description="autoscaling target: ongoing requests per replica"
+    )
+    replica_cpus: float = Field(0.5, gt=0, description="CPUs Ray reserves per engine replica (fractional)")
+    replica_gpus: float = Field(0.0, ge=0, description="GPUs per engine replica (fractional: several on one GPU)")
+    ingress_cpus: float = Field(0.25, ge=0, description="CPUs Ray reserves for the HTTP ingress")
+    upscale_delay_s: float = Field(30.0, ge=0, description="autoscaling: seconds over target before adding a replica")
+    downscale_delay_s: float = Field(
+        600.0, ge=0, description="autoscaling: seconds under target before removing a replica"
+    )
+    health_check_period_s: float = Field(10.0, gt=0, description="Ray Serve: seconds between replica health checks")
+    affinity_imbalance: int = Field(
+        8, ge=0, description="image-affinity routing yields to two-choices past this queue gap (requests)"
+    )
 
     @field_validator("model", mode="before")
     @classmethod
@@ -122,6 +142,14 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_name(cls, value: object) -> object:
         return value or None
+
+    @model_validator(mode="after")
+    def _replica_bounds(self) -> Settings:
+        if self.min_replicas is not None and self.max_replicas is None:
+            raise ValueError("min_replicas needs max_replicas (autoscaling between the two)")
+        if self.max_replicas is not None and (self.min_replicas or 0) > self.max_replicas:
+            raise ValueError(f"min_replicas {self.min_replicas} is over max_replicas {self.max_replicas}")
+        return self
 
     def chat_template_text(self) -> str | None:
         """`chat_template` read: a path to a file holding a template, or the template itself."""
@@ -151,6 +179,9 @@ class Settings(BaseSettings):
         names = type(self).model_fields
         given: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(cls) if f.name in names}
         return cls(**given)
+
+    def autoscaling(self) -> bool:
+        return self.max_replicas is not None
 
     def model_id(self) -> str:
         """The name clients use in `model`."""

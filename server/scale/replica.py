@@ -1,0 +1,108 @@
+"""One engine replica: a Ray Serve deployment that owns a model and an engine, and streams a request's events.
+
+The replica loads exactly as one `vlmserve serve` process does (`ServerState.load`: weights, tokenizer, engine,
+warm-up), then takes prepared `EngineRequest`s from the ingress. `generate` first yields the replica's rank (the
+ingress's `x-vlmserve-replica` header), then lists of engine events, the last one final. If the caller goes away
+(a client hung up, the ingress cancelled), Serve cancels the generator and the request is cancelled in the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from collections.abc import AsyncIterator
+from typing import Any
+
+import torch
+from prometheus_client import generate_latest
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from ..engine.requests import EngineError, EngineRequest, Event, Failed, Finished
+from ..settings import Settings
+from ..state import ServerState
+
+log = logging.getLogger(__name__)
+METRICS_PUSH_S = 2.0
+
+
+def replica_rank() -> int:
+    """This replica's stable rank in its deployment (a replacement takes over the rank of the one it replaces)."""
+    rank: Any = serve.get_replica_context().rank
+    return int(rank if isinstance(rank, int) else rank.rank)
+
+
+class EngineReplica:
+    """The engine side of the Serve application (deployed by server/scale/app.py)."""
+
+    def __init__(self, settings: dict[str, Any], board: DeploymentHandle[Any] | None = None) -> None:
+        self.settings = Settings(**settings)
+        self.rank = replica_rank()
+        torch.set_num_threads(max(1, round(self.settings.replica_cpus)))
+        self.state = ServerState(self.settings)
+        loader = threading.Thread(target=self._load, name="vlmserve-load")  # a thread that ends: see in_fresh_thread
+        loader.start()
+        loader.join()
+        if self.state.load_error is not None:
+            raise RuntimeError(f"replica {self.rank} failed to load") from self.state.load_error
+        self.board = board
+        self._pusher: asyncio.Task[None] | None = None
+        log.info("replica %d ready", self.rank)
+
+    def _load(self) -> None:
+        with contextlib.suppress(BaseException):  # kept in state.load_error, raised by __init__
+            self.state.load()
+
+    def info(self) -> dict[str, int]:
+        """What the ingress sizes requests by."""
+        engine = self._engine()
+        return {"rank": self.rank, "max_model_len": engine.max_model_len, "vocab_size": engine.vocab_size}
+
+    def _engine(self) -> Any:
+        assert self.state.engine is not None
+        return self.state.engine
+
+    async def check_health(self) -> None:
+        """Serve's health check: a replica whose engine loop died is replaced."""
+        if not self._engine().alive:
+            raise RuntimeError(f"replica {self.rank}: the engine stopped ({self._engine().error!r})")
+        if self.board is not None and self._pusher is None:
+            self._pusher = asyncio.get_running_loop().create_task(self._push_metrics())
+
+    async def _push_metrics(self) -> None:
+        """Every few seconds, this replica's Prometheus text to the metrics board (the ingress's /metrics)."""
+        assert self.board is not None
+        while True:
+            with contextlib.suppress(Exception):
+                await self.board.put.remote(self.rank, generate_latest(self.state.metrics.registry).decode())
+            await asyncio.sleep(METRICS_PUSH_S)
+
+    async def generate(self, req: EngineRequest, affinity_key: str = "") -> AsyncIterator[tuple[str, Any]]:
+        """("replica", rank), then ("events", [Event, ...]) until a final event. `affinity_key` is the router's
+        (server/scale/router.py); the replica itself does not read it."""
+        yield "replica", self.rank
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[Event] = asyncio.Queue()
+        engine = self._engine()
+        try:
+            engine.submit(req, lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+        except EngineError as e:
+            yield "events", [Failed(req.request_id, e)]
+            return
+        done = False
+        try:
+            while not done:
+                batch = [await events.get()]
+                while not events.empty():
+                    batch.append(events.get_nowait())
+                done = any(isinstance(e, Finished | Failed) for e in batch)
+                yield "events", batch
+        finally:
+            if not done:
+                engine.cancel(req.request_id)
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.state.close()
