@@ -53,7 +53,9 @@ def engine_options(settings: Settings) -> dict[str, Any]:
             "target_ongoing_requests": s.target_ongoing_requests,
             "upscale_delay_s": s.upscale_delay_s,
             "downscale_delay_s": s.downscale_delay_s,
-            "look_back_period_s": min(30.0, max(1.0, s.upscale_delay_s)),  # Ray's default, shorter with short delays
+            # Ray's defaults (30 s over metrics every 10 s), shorter with short delays (tests)
+            "look_back_period_s": (look_back := min(30.0, max(2.0, 2 * s.upscale_delay_s))),
+            "metrics_interval_s": min(10.0, look_back / 2),
         }
     else:
         options["num_replicas"] = s.replicas

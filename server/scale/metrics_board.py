@@ -48,7 +48,8 @@ def merged(ingress: str, texts: dict[int, str]) -> str:
             entry[2].extend(s._replace(labels={**s.labels, "replica": str(rank)}) for s in family.samples)
     lines: list[str] = []
     for name, (kind, doc, samples) in families.items():
-        lines += [f"# HELP {name} {doc}", f"# TYPE {name} {kind}"]
+        exposed = f"{name}_total" if kind == "counter" else name  # as prometheus_client writes (its parser strips it)
+        lines += [f"# HELP {exposed} {doc}", f"# TYPE {exposed} {kind}"]
         for s in samples:
             labels = ",".join(f'{k}="{_escape(v)}"' for k, v in s.labels.items())
             lines.append(f"{s.name}{{{labels}}} {_number(s.value)}")
