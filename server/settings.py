@@ -129,6 +129,9 @@ class Settings(BaseSettings):
         600.0, ge=0, description="autoscaling: seconds under target before removing a replica"
     )
     health_check_period_s: float = Field(10.0, gt=0, description="Ray Serve: seconds between replica health checks")
+    replica_routing: Literal["affinity", "round_robin"] = Field(
+        "affinity", description="how requests pick a replica: by image content, or in turn (a baseline)"
+    )
     affinity_imbalance: int = Field(
         8, ge=0, description="image-affinity routing yields to two-choices past this queue gap (requests)"
     )

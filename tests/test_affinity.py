@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from vlmserve.server.engine.requests import EngineRequest, ImageInput
 from vlmserve.server.metrics import Metrics
-from vlmserve.server.scale.affinity import TEXT_PREFIX_TOKENS, affinity_key, rendezvous_order
+from vlmserve.server.scale.affinity import TEXT_PREFIX_TOKENS, affinity_key, affinity_order, rendezvous_order
 from vlmserve.server.scale.metrics_board import merged
 from vlmserve.server.settings import Settings
 
@@ -45,6 +45,15 @@ def test_rendezvous_spreads_keys_and_moves_only_a_removed_nodes_keys() -> None:
     moved = {k for k in keys if after[k] != first[k]}
     assert moved == {k for k in keys if first[k] == "replica-0"}
     assert sorted(rendezvous_order("x", nodes)) == sorted(nodes)
+
+
+def test_affinity_yields_to_load_past_the_threshold() -> None:
+    ids = ["a", "b", "c"]
+    key = next(f"k{i}" for i in range(100) if rendezvous_order(f"k{i}", ids)[0] == "a")
+    assert affinity_order(key, {"a": 9, "b": 1, "c": None}, threshold=8) == rendezvous_order(key, ids)  # 8: not over
+    assert affinity_order(key, {"a": 10, "b": 1, "c": None}, threshold=8) is None
+    assert affinity_order(key, {"a": None, "b": 0, "c": 0}, threshold=0) == rendezvous_order(key, ids)  # unknown
+    assert affinity_order(key, {"a": 3, "b": 20, "c": 30}, threshold=0) == rendezvous_order(key, ids)  # shortest
 
 
 def test_merged_metrics_label_every_replica_and_keep_the_ingresss_own() -> None:

@@ -24,6 +24,18 @@ def _score(key: str, node: str) -> int:
     return int.from_bytes(hashlib.blake2b(f"{node}\x00{key}".encode(), digest_size=8).digest(), "big")
 
 
+def affinity_order(key: str, queue_lengths: dict[str, int | None], threshold: int) -> list[str] | None:
+    """The replicas (by id) in the order `key` prefers them, or None when the preferred one has more than
+    `threshold` requests more in flight than the least busy one (unknown lengths count as short): then the caller
+    balances by load instead."""
+    ranked = rendezvous_order(key, list(queue_lengths))
+    known = [n for n in queue_lengths.values() if n is not None]
+    first = queue_lengths[ranked[0]] if ranked else None
+    if first is not None and known and first - min(known) > threshold:
+        return None
+    return ranked
+
+
 def rendezvous_order(key: str, nodes: Sequence[str]) -> list[str]:
     """`nodes` by highest random weight for `key`, best first: each key prefers one node, and removing a node moves
     only the keys that preferred it."""

@@ -17,7 +17,7 @@ from ..settings import Settings
 from .ingress import ENGINE_DEPLOYMENT, Ingress
 from .metrics_board import MetricsBoard
 from .replica import EngineReplica
-from .router import ImageAffinityRouter
+from .router import ImageAffinityRouter, RoundRobinRouter
 
 
 def build_app(args: dict[str, Any]) -> Application:
@@ -31,6 +31,7 @@ def build_app(args: dict[str, Any]) -> Application:
 def engine_options(settings: Settings) -> dict[str, Any]:
     """The engine deployment's Serve options, from the settings."""
     s = settings
+    router = ImageAffinityRouter if s.replica_routing == "affinity" else RoundRobinRouter
     options: dict[str, Any] = {
         "name": ENGINE_DEPLOYMENT,
         "ray_actor_options": {"num_cpus": s.replica_cpus, "num_gpus": s.replica_gpus},
@@ -39,8 +40,9 @@ def engine_options(settings: Settings) -> dict[str, Any]:
         "health_check_timeout_s": max(10.0, 3 * s.health_check_period_s),
         "graceful_shutdown_timeout_s": s.drain_timeout,
         "request_router_config": {
-            "request_router_class": f"{ImageAffinityRouter.__module__}.{ImageAffinityRouter.__name__}",
-            "request_router_kwargs": {"imbalance_threshold": s.affinity_imbalance},
+            "request_router_class": f"{router.__module__}.{router.__name__}",
+            "request_router_kwargs": {"imbalance_threshold": s.affinity_imbalance} if router is ImageAffinityRouter
+            else {},
         },
     }
     if s.autoscaling():

@@ -16,7 +16,7 @@ from typing import Any
 
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
-from .affinity import rendezvous_order
+from .affinity import affinity_order
 
 log = logging.getLogger(__name__)
 DEFAULT_IMBALANCE_THRESHOLD = 8  # ongoing requests: past this gap to the shortest queue, affinity yields
@@ -36,13 +36,11 @@ class ImageAffinityRouter(RequestRouter):
         if not isinstance(key, str) or len(candidate_replicas) == 1:
             return [_two_choices(candidate_replicas)]
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
-        ranked = [by_id[i] for i in rendezvous_order(key, list(by_id))]
-        lengths = await self._queue_lengths(ranked)
-        known = [n for n in lengths.values() if n is not None]
-        first = lengths.get(ranked[0].replica_id.unique_id)
-        if first is not None and known and first - min(known) > self.imbalance_threshold:
-            log.debug("replica %s has %d queued (shortest %d): two choices", ranked[0].replica_id, first, min(known))
+        order = affinity_order(key, await self._queue_lengths(candidate_replicas), self.imbalance_threshold)
+        if order is None:
+            log.debug("the preferred replica's queue is over the imbalance threshold: two choices")
             return [_two_choices(candidate_replicas)]
+        ranked = [by_id[i] for i in order]
         return [[ranked[0]], ranked[1:]]  # the later rank only if the first refuses (its queue is full)
 
     async def _queue_lengths(self, replicas: list[RunningReplica]) -> dict[str, int | None]:
@@ -58,6 +56,25 @@ class ImageAffinityRouter(RequestRouter):
             for r, n in await self._probe_queue_lens(stale, 0):
                 out[r.replica_id.unique_id] = n
         return out
+
+
+class RoundRobinRouter(RequestRouter):
+    """Each request to the next replica in turn, whatever it carries: the baseline image affinity is measured
+    against (`--replica-routing round_robin`, benchmarks/bench_scale_out.py)."""
+
+    def initialize_state(self, **kwargs: Any) -> None:
+        if kwargs:
+            raise TypeError(f"RoundRobinRouter takes no arguments, not {sorted(kwargs)}")
+        self.turn = 0
+
+    async def choose_replicas(self, candidate_replicas: list[RunningReplica],
+                              pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
+        if not candidate_replicas:
+            return []
+        ordered = sorted(candidate_replicas, key=lambda r: r.replica_id.unique_id)
+        self.turn += 1
+        start = self.turn % len(ordered)
+        return [[ordered[start]], ordered[start + 1:] + ordered[:start]]
 
 
 def _two_choices(replicas: list[RunningReplica]) -> list[RunningReplica]:
