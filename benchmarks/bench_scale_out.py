@@ -46,13 +46,13 @@ MODEL = "bench"
 
 
 @contextmanager
-def server(args: list[str], log_dir: Path, name: str) -> Iterator[str]:
+def server(args: list[str], log_dir: Path, name: str, env: dict[str, str]) -> Iterator[str]:
     port = free_port()
     log_path = log_dir / f"{name}.log"
     with open(log_path, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "vlmserve.server.cli", "serve", "--port", str(port),
                                  "--served-model-name", MODEL, "--no-compile", *args], stdout=out,
-                                stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                                stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1", **env})
     url = f"http://127.0.0.1:{port}"
     t0 = time.monotonic()
     try:
@@ -78,12 +78,12 @@ def server(args: list[str], log_dir: Path, name: str) -> Iterator[str]:
             proc.wait(10)
 
 
-def chat(url: str, content: Any, max_tokens: int) -> tuple[float, float, str, int]:
-    """(TTFT s, e2e s, replica, completion tokens) of one streamed chat request."""
+def chat(url: str, content: Any, max_tokens: int) -> tuple[float, float, str, int, int]:
+    """(TTFT s, e2e s, replica, completion tokens, cached prompt tokens) of one streamed chat request."""
     body = {"model": MODEL, "max_tokens": max_tokens, "stream": True, "stream_options": {"include_usage": True},
             "messages": [{"role": "user", "content": content}]}
     t0 = time.perf_counter()
-    ttft, tokens = 0.0, 0
+    ttft, tokens, cached = 0.0, 0, 0
     with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=300) as r:
         r.raise_for_status()
         replica = r.headers.get("x-vlmserve-replica", "?")
@@ -95,7 +95,8 @@ def chat(url: str, content: Any, max_tokens: int) -> tuple[float, float, str, in
                 ttft = time.perf_counter() - t0
             if event.get("usage"):
                 tokens = event["usage"]["completion_tokens"]
-    return ttft, time.perf_counter() - t0, replica, tokens
+                cached = (event["usage"].get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+    return ttft or time.perf_counter() - t0, time.perf_counter() - t0, replica, tokens, cached
 
 
 def overhead(url: str, n: int) -> dict[str, float]:
@@ -115,15 +116,17 @@ def image_part(png: bytes) -> list[dict[str, Any]]:
 
 
 def repeat(url: str, seed: int) -> dict[str, Any]:
-    first, repeats, same = [], [], 0
+    first, repeats, same, hits = [], [], 0, 0
     for i in range(8):
         part = image_part(noise_png(seed + i))
         runs = [chat(url, part, 1) for _ in range(3)]
         first.append(runs[0][0])
         repeats += [r[0] for r in runs[1:]]
         same += len({r[2] for r in runs}) == 1
+        hits += sum(1 for r in runs[1:] if r[4] > 0)
     return {"first_ttft_ms": statistics.median(first) * 1e3, "repeat_ttft_ms": statistics.median(repeats) * 1e3,
-            "repeat_ttft_mean_ms": statistics.fmean(repeats) * 1e3, "images_on_one_replica": same}
+            "repeat_ttft_mean_ms": statistics.fmean(repeats) * 1e3, "images_on_one_replica": same,
+            "repeats_with_cached_prefix": hits}
 
 
 def throughput(url: str, seed: int, requests: int, clients: int, max_tokens: int) -> dict[str, Any]:
@@ -146,22 +149,25 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "scale_out.json")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     work = Path(tempfile.mkdtemp(prefix="bench-scale-out-"))
     ckpt = ensure(PEER_SMALL if args.small else PEER, Path(tempfile.gettempdir()) / "vlmserve-bench-checkpoints")
     n, requests = (10, 16) if args.small else (40, 48)
     common = ["--model", str(ckpt), "--max-running", "16", "--max-waiting", "64"]
     ray_common = [*common, "--replicas", "2", "--replica-cpus", "0.9", "--ingress-cpus", "0.1"]
-    systems = {"one_process": common, "ray_affinity": ray_common,
+    systems = {"one_process": common, "one_process_1_thread": common, "ray_affinity": ray_common,
                "ray_round_robin": [*ray_common, "--replica-routing", "round_robin"]}
     results: dict[str, Any] = {"checkpoint": ckpt.name, "cpus": os.cpu_count()}
     for seed, (name, flags) in enumerate(systems.items()):
-        with server(flags, work, name) as url:
+        # each replica runs torch on round(--replica-cpus) = 1 thread; one_process_1_thread matches that
+        env = {"OMP_NUM_THREADS": "1"} if name == "one_process_1_thread" else {}
+        with server(flags, work, name, env) as url:
             results[name] = {"overhead": overhead(url, n), "repeat": repeat(url, 1000 * (seed + 1)),
                              "throughput": throughput(url, 10_000 * (seed + 1), requests, 16, 32)}
             log.info("%s: %s", name, results[name])
-    one, aff, rr = results["one_process"], results["ray_affinity"], results["ray_round_robin"]
+    one, aff, rr = results["one_process_1_thread"], results["ray_affinity"], results["ray_round_robin"]
     results["summary"] = {
-        "routing_overhead_p50_ms": aff["overhead"]["p50_ms"] - one["overhead"]["p50_ms"],
+        "routing_overhead_p50_ms": aff["overhead"]["p50_ms"] - one["overhead"]["p50_ms"],  # same threads per engine
         "repeat_ttft_ms": {"one_process": one["repeat"]["repeat_ttft_ms"], "affinity": aff["repeat"]["repeat_ttft_ms"],
                            "round_robin": rr["repeat"]["repeat_ttft_ms"],
                            "round_robin_mean": rr["repeat"]["repeat_ttft_mean_ms"],
