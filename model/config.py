@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .anyres import parse_pinpoints
+from .audio_config import AudioConfig
 from .qwen2_vision import Qwen2VisionConfig
 from .text_config import SUPPORTED_TEXT_TYPES, ConfigError, RopeConfig, TextConfig
 
@@ -23,9 +24,10 @@ __all__ = ["SUPPORTED_TEXT_TYPES", "ConfigError", "ProjectorConfig", "RopeConfig
 VisionFlavour = Literal["clip", "siglip"]
 ProjectorKind = Literal["linear", "mlp", "resampler", "pixel_shuffle", "avg_pool"]
 
-SUPPORTED_MODEL_TYPES = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "idefics3", "gemma3")
+SUPPORTED_MODEL_TYPES = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "idefics3", "gemma3",
+                         "qwen2_audio")
 # The composition: how images become tokens. Qwen2.5-VL is qwen2_vl's with its tower's `version` 2.5.
-Family = Literal["llava", "llava_next", "llava_onevision", "qwen2_vl", "idefics3", "gemma3"]
+Family = Literal["llava", "llava_next", "llava_onevision", "qwen2_vl", "idefics3", "gemma3", "qwen2_audio"]
 _ANYRES = ("llava_next", "llava_onevision")
 # llava-v1.6's pinpoints, transformers' LlavaNextConfig default
 DEFAULT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
@@ -119,7 +121,7 @@ class ProjectorConfig:
 class VLMConfig:
     """The composition: encoder + projector + LM, and how images enter the prompt."""
 
-    vision: VisionConfig | Qwen2VisionConfig  # the latter: qwen2_vl's tower, its merger the projector
+    vision: VisionConfig | Qwen2VisionConfig | None  # Qwen2VisionConfig: qwen2_vl's tower; None: qwen2_audio's
     text: TextConfig
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
     image_token_index: int = 32000
@@ -130,6 +132,7 @@ class VLMConfig:
     image_grid_pinpoints: tuple[tuple[int, int], ...] = ()  # llava_next / onevision: the grid resolutions (h, w)
     vision_aspect_ratio: str | None = None  # llava_onevision: anyres_max_N
     token_ids: tuple[tuple[str, int], ...] = ()  # qwen2_vl: vision_start / vision_end / video token ids, kept
+    audio: AudioConfig | None = None  # an audio tower (qwen2_audio's own; or the `audio/` folder beside a VLM)
     num_feature_layers: int = field(init=False)
     num_visual_tokens: int = field(init=False)
 
@@ -139,6 +142,12 @@ class VLMConfig:
         if self.vision_feature_select_strategy not in ("default", "full"):
             raise ConfigError(f"vision_feature_select_strategy must be 'default' or 'full', "
                               f"got {self.vision_feature_select_strategy!r}")
+        if self.vision is None:  # qwen2_audio: no vision tower, no image parts
+            if self.audio is None or self.family != "qwen2_audio":
+                raise ConfigError("a model without a vision tower needs an audio tower (model_type qwen2_audio)")
+            object.__setattr__(self, "num_feature_layers", 0)
+            object.__setattr__(self, "num_visual_tokens", 0)
+            return
         if isinstance(self.vision, Qwen2VisionConfig):
             if self.family != "qwen2_vl" or self.text.rope.mrope_section is None:
                 raise ConfigError("Qwen2-VL's vision tower goes with model_type qwen2_vl and an M-RoPE text model")
@@ -191,7 +200,7 @@ class VLMConfig:
     @property
     def vision_feature_dim(self) -> int:
         """Channels of the selected features: the encoder width times the number of selected layers."""
-        return self.vision.hidden_size * self.num_feature_layers
+        return self.vision.hidden_size * self.num_feature_layers if self.vision is not None else 0
 
     @classmethod
     def from_hf(cls, d: dict[str, Any]) -> VLMConfig:
@@ -207,6 +216,10 @@ class VLMConfig:
             return cls._from_idefics3(d)
         if model_type == "gemma3":
             return cls._from_gemma3(d)
+        if model_type == "qwen2_audio":
+            text = TextConfig.from_hf({"model_type": "qwen2", **dict(d.get("text_config") or {})})
+            return cls(vision=None, text=text, audio=AudioConfig.from_hf(d), family="qwen2_audio",
+                       image_token_index=-1, tie_word_embeddings=text.tie_word_embeddings)
         text_d = dict(d.get("text_config") or {})
         text_d.setdefault("model_type", "llama")
         vision_d = dict(d.get("vision_config") or {})
@@ -295,6 +308,13 @@ class VLMConfig:
                    token_ids=tuple((k, int(d[k])) for k in _GEMMA3_TOKEN_IDS if k in d))
 
     def to_hf(self) -> dict[str, Any]:
+        """config.json; an audio tower beside a vision one is not in it (it is `audio/config.json`)."""
+        if self.vision is None:
+            assert self.audio is not None  # checked at construction
+            audio = self.audio.to_hf()
+            del audio["projector_type"]  # Qwen2-Audio's is always one Linear
+            return {"model_type": "qwen2_audio", "architectures": ["Qwen2AudioForConditionalGeneration"],
+                    "text_config": self.text.to_hf(), **audio}
         if self.family == "gemma3":
             return {"model_type": "gemma3", "architectures": ["Gemma3ForConditionalGeneration"],
                     "vision_config": self.vision.to_hf(), "text_config": self.text.to_hf(),

@@ -164,7 +164,7 @@ def prepare_for_serving(model: VisionLanguageModel, *, layout: Layout = "auto", 
     if chosen != "standard" and packing_works(dtype):
         # Images arrive many patches at a time: the encoder and projector multiply tens to thousands of rows, where
         # packed weights are the fastest whatever the decode batch.
-        for name in ("vision_tower", "multi_modal_projector", "visual"):  # `visual`: Qwen2-VL's tower and merger
+        for name in ("vision_tower", "multi_modal_projector", "visual", "audio"):  # `visual`: Qwen2-VL's tower
             if isinstance(part := getattr(model, name, None), nn.Module):
                 _relayout(part, "packed")
     log.info("weights laid out for serving: %s (%s, %s)", chosen, device.type, str(dtype).removeprefix("torch."))

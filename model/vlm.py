@@ -5,7 +5,9 @@ image; for `llava_next`, a grid of tiles plus the whole image, packed as model/a
 image at its own resolution through Qwen2-VL's tower and patch merger (model/qwen2_vision.py), placed with M-RoPE
 positions (model/mrope.py); for `idefics3`, the tiles of model/idefics3.py's split through a SigLIP tower (its
 post-LayerNorm applied) and the pixel shuffle, laid out with the tile tags the image's token layout holds; for
-`gemma3`, one SigLIP view average-pooled (model/projector.py) into a Gemma 3 LM (model/gemma3_text.py).
+`gemma3`, one SigLIP view average-pooled (model/projector.py) into a Gemma 3 LM (model/gemma3_text.py). A model
+with an audio tower (model/audio.py: qwen2_audio's, or one beside a vision tower) turns each clip's mel features into
+audio tokens the same way, placed at its own placeholder id (`audio.audio_token_index`).
 
 Images enter the prompt in one of two ways:
 - at the placeholder: the prompt carries `image_token_index` once per visual token (LLaVA); those positions take
@@ -20,6 +22,7 @@ import torch
 from torch import nn
 
 from .anyres import Anyres, Layout
+from .audio import AudioTower
 from .config import VLMConfig
 from .gemma3_text import Gemma3TextModel
 from .idefics3 import bucket_positions
@@ -39,6 +42,11 @@ class VisionLanguageModel(nn.Module):
         self.bidirectional_images = config.family == "gemma3"
         self.anyres: Anyres | None = None
         self.qwen2_vision: Qwen2VisionConfig | None = None
+        self.audio: AudioTower | None = None
+        if config.audio is not None:
+            self.audio = AudioTower(config.audio, llm_dim=config.text.hidden_size)
+        if config.vision is None:  # qwen2_audio: audio only
+            return
         if isinstance(config.vision, Qwen2VisionConfig):  # qwen2_vl: its tower ends in the merger (no projector)
             self.qwen2_vision = config.vision
             self.visual = Qwen2VisionTower(config.vision)
@@ -108,6 +116,12 @@ class VisionLanguageModel(nn.Module):
         if done != flat.shape[0]:
             raise ValueError(f"the token layouts hold {done} image slots but the tiles give {flat.shape[0]} tokens")
         return out
+
+    def encode_audio(self, features: torch.Tensor, frames: list[int]) -> list[torch.Tensor]:  # (N, M, F)
+        """Each clip's audio tokens (num_tokens(frames_i), D) from its padded mel features and valid frames."""
+        if self.audio is None:
+            raise ValueError("this model has no audio tower")
+        return self.audio(features, frames)
 
     # -- text + images ----------------------------------------------------------------------------------------------
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:  # (B, T)

@@ -31,6 +31,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .audio_weights import AUDIO_SAVE_RULES, audio_sidecar, audio_tensor_name, with_audio_sidecar
 from .config import VLMConfig
 from .vlm import VisionLanguageModel
 
@@ -50,6 +51,7 @@ _LOAD_RULES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
         (r"^model\.text_model\.", "language_model."),  # Idefics3 / SmolVLM (Hub and transformers 5 alike)
         (r"^model\.vision_model\.", "vision_tower."),
         (r"^model\.connector\.modality_projection\.", "multi_modal_projector."),
+        (r"^(?:model\.)?audio_tower\.", "audio.audio_tower."),  # Qwen2-Audio's tower (its projector: audio_weights)
         (r"^model\.", "language_model."),  # Qwen2-VL's Hub layout: the LM's `model.layers.*`, `model.embed_tokens`
     )
 )
@@ -74,6 +76,11 @@ _SAVE_RULES_IDEFICS3: tuple[tuple[str, str], ...] = (  # the Idefics3 / SmolVLM 
     ("language_model.", "model.text_model."),
     ("vision_tower.", "model.vision_model."),
     ("multi_modal_projector.", "model.connector.modality_projection."),
+)
+_SAVE_RULES_QWEN2_AUDIO: tuple[tuple[str, str], ...] = (  # the Qwen2-Audio Hub layout
+    ("language_model.lm_head.", "language_model.lm_head."),
+    ("language_model.", "language_model.model."),
+    *AUDIO_SAVE_RULES,
 )
 _CHECKPOINT_FILES = ("*.json", "*.safetensors", "*.jinja", "*.model", "*.txt")
 # (our module path, the checkpoint's parts in order, the fused module): q/k/v and gate/up, one matmul each.
@@ -191,14 +198,16 @@ def load_model(
 ) -> VisionLanguageModel:
     """Build the model on the meta device and assign the checkpoint's tensors into it, in eval mode."""
     ckpt = resolve_checkpoint(path_or_id)
-    config = VLMConfig.from_file(ckpt / "config.json")
+    config = with_audio_sidecar(VLMConfig.from_file(ckpt / "config.json"), ckpt)
     with torch.device("meta"):
         model = VisionLanguageModel(config, max_positions=max_positions)
     expected = {k for k in model.state_dict() if not (config.text.tie_word_embeddings and k.endswith("lm_head.weight"))}
     state: dict[str, torch.Tensor] = {}
     unexpected: list[str] = []
     pending: dict[str, dict[int, torch.Tensor]] = {}  # fused name -> the parts read so far
-    for name, tensor in iter_checkpoint_tensors(ckpt, device=device, dtype=dtype):
+    tensors = iter_checkpoint_tensors(ckpt, device=device, dtype=dtype)
+    for name, tensor in audio_sidecar(tensors, ckpt, config, device=device, dtype=dtype):
+        name = audio_tensor_name(name, config)
         if (fused := fused_part(name)) is not None and fused[0] in expected:
             target, index, count = fused
             parts = pending.setdefault(target, {})
@@ -247,7 +256,8 @@ def checkpoint_state(model: VisionLanguageModel) -> dict[str, torch.Tensor]:
     embeddings stored once."""
     out: dict[str, torch.Tensor] = {}
     tied = model.config.text.tie_word_embeddings
-    rules = {"qwen2_vl": _SAVE_RULES_QWEN2_VL, "idefics3": _SAVE_RULES_IDEFICS3}.get(model.config.family, _SAVE_RULES)
+    rules = {"qwen2_vl": _SAVE_RULES_QWEN2_VL, "idefics3": _SAVE_RULES_IDEFICS3,
+             "qwen2_audio": _SAVE_RULES_QWEN2_AUDIO}.get(model.config.family, _SAVE_RULES)
     for fused_name, fused_tensor in model.state_dict().items():
         if tied and fused_name == "language_model.lm_head.weight":
             continue

@@ -1,0 +1,66 @@
+"""Where an audio tower's tensors live in a checkpoint, for model/weights.py.
+
+- `qwen2_audio` (the Hub's layout): `audio_tower.*` and `multi_modal_projector.linear.*` beside `language_model.*`;
+  its `multi_modal_projector` is the audio projector (LLaVA's is the vision one, hence the family decides).
+- A vision-language checkpoint with an `audio/` folder: `audio/config.json` (model/audio_config.py `AudioConfig`),
+  `audio/model.safetensors` with the same `audio_tower.*` / `multi_modal_projector.*` names, and
+  `audio/preprocessor_config.json` (the Whisper feature extractor). transformers and vLLM read the folder above it
+  as the LLaVA checkpoint it is and never look inside `audio/`.
+Our modules sit under `audio.` (model/vlm.py `VisionLanguageModel.audio`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .audio_config import AudioConfig
+from .config import VLMConfig
+
+log = logging.getLogger(__name__)
+
+AUDIO_DIR = "audio"
+AUDIO_SAVE_RULES: tuple[tuple[str, str], ...] = (
+    ("audio.audio_tower.", "audio_tower."),
+    ("audio.multi_modal_projector.", "multi_modal_projector."),
+)
+
+
+def with_audio_sidecar(config: VLMConfig, ckpt: Path) -> VLMConfig:
+    """`config` with the audio tower of `ckpt/audio/` where there is one (a new config; none is mutated)."""
+    file = ckpt / AUDIO_DIR / "config.json"
+    if config.audio is not None or not file.is_file():
+        return config
+    return replace(config, audio=AudioConfig.from_hf(json.loads(file.read_text())))
+
+
+def audio_tensor_name(name: str, config: VLMConfig) -> str:
+    """Our name for a tensor already mapped by the LLaVA rules: qwen2_audio's projector is the audio one."""
+    if config.family == "qwen2_audio" and name.startswith("multi_modal_projector."):
+        return "audio." + name
+    return name
+
+
+def audio_sidecar(tensors: Iterator[tuple[str, torch.Tensor]], ckpt: Path, config: VLMConfig, *,
+                  device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+                  ) -> Iterator[tuple[str, torch.Tensor]]:
+    """The checkpoint's tensors, then (for a vision-language checkpoint with an `audio/` folder) its audio ones."""
+    yield from tensors
+    file = ckpt / AUDIO_DIR / "model.safetensors"
+    if config.family == "qwen2_audio" or config.audio is None:
+        return
+    if not file.is_file():
+        raise ValueError(f"{ckpt / AUDIO_DIR} has a config.json but no model.safetensors")
+    with safe_open(str(file), framework="pt", device=str(torch.device(device))) as f:
+        for key in f.keys():  # noqa: SIM118 - safe_open is not a dict
+            t = f.get_tensor(key)
+            if dtype is not None and t.is_floating_point():
+                t = t.to(dtype)
+            yield "audio." + key.removeprefix("model."), t
+    log.info("audio tower from %s", file)
