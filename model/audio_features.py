@@ -89,7 +89,8 @@ def mel_filter_bank(*, num_frequency_bins: int, num_mel_filters: int, sampling_r
     up = slopes[:, 2:] / diff[1:]  # (F, M)
     filters = np.maximum(0.0, np.minimum(down, up))  # (F, M)
     enorm = 2.0 / (filter_freqs[2 : num_mel_filters + 2] - filter_freqs[:num_mel_filters])  # (M,)
-    return filters * enorm[None, :]  # (F, M)
+    out: np.ndarray = filters * enorm[None, :]  # (F, M)
+    return out
 
 
 class FeatureExtractor:

@@ -13,7 +13,7 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
-from .messages import ChatMessage, TextPart
+from .messages import AudioPart, ChatMessage, TextPart
 
 _PRIVATE_USE = range(0xE000, 0xF900)  # Unicode private use area: sentinel characters come from here
 
@@ -117,8 +117,9 @@ def to_hf(message: ChatMessage, transform: Callable[[str], str]) -> dict[str, An
         out: dict[str, Any] = {"role": message.role, "content": transform(message.content)}
     else:
         parts = [
-            {"type": "text", "text": transform(p.text)} if isinstance(p, TextPart) else {"type": "image"}
-            for p in message.content
+            {"type": "text", "text": transform(p.text)} if isinstance(p, TextPart) else
+            {"type": "audio", "audio": ""} if isinstance(p, AudioPart) else {"type": "image"}
+            for p in message.content  # the key `audio`: Qwen2-Audio's template tests `'audio' in content`
         ]
         out = {"role": message.role, "content": parts}
     if message.tool_calls:

@@ -16,6 +16,7 @@ from typing import Any
 
 _ROLES = frozenset({"system", "user", "assistant", "tool"})
 _IMAGE_PART_TYPES = frozenset({"image", "image_url", "input_image"})
+_AUDIO_PART_TYPES = frozenset({"audio", "input_audio"})
 MAX_NESTING = 64  # JSON that tools and tool calls may nest (deeper is no function's schema, only an attack)
 
 
@@ -49,7 +50,12 @@ class ImagePart:
     url: str | None = None
 
 
-Part = TextPart | ImagePart
+@dataclass(frozen=True)
+class AudioPart:
+    """Marks where an audio clip sits in a message; the samples are handled elsewhere (model/audio_decode.py)."""
+
+
+Part = TextPart | ImagePart | AudioPart
 
 
 @dataclass(frozen=True)
@@ -89,10 +95,15 @@ class ChatMessage:
         """Image parts in this message."""
         return 0 if isinstance(self.content, str) else sum(isinstance(p, ImagePart) for p in self.content)
 
+    @property
+    def num_audios(self) -> int:
+        """Audio parts in this message."""
+        return 0 if isinstance(self.content, str) else sum(isinstance(p, AudioPart) for p in self.content)
+
 
 def parse_part(part: Part | Mapping[str, Any]) -> Part:
     """One OpenAI content part (`{"type": "text", "text": ...}`, `{"type": "image_url", ...}`) as a typed part."""
-    if isinstance(part, TextPart | ImagePart):
+    if isinstance(part, TextPart | ImagePart | AudioPart):
         return part
     if not isinstance(part, Mapping):
         raise ValueError(f"content part must be an object, got {type(part).__name__}")
@@ -107,6 +118,8 @@ def parse_part(part: Part | Mapping[str, Any]) -> Part:
         if isinstance(ref, Mapping):
             ref = ref.get("url")
         return ImagePart(url=ref if isinstance(ref, str) else None)
+    if kind in _AUDIO_PART_TYPES:
+        return AudioPart()
     raise ValueError(f"unsupported content part type {kind!r}")
 
 

@@ -39,6 +39,7 @@ from .token_pieces import TokenPieces
 logger = logging.getLogger(__name__)
 
 DEFAULT_IMAGE_TOKEN = "<image>"
+DEFAULT_AUDIO_TOKEN = "<|AUDIO|>"  # Qwen2-Audio's placeholder
 
 
 
@@ -69,6 +70,7 @@ class EncodedPrompt:
     input_ids: list[int]
     image_spans: tuple[ImageSpan, ...] = ()
     prepend_images: bool = False
+    audio_spans: tuple[ImageSpan, ...] = ()  # the i-th audio part's slots (id = audio_token_id)
     prompt: str = field(default="", repr=False)  # the rendered template (user text as written), for logs and debug
 
     @property
@@ -103,6 +105,8 @@ class ChatTokenizer:
         image_token_id: int | None = None,
         eos_token_ids: Sequence[int] = (),
         image_wrap: tuple[str, str] | None = None,
+        audio_token: str | None = None,
+        audio_token_id: int | None = None,
     ) -> None:
         backend = getattr(tokenizer, "backend_tokenizer", None)
         if not isinstance(backend, Tokenizer):
@@ -155,12 +159,17 @@ class ChatTokenizer:
                 image_token_id,
             )
         self._image_token_id = image_token_id
+        # Audio (a model with an audio tower): the template's placeholder (`<|AUDIO|>`) and the slots' id.
+        if audio_token is None and audio_token_id is not None:
+            audio_token = DEFAULT_AUDIO_TOKEN if DEFAULT_AUDIO_TOKEN in vocab else None
+        self.audio_token: str | None = audio_token
+        self._audio_placeholder_id: int | None = vocab.get(audio_token) if audio_token is not None else None
+        self._audio_token_id = audio_token_id if audio_token_id is not None else self._audio_placeholder_id
 
         # Every control-token string a client could type: escaped in message text before rendering.
         control = {str(tok) for tok in added.values() if tok.special}
         control.update(t for t in tokenizer.all_special_tokens if t)
-        if image_token:
-            control.add(image_token)
+        control.update(t for t in (image_token, audio_token) if t)
         self._control_tokens = tuple(sorted(control, key=lambda s: (-len(s), s)))
         self._control_index = {t: i for i, t in enumerate(self._control_tokens)}
         self._control_re = re.compile("|".join(re.escape(t) for t in self._control_tokens)) if control else None
@@ -188,8 +197,12 @@ class ChatTokenizer:
         if config.get("model_type") == "gemma3":  # its processor's image_token is <start_of_image>: the wrap's
             boi, eoi, image_token = tokenizer.boi_token, tokenizer.eoi_token, tokenizer.image_token
             wrap = (boi, f"\n\n{boi}{image_token}{eoi}\n\n")
+        audio = config if config.get("model_type") == "qwen2_audio" else read_json(path, "audio/config.json") or {}
+        audio_token_id = audio.get("audio_token_index", audio.get("audio_token_id"))
         return cls(
             tokenizer,
+            audio_token=processor.get("audio_token"),
+            audio_token_id=int(audio_token_id) if audio_token_id is not None else None,
             chat_template=chat_template or template_from_checkpoint(path, tokenizer),
             image_token=image_token,
             image_token_id=int(image_token_id) if image_token_id is not None else None,
@@ -218,6 +231,11 @@ class ChatTokenizer:
     def image_token_id(self) -> int | None:
         """The id of visual-token slots (the model's `image_token_index`)."""
         return self._image_token_id
+
+    @property
+    def audio_token_id(self) -> int | None:
+        """The id of audio-token slots (the audio tower's `audio_token_index`); None without one."""
+        return self._audio_token_id
 
     @property
     def vocab_size(self) -> int:
@@ -275,6 +293,7 @@ class ChatTokenizer:
         add_generation_prompt: bool = True,
         tools: Sequence[Mapping[str, Any]] | None = None,
         token_limit: int | None = None,
+        num_audio_tokens: Sequence[int] = (),
     ) -> EncodedPrompt:
         """Render `messages` with the chat template and tokenize it, each image expanded to its visual-token slots.
 
@@ -282,10 +301,16 @@ class ChatTokenizer:
         ValueError when the template writes a different (non-zero) number of image placeholders than there are image
         parts. A template that writes none gets the slots prepended (`EncodedPrompt.prepend_images`). `tools` (OpenAI's
         function definitions) reach the template as transformers' `tools` variable; their text is escaped as messages'.
+        Audio parts become `num_audio_tokens` slots each (one count per audio part), at the template's audio
+        placeholders, which must match the parts one to one.
         """
         parsed = parse_messages(messages)
         n_images = sum(m.num_images for m in parsed)
         counts = image_token_counts(num_image_tokens, n_images)
+        n_audios = sum(m.num_audios for m in parsed)
+        audio_counts = image_token_counts(list(num_audio_tokens), n_audios)
+        if n_audios and self._audio_token_id is None:
+            raise ValueError("the tokenizer has no audio token, so audio cannot be placed in the prompt")
 
         sentinel = Sentinel.choose(self._reserved_chars, client_texts(parsed, tools))
         prompt = self._render(parsed, add_generation_prompt, lambda text: self._escape(text, sentinel), tools)
@@ -316,6 +341,13 @@ class ChatTokenizer:
                 "image part(s); image parts and placeholders must match one to one"
             )
         prepend = n_images > 0 and n_placeholders == 0
+        audio_placeholder, audio_slot = self._audio_placeholder_id, self._audio_token_id
+        n_audio_placeholders = 0 if audio_placeholder is None else ids.count(audio_placeholder)
+        if n_audio_placeholders != n_audios:
+            raise ValueError(f"the chat template wrote {n_audio_placeholders} audio placeholder(s) "
+                             f"{self.audio_token!r} for {n_audios} audio part(s); they must match one to one")
+        audio_spans: list[ImageSpan] = []
+        audios = iter(audio_counts)
         out: list[int] = []
         spans: list[ImageSpan] = []
         images = iter(counts)
@@ -324,20 +356,26 @@ class ChatTokenizer:
             for n in counts:
                 spans.append(ImageSpan(len(out), n))
                 out.extend([slot] * n)
-            out.extend(ids)
-        else:
-            for tok in ids:
-                if tok == placeholder:
-                    assert slot is not None  # a placeholder means there are images (checked above)
-                    n = next(images)
-                    spans.append(ImageSpan(len(out), n))
-                    out.extend([slot] * n)
-                else:
-                    out.append(tok)
+        for tok in ids:
+            if tok == placeholder and not prepend:
+                assert slot is not None  # a placeholder means there are images (checked above)
+                n = next(images)
+                spans.append(ImageSpan(len(out), n))
+                out.extend([slot] * n)
+            elif tok == audio_placeholder:
+                assert audio_slot is not None  # placeholders match audio parts, which need a slot id (above)
+                n = next(audios)
+                audio_spans.append(ImageSpan(len(out), n))
+                out.extend([audio_slot] * n)
+            else:
+                out.append(tok)
         # The slots are exactly the expanded image parts: any other image-token id means something slipped through.
         if self._image_token_id is not None and out.count(self._image_token_id) != sum(counts):
             raise ValueError("the prompt holds image token ids that do not come from image parts")
-        return EncodedPrompt(out, tuple(spans), prepend_images=prepend, prompt=display)
+        if audio_slot is not None and out.count(audio_slot) != sum(audio_counts):
+            raise ValueError("the prompt holds audio token ids that do not come from audio parts")
+        return EncodedPrompt(out, tuple(spans), prepend_images=prepend, prompt=display,
+                             audio_spans=tuple(audio_spans))
 
     # ---------------------------------------------------------------------------------------------------- helpers
 

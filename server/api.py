@@ -24,11 +24,19 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from vlmserve.model.token_pieces import TokenPieces
 
+from .audio_inputs import (
+    audio_bytes,
+    check_audio_supported,
+    check_images_supported,
+    prepare_audio,
+    upload_bytes,
+)
 from .completions import install_completion_routes
 from .engine import EngineError, EngineRequest, Failed, Finished, TextDelta
+from .engine.audio_prepare import in_prompt_order
 from .errors import APIError, install_error_handlers
 from .forms import GENERATE_FIELDS, Form, read_form
-from .inputs import ImageRef, chat_input
+from .inputs import AudioRef, ImageRef, chat_input
 from .logprobs import choice_logprobs
 from .middleware import BodyBudget, BodyLimit, StatusCounter
 from .ollama import install_ollama_routes
@@ -211,13 +219,18 @@ def _routes(app: FastAPI, state: ServerState) -> None:
                 raise APIError(400, "this model's chat template does not render tool calls or tool messages",
                                param="messages", code="unsupported_parameter")
             check_image_count(state, len(chat.images), "messages")
+            check_images_supported(state, chat.images)
+            check_audio_supported(state, chat.audio)
+            clips = await prepare_audio(state, [(audio_bytes(ref, settings.max_audio_bytes), ref.format, ref.param)
+                                                for ref in chat.audio], salt)  # their token counts: decoded first
             urls = [(ref.url, f"{ref.param}.url") for ref in chat.images]
             datas = await fetch_images(state, urls)
             plans = await image_plans(state, chat.images, "messages", datas)
             encoded = await encode(state, chat.messages, tools.tools if tools is not None else None,
-                                   [p.tokens for p in plans])
+                                   [p.tokens for p in plans], [c.num_tokens for c in clips])
             max_tokens = max_tokens_for(engine, len(encoded.input_ids), body.max_completion_tokens or body.max_tokens)
             images = await prepare_images(state, [(d, p) for d, (_, p) in zip(datas, urls, strict=True)], salt, plans)
+            images = in_prompt_order(encoded, images, clips)
             if constraint is not None:
                 await compile_grammar(engine, *constraint)
             sampling = sampling_of(state, partial(body.to_sampling_params,
@@ -226,8 +239,9 @@ def _routes(app: FastAPI, state: ServerState) -> None:
                                   choice_sampling(sampling, i), max_tokens, body.stop, ignore_eos=body.ignore_eos,
                                   cache_salt=salt, logprobs=(body.top_logprobs or 0) if body.logprobs else None,
                                   grammar=constraint[0] if constraint is not None else None) for i in range(body.n)]
-            log.info("%s: %d prompt tokens, %d images, max_tokens %d, n %d, stream=%s, user=%s", rid,
-                     len(encoded.input_ids), len(images), max_tokens, body.n, body.stream, body.user)
+            log.info("%s: %d prompt tokens, %d images, %d audio clips, max_tokens %d, n %d, stream=%s, user=%s", rid,
+                     len(encoded.input_ids), len(images) - len(clips), len(clips), max_tokens, body.n, body.stream,
+                     body.user)
             try:
                 choices = ChoiceStreams(engine, reqs)
             except EngineError as e:
@@ -267,6 +281,7 @@ def _routes(app: FastAPI, state: ServerState) -> None:
         if prompt is None:
             raise APIError(400, "the form field 'prompt' is required", param="prompt", code="missing_field")
         uploads = fields.files("image")
+        audio_uploads = fields.files("audio")
         stops = fields.texts("stop")
         if len(stops) > settings.max_stop_sequences or any(not s or len(s) > MAX_STOP_CHARS for s in stops):
             raise APIError(400, f"stop: up to {settings.max_stop_sequences} non-empty strings of at most "
@@ -288,18 +303,26 @@ def _routes(app: FastAPI, state: ServerState) -> None:
         with admission(engine):
             if grammar is not None:
                 await compile_grammar(engine, grammar, "json_schema")
-            content: list[dict[str, Any]] = [{"type": "image"} for _ in uploads] + [{"type": "text", "text": prompt}]
+            content: list[dict[str, Any]] = ([{"type": "image"} for _ in uploads] +
+                                             [{"type": "audio"} for _ in audio_uploads] +
+                                             [{"type": "text", "text": prompt}])  # images first, then audio
             check_image_count(state, len(uploads), "image")
+            image_refs = [ImageRef("", f"image.{i}", detail) for i in range(len(uploads))]
+            check_images_supported(state, image_refs)
+            check_audio_supported(state, [AudioRef("", "", f"audio.{i}") for i in range(len(audio_uploads))])
+            clips = await prepare_audio(state, [(await upload_bytes(u, settings.max_audio_bytes, f"audio.{i}"), None,
+                                                 f"audio.{i}") for i, u in enumerate(audio_uploads)], salt)
             datas = [await u.read() for u in uploads]
-            plans = await image_plans(state, [ImageRef("", f"image.{i}", detail) for i in range(len(uploads))],
-                                      "image", datas)
-            encoded = await encode(state, [{"role": "user", "content": content}], None, [p.tokens for p in plans])
+            plans = await image_plans(state, image_refs, "image", datas)
+            encoded = await encode(state, [{"role": "user", "content": content}], None, [p.tokens for p in plans],
+                                   [c.num_tokens for c in clips])
             max_tokens = max_tokens_for(engine, len(encoded.input_ids), requested)
             images = await prepare_images(state, [(d, f"image.{i}") for i, d in enumerate(datas)], salt, plans)
+            images = in_prompt_order(encoded, images, clips)
             req = EngineRequest(rid, encoded.input_ids, images, sampling, max_tokens, stops, cache_salt=salt,
                                 grammar=grammar)
-            log.info("%s: %d prompt tokens, %d images, max_tokens %d", rid, len(encoded.input_ids), len(images),
-                     max_tokens)
+            log.info("%s: %d prompt tokens, %d images, %d audio clips, max_tokens %d", rid, len(encoded.input_ids),
+                     len(uploads), len(clips), max_tokens)
             stream = submit(engine, req)
         if stream_flag:
             return StreamingResponse(_generate_sse(stream, rid), media_type="text/event-stream", headers=_SSE_HEADERS)

@@ -10,6 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from vlmserve.model.audio_decode import AudioError
 from vlmserve.model.image_decode import ImageError
 
 from .engine import EngineError
@@ -64,7 +65,7 @@ class APIError(Exception):
         if isinstance(exc, EngineError):
             return cls(ENGINE_STATUS.get(exc.code, 500), str(exc), code=exc.code, retry_after=exc.retry_after,
                        param="max_tokens" if exc.code == "context_length_exceeded" else param)
-        if isinstance(exc, ImageError):
+        if isinstance(exc, ImageError | AudioError):
             return cls(exc.status_code, str(exc), code=exc.code, param=param)
         if isinstance(exc, RemoteImageError):
             return cls(413 if exc.too_large else 400, str(exc), code="invalid_image_url", param=param)

@@ -16,8 +16,8 @@ from .schemas import sampling_params
 from .settings import Settings
 
 # The form fields of /v1/generate; any other is refused (a field silently ignored would be believed honoured)
-GENERATE_FIELDS = frozenset({"model", "prompt", "image", "stop", "temperature", "top_p", "top_k", "seed", "stream",
-                             "max_tokens", "cache_salt", "json_schema", "detail"})
+GENERATE_FIELDS = frozenset({"model", "prompt", "image", "audio", "stop", "temperature", "top_p", "top_k", "seed",
+                             "stream", "max_tokens", "cache_salt", "json_schema", "detail"})
 
 
 async def read_form(request: Request, settings: Settings) -> FormData:
@@ -27,8 +27,8 @@ async def read_form(request: Request, settings: Settings) -> FormData:
         raise APIError(400, "POST /v1/generate takes multipart/form-data (fields: image, prompt, ...)",
                        code="invalid_content_type")
     try:
-        return await request.form(max_files=settings.max_images_per_request + 1, max_fields=64,
-                                  max_part_size=settings.max_image_bytes)
+        return await request.form(max_files=settings.max_images_per_request + settings.max_audios_per_request + 1,
+                                  max_fields=64, max_part_size=settings.max_image_bytes)
     except Exception as e:
         raise APIError(400, f"malformed multipart body: {e}", code="invalid_form") from e
 

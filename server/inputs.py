@@ -5,12 +5,12 @@ from __future__ import annotations
 import base64
 import binascii
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import APIError
 from .remote_images import fetch_image
-from .schemas import ImagePart, Message
+from .schemas import AudioPart, ImagePart, Message
 from .settings import Settings
 
 _DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(?:;[\w.+-]+=[^;,]*)*)(?P<b64>;base64)?,",
@@ -30,9 +30,19 @@ class ImageRef:
 
 
 @dataclass(frozen=True)
+class AudioRef:
+    """One audio clip of a request: its base64 data as sent, its declared format, where it sits (for errors)."""
+
+    data: str
+    format: str
+    param: str
+
+
+@dataclass(frozen=True)
 class ChatInput:
-    messages: list[dict[str, Any]]  # tokenizer-shaped: image parts are markers
+    messages: list[dict[str, Any]]  # tokenizer-shaped: image and audio parts are markers
     images: list[ImageRef]  # in prompt order
+    audio: list[AudioRef] = field(default_factory=list)  # in prompt order
 
     @property
     def has_tool_turns(self) -> bool:
@@ -44,6 +54,7 @@ def chat_input(messages: list[Message]) -> ChatInput:
     """Tokenizer messages plus the images in order (their count and budgets are checked by the pipeline)."""
     out: list[dict[str, Any]] = []
     urls: list[ImageRef] = []
+    clips: list[AudioRef] = []
     for i, m in enumerate(messages):
         role = "system" if m.role == "developer" else m.role
         turn: dict[str, Any] = {"role": role}
@@ -64,16 +75,21 @@ def chat_input(messages: list[Message]) -> ChatInput:
                 urls.append(ImageRef(part.image_url.url, f"messages.{i}.content.{j}.image_url", part.image_url.detail,
                                      part.image_url.max_image_tokens))
                 parts.append({"type": "image"})
+            elif isinstance(part, AudioPart):
+                check_image_role(role, f"messages.{i}.content.{j}", "audio clips")
+                clips.append(AudioRef(part.input_audio.data, part.input_audio.format,
+                                      f"messages.{i}.content.{j}.input_audio"))
+                parts.append({"type": "audio"})
             else:
                 parts.append({"type": "text", "text": part.text})
         turn["content"] = parts
-    return ChatInput(out, urls)
+    return ChatInput(out, urls, clips)
 
 
-def check_image_role(role: str, param: str) -> None:
-    """Images go in user turns only (every route's rule): a 400 naming where one stands otherwise."""
+def check_image_role(role: str, param: str, what: str = "images") -> None:
+    """Images (and audio) go in user turns only (every route's rule): a 400 naming where one stands otherwise."""
     if role != "user":
-        raise APIError(400, f"images are only accepted in user messages ({param} is in a {role} message)",
+        raise APIError(400, f"{what} are only accepted in user messages ({param} is in a {role} message)",
                        param=param, code="invalid_value")
 
 

@@ -47,6 +47,13 @@ class Metrics(Observer):
         self.images = Counter("vlmserve:vision_images_encoded", "Images run through the encoder", registry=r)
         self.cache_hits = Counter("vlmserve:vision_cache_hits", "Visual-token cache hits", registry=r)
         self.cache_misses = Counter("vlmserve:vision_cache_misses", "Visual-token cache misses", registry=r)
+        self.audio_preprocess = Histogram("vlmserve:audio_preprocess_seconds", "Audio decode + features time",
+                                          registry=r, buckets=_LATENCY_BUCKETS)
+        self.audio_encoder = Histogram("vlmserve:audio_encoder_seconds", "Audio encoder time per admission batch",
+                                       registry=r, buckets=_LATENCY_BUCKETS)
+        self.audio_clips = Counter("vlmserve:audio_clips_encoded", "Audio clips run through the encoder", registry=r)
+        self.audio_cache_hits = Counter("vlmserve:audio_cache_hits", "Audio-token cache hits", registry=r)
+        self.audio_cache_misses = Counter("vlmserve:audio_cache_misses", "Audio-token cache misses", registry=r)
         self.kv_usage = Gauge("vlmserve:kv_cache_usage_perc", "Share of KV blocks in use (1 = full)", registry=r)
         self.prefix_queries = Counter("vlmserve:prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
                                       registry=r)
@@ -95,6 +102,13 @@ class Metrics(Observer):
         self.images.inc(images)
         self.cache_hits.inc(hits)
         self.cache_misses.inc(misses)
+
+    def audio(self, encoder_seconds: float, clips: int, hits: int, misses: int) -> None:
+        if clips:
+            self.audio_encoder.observe(encoder_seconds)
+        self.audio_clips.inc(clips)
+        self.audio_cache_hits.inc(hits)
+        self.audio_cache_misses.inc(misses)
 
     def kv_cache(self, usage: float, prefix_queries: int, prefix_hits: int, preemptions: int) -> None:
         self.kv_usage.set(usage)

@@ -151,7 +151,7 @@ async def fetch_images(state: ServerState, urls: Sequence[tuple[str, str]]) -> l
 
 
 async def encode(state: ServerState, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
-                 image_tokens: Sequence[int] | None = None) -> EncodedPrompt:
+                 image_tokens: Sequence[int] | None = None, audio_tokens: Sequence[int] = ()) -> EncodedPrompt:
     """The chat's prompt ids (with the functions it offers, `tools`; each image as its `image_tokens` slots),
     tokenized in the thread pool; one that cannot fit the context is refused before."""
     assert state.preparer is not None and state.engine is not None
@@ -162,7 +162,8 @@ async def encode(state: ServerState, messages: list[dict[str, Any]], tools: list
                        code="context_length_exceeded")
     loop = asyncio.get_running_loop()
     try:
-        return await loop.run_in_executor(state.executor, preparer.encode, messages, tools, image_tokens, context)
+        return await loop.run_in_executor(state.executor, preparer.encode, messages, tools, image_tokens, context,
+                                          audio_tokens)
     except PromptTooLong as e:  # the rendered template (tools included) is surely over: refused untokenized
         raise APIError(400, f"the prompt is at least {e.floor} tokens; the context is {context}", param="messages",
                        code="context_length_exceeded") from e

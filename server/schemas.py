@@ -96,7 +96,19 @@ class ImagePart(_Strict):
     image_url: ImageURL
 
 
-ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+class InputAudio(_Strict):
+    data: str = Field(max_length=64 * 1024**2)  # base64 of the file's bytes; the byte cap is --max-audio-bytes
+    format: Literal["wav", "mp3", "flac"]
+
+
+class AudioPart(_Strict):
+    """OpenAI's `input_audio` content part."""
+
+    type: Literal["input_audio"]
+    input_audio: InputAudio
+
+
+ContentPart = Annotated[TextPart | ImagePart | AudioPart, Field(discriminator="type")]
 
 
 class CalledFunction(_Strict):

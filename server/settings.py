@@ -9,6 +9,8 @@ from typing import Annotated, Any, Literal, TypeVar
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from vlmserve.model.audio_decode import AudioLimits
+
 from .engine.config import CPU_KV_CACHE_MB, CUDA_KV_CACHE_SHARE, EngineConfig, ImageLimits
 
 C = TypeVar("C", EngineConfig, ImageLimits)
@@ -86,6 +88,12 @@ class Settings(BaseSettings):
     max_mm_tokens_per_request: int | None = Field(
         None, ge=1, description="visual tokens of all of a request's images together; past it: 400 (none: no cap)"
     )
+    max_audio_seconds: float = Field(
+        AudioLimits.max_seconds, gt=0, description="one audio clip's duration (at most the model's window, the "
+        "Whisper 30 s); past it: 400")
+    max_audio_bytes: int = Field(
+        AudioLimits.max_bytes, ge=1, description="one audio clip's encoded bytes cap; past it: 413")
+    max_audios_per_request: int = Field(4, ge=0, description="audio clips in one request; past it: 400")
     max_stop_sequences: int = Field(8, ge=0, description="stop strings in one request; past it: 400")
     max_n: int = Field(8, ge=1, le=128, description="choices (`n`) in one chat request; past it: 400")
     vision_cache_mb: int = Field(int(EngineConfig.vision_cache_mb), ge=0, description="visual-token cache size")
@@ -177,6 +185,10 @@ class Settings(BaseSettings):
     def image_limits(self) -> ImageLimits:
         """The preprocessing limits, each from the setting of the same name."""
         return self._by_name(ImageLimits)
+
+    def audio_limits(self) -> AudioLimits:
+        """The audio decoding caps (--max-audio-seconds, --max-audio-bytes)."""
+        return AudioLimits(max_seconds=self.max_audio_seconds, max_bytes=self.max_audio_bytes)
 
     def _by_name(self, cls: type[C]) -> C:
         names = type(self).model_fields

@@ -25,6 +25,7 @@ from vlmserve.model.vlm import VisionLanguageModel
 from vlmserve.model.weights import load_model, resolve_checkpoint
 
 from .engine import Engine, Event, Failed, Finished
+from .engine.audio_prepare import AudioPreparer
 from .engine.prepare import RequestPreparer
 from .engine.serving import ServingEngine
 from .errors import APIError
@@ -88,6 +89,7 @@ class ServerState:
         self.model_id = settings.model_id()
         self.engine: ServingEngine | None = None
         self.preparer: RequestPreparer | None = None
+        self.audio: AudioPreparer | None = None  # a model with an audio tower
         self.tool_parser = "hermes"  # how answers' tool calls are read (settled at load)
         self.generation_defaults: dict[str, Any] = {}
         self.executor = ThreadPoolExecutor(max_workers=settings.preprocess_workers, thread_name_prefix="preprocess")
@@ -132,7 +134,12 @@ class ServerState:
         self.tool_parser = (parser_for_template(tokenizer.chat_template) if s.tool_call_parser == "auto"
                             else s.tool_call_parser)
         log.info("tool calls: %s (template renders tools: %s)", self.tool_parser, tokenizer.renders_tools)
-        processor = ImageProcessor.from_pretrained(path)
+        # A model without a vision tower (qwen2_audio) refuses image parts before any processing; its preparer
+        # still holds an image processor, CLIP's defaults, that no request reaches.
+        processor = (ImageProcessor.from_pretrained(path) if model.config.vision is not None
+                     else ImageProcessor.for_vision_model("clip_vision_model", 224))
+        if model.config.audio is not None:
+            self.audio = AudioPreparer.for_checkpoint(path, model.config.audio.encoder, s.audio_limits())
         self.preparer = RequestPreparer(tokenizer, processor, model.config.num_visual_tokens, s.image_limits(),
                                         anyres=model.anyres)
         log.debug("longest token: %d bytes", tokenizer.max_token_bytes)  # computed now, not on a request
@@ -140,17 +147,22 @@ class ServerState:
         return tokenizer
 
     def _warm_up(self) -> None:
-        """Two short generations with an image, side by side: the first real requests pay for no lazy
-        initialisation (with `compile`, the decode step compiles here: for one sequence, and for several)."""
+        """Two short generations with an image (and a clip, with an audio tower), side by side: the first real
+        requests pay for no lazy initialisation (with `compile`, the decode step compiles here: for one sequence,
+        and for several)."""
         assert isinstance(self.engine, Engine) and self.preparer is not None
         buf = io.BytesIO()
         Image.new("RGB", (64, 64), (128, 128, 128)).save(buf, "PNG")
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "warm up"}]}]
+        sees = self.engine.model.config.vision is not None
+        images = [buf.getvalue()] if sees else []
+        audio = [self.audio.clip(_silence_wav(), "wav")] if self.audio is not None else []
+        parts = [{"type": "image"}] * len(images) + [{"type": "audio"}] * len(audio)
+        messages = [{"role": "user", "content": [*parts, {"type": "text", "text": "warm up"}]}]
         sinks: list[queue.Queue[Event]] = []
         side_by_side = (8, 4) if self.engine.config.max_running >= 2 else (8,)  # one row: one at a time
         for i, max_tokens in enumerate(side_by_side):
-            req = self.preparer.request(f"warmup-{i}", messages, [buf.getvalue()],
-                                        sampling=SamplingParams(temperature=0), max_tokens=max_tokens)
+            req = self.preparer.request(f"warmup-{i}", messages, images, sampling=SamplingParams(temperature=0),
+                                        max_tokens=max_tokens, audio=audio)
             req.ignore_eos = True  # every step runs, whatever the model answers
             sinks.append(queue.Queue())
             self.engine.submit(req, sinks[-1].put)
@@ -184,6 +196,19 @@ class ServerState:
         if self.engine is not None:
             self.engine.shutdown(timeout=self.settings.drain_timeout)
         self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _silence_wav() -> bytes:
+    """One second of 16 kHz silence as WAV bytes (the warm-up clip)."""
+    import wave
+
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes(bytes(32000))
+    return buf.getvalue()
 
 
 def _generation_defaults(path: Path) -> dict[str, Any]:

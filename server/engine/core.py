@@ -55,6 +55,7 @@ class EngineCore:
         if self.max_model_len > natural:
             raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's {natural} positions")
         self.image_token_id = model.config.image_token_index
+        self.audio_token_id = model.config.audio.audio_token_index if model.config.audio is not None else None
         per_block = bytes_per_block(num_layers=text.num_hidden_layers, block_size=config.block_size,
                                     num_kv_heads=text.num_key_value_heads, head_dim=text.head_dim, dtype=self.dtype)
         num_blocks = self._pool_bytes() // per_block
@@ -98,7 +99,7 @@ class EngineCore:
     def make_sequence(self, req: EngineRequest) -> Sequence:
         """Validate a request (pure: safe from any thread) and make its sequence. Raises EngineError."""
         try:
-            spans = image_spans(req, self.image_token_id)
+            spans = image_spans(req, self.image_token_id, self.audio_token_id)
         except ValueError as e:
             raise BadRequest(str(e)) from e
         max_tokens = self.resolve_max_tokens(len(req.prompt_ids), req.max_tokens)

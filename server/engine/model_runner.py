@@ -257,7 +257,8 @@ class ModelRunner:
         layouts: dict[tuple[str, str], Layout] = {}  # tiled (llava_next) images: size and grid
         grids: dict[tuple[str, str], Grid] = {}  # qwen2_vl images: their patch grids
         token_layouts: dict[tuple[str, str], tuple[int, ...]] = {}  # idefics3 images: their spans' ids
-        hits = 0
+        frames: dict[tuple[str, str], int] = {}  # audio clips: their valid mel frames
+        hits = audio_hits = 0  # audio_hits: of them, clips' (kept out of the vision metrics)
         for seq, n in batch.items:
             for span in seq.spans_in(seq.num_computed, seq.num_computed + n):
                 if span.index in seq.visual:
@@ -267,9 +268,11 @@ class ModelRunner:
                 tokens = img.visual_tokens if img.visual_tokens is not None else self.vision_cache.get(key)
                 if tokens is None and key in todo:
                     hits += 1  # the same image twice in this step: encoded once
+                    audio_hits += img.is_audio
                 if tokens is not None:
                     seq.visual[span.index] = tokens
                     hits += 1
+                    audio_hits += img.is_audio
                 elif img.pixel_values is not None:
                     todo.setdefault(key, []).append((seq, span.index))
                     pixels[key] = img.pixel_values
@@ -279,17 +282,25 @@ class ModelRunner:
                         grids[key] = img.grid
                     if img.token_layout is not None:
                         token_layouts[key] = img.token_layout
+                    if img.audio_frames is not None:
+                        frames[key] = img.audio_frames
                 else:
                     todo.setdefault(key, []).append((seq, span.index))
         encoded: dict[tuple[str, str], torch.Tensor] = {}
-        by_shape: dict[tuple[int, ...], list[tuple[str, str]]] = {}
-        for key in pixels:  # qwen2_vl's tower (idefics3's: tiles) takes images of any size side by side: one group
-            by_shape.setdefault(() if key in grids or key in token_layouts else tuple(pixels[key].shape), []
-                                ).append(key)
-        for keys in by_shape.values():
+        by_shape: dict[tuple[int | str, ...], list[tuple[str, str]]] = {}
+        for key in pixels:  # qwen2_vl's tower (idefics3's: tiles) takes images of any size side by side: one group;
+            # audio clips: one group
+            shape: tuple[int | str, ...] = (("audio",) if key in frames else () if key in grids or key in token_layouts
+                                            else pixels[key].shape)
+            by_shape.setdefault(shape, []).append(key)
+        audio_seconds = 0.0
+        for group, keys in by_shape.items():
             step = self.max_images_per_encode
+            t_group = time.perf_counter()
             for i in range(0, len(keys), step):
-                encoded.update(self._encode([*keys[i : i + step]], pixels, layouts, grids, token_layouts))
+                encoded.update(self._encode([*keys[i : i + step]], pixels, layouts, grids, token_layouts, frames))
+            if group == ("audio",):
+                audio_seconds = time.perf_counter() - t_group
         failed: set[int] = set()
         for key, users in todo.items():
             tokens = encoded.get(key)
@@ -304,19 +315,26 @@ class ModelRunner:
                     seq.visual[index] = tokens
         self.counters.vision_cache_hits += hits
         self.counters.vision_cache_misses += len(pixels)
-        if pixels or hits:
-            self.observer.vision(time.perf_counter() - t0, len(pixels), hits, len(pixels))
+        clips = len(frames)
+        images, image_hits = len(pixels) - clips, hits - audio_hits
+        if images or image_hits:
+            self.observer.vision(time.perf_counter() - t0 - audio_seconds, images, image_hits, images)
+        if clips or audio_hits:
+            self.observer.audio(audio_seconds, clips, audio_hits, clips)
         return failed
 
     def _encode(self, keys: Seq[tuple[str, str]], pixels: dict[tuple[str, str], torch.Tensor],
                 layouts: dict[tuple[str, str], Layout], grids: dict[tuple[str, str], Grid],
-                token_layouts: dict[tuple[str, str], tuple[int, ...]]) -> dict[tuple[str, str], torch.Tensor]:
-        """Encode images of one pixel shape (qwen2_vl: of any) in one call; on failure retry one by one so that only
-        the bad image is lost."""
+                token_layouts: dict[tuple[str, str], tuple[int, ...]], frames: dict[tuple[str, str], int]
+                ) -> dict[tuple[str, str], torch.Tensor]:
+        """Encode images of one pixel shape (qwen2_vl, idefics3: of any; audio clips: their features) in one call;
+        on failure retry one by one so that only the bad image is lost."""
         try:
             moved = [pixels[k].to(self.device, self.dtype, non_blocking=True) for k in keys]
             tokens: Seq[torch.Tensor]
-            if self.model.qwen2_vision is not None:  # patches side by side (sum N_i, C*T*P*P) -> each (n_i, D)
+            if keys[0] in frames:  # audio: (N, M, F) features -> each clip's (n_i, D)
+                tokens = self.model.encode_audio(torch.stack(moved), [frames[k] for k in keys])
+            elif self.model.qwen2_vision is not None:  # patches side by side (sum N_i, C*T*P*P) -> each (n_i, D)
                 tokens = self.model.encode_patches(torch.cat(moved), [grids[k] for k in keys])
             elif self.model.config.family == "idefics3":  # tiles (sum T_i, C, H, W) -> each image's span (L_i, D)
                 tokens = self.model.encode_split(torch.cat(moved), [self._tensor(token_layouts[k]) for k in keys])
@@ -330,7 +348,7 @@ class ModelRunner:
                 return {}
             out: dict[tuple[str, str], torch.Tensor] = {}
             for k in keys:
-                out.update(self._encode([k], pixels, layouts, grids, token_layouts))
+                out.update(self._encode([k], pixels, layouts, grids, token_layouts, frames))
             return out
         self.counters.encoder_calls += 1
         self.counters.images_encoded += len(keys)

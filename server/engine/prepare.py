@@ -18,6 +18,7 @@ from vlmserve.model.qwen2_vision import smart_resize
 from vlmserve.model.sampling import SamplingParams
 from vlmserve.model.tokenizer import ChatTokenizer, EncodedPrompt
 
+from .audio_prepare import in_prompt_order
 from .config import ImageLimits
 from .image_plan import LOW_TOKENS, ImagePlan
 from .plan_idefics3 import Idefics3Planner
@@ -137,12 +138,14 @@ class RequestPreparer:
                           grid=plan.grid if plan is not None else None)  # positions need the grid still
 
     def encode(self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None = None,
-               image_tokens: Sequence[int] | None = None, token_limit: int | None = None) -> EncodedPrompt:
+               image_tokens: Sequence[int] | None = None, token_limit: int | None = None,
+               audio_tokens: Sequence[int] = ()) -> EncodedPrompt:
         """Token ids of the chat (with the functions it offers, `tools`), each image part expanded to its
         visual-token slots (`image_tokens`, one count per image; default `num_visual_tokens`), cheap: no image
         work. A rendered prompt surely over `token_limit` raises PromptTooLong before it is tokenized."""
         counts = self.num_visual_tokens if image_tokens is None else list(image_tokens)
-        return self.tokenizer.encode_chat(messages, num_image_tokens=counts, tools=tools, token_limit=token_limit)
+        return self.tokenizer.encode_chat(messages, num_image_tokens=counts, tools=tools, token_limit=token_limit,
+                                          num_audio_tokens=audio_tokens)
 
     def token_floor(self, messages: Sequence[Mapping[str, Any]]) -> int:
         """A lower bound on the chat's prompt tokens, without tokenizing: its text's bytes over the longest
@@ -187,14 +190,18 @@ class RequestPreparer:
         sampling: SamplingParams | None = None,
         max_tokens: int | None = None,
         stop: Sequence[str] = (),
+        audio: Sequence[ImageInput] = (),
     ) -> EngineRequest:
-        """The whole preparation in one call (for scripts, tests and benchmarks); images at their default setting."""
+        """The whole preparation in one call (for scripts, tests and benchmarks); images at their default setting,
+        `audio` already prepared (server/engine/audio_prepare.py `AudioPreparer.clip`)."""
         plans = [self.plan(size=self.size(b) if self.needs_size else None, n_images=len(images)) for b in images]
-        encoded = self.encode(messages, image_tokens=[p.tokens for p in plans])
+        encoded = self.encode(messages, image_tokens=[p.tokens for p in plans],
+                              audio_tokens=[a.num_tokens for a in audio])
+        prepared = [self.image(b, None, p) for b, p in zip(images, plans, strict=True)]
         return EngineRequest(
             request_id=request_id,
             prompt_ids=encoded.input_ids,
-            images=[self.image(b, None, p) for b, p in zip(images, plans, strict=True)],
+            images=in_prompt_order(encoded, prepared, audio),
             sampling=sampling or SamplingParams(),
             max_tokens=max_tokens,
             stop=stop,

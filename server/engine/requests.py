@@ -57,7 +57,7 @@ class InternalError(EngineError):
 
 @dataclass(frozen=True)
 class ImageInput:
-    """One image, already decoded and preprocessed off the engine's loop.
+    """One image (or audio clip: `audio_frames` set), already decoded and preprocessed off the engine's loop.
 
     `key` names what the image's visual tokens are a pure function of: its bytes and the processing settings that
     made its pixels (RequestPreparer builds it). It keys the visual-token cache and, with the offset inside the
@@ -72,6 +72,12 @@ class ImageInput:
     layout: Layout | None = None  # a tiled (llava_next) image's size and grid of tiles
     grid: tuple[int, int, int] | None = None  # qwen2_vl: (t, h, w) in patches; pixel_values (t*h*w, C*T*P*P)
     token_layout: tuple[int, ...] | None = None  # idefics3: its span's ids (tile tags and slots), num_tokens long
+    audio_frames: int | None = None  # an audio clip (not an image): its valid mel frames (0 for a lease); pixel_values
+    # its (M, F) features
+
+    @property
+    def is_audio(self) -> bool:
+        return self.audio_frames is not None
 
     def __post_init__(self) -> None:
         if self.num_tokens < 1:

@@ -33,9 +33,11 @@ class ImageSpan:
         return self.start + self.length
 
 
-def image_spans(req: EngineRequest, image_token_id: int) -> list[ImageSpan]:
-    """The spans of the request's images, in order, from its placeholder positions; ValueError if they disagree."""
-    positions = [i for i, t in enumerate(req.prompt_ids) if t == image_token_id]
+def image_spans(req: EngineRequest, image_token_id: int, audio_token_id: int | None = None) -> list[ImageSpan]:
+    """The spans of the request's images and audio clips, in prompt order, from its placeholder positions (an
+    image's at `image_token_id`, a clip's at `audio_token_id`); ValueError if they disagree."""
+    ids = {image_token_id} if audio_token_id is None else {image_token_id, audio_token_id}
+    positions = [i for i, t in enumerate(req.prompt_ids) if t in ids]
     need = sum(img.num_tokens for img in req.images)
     if len(positions) != need:
         raise ValueError(f"the prompt has {len(positions)} image-token slots but {len(req.images)} images need {need}")
@@ -44,6 +46,8 @@ def image_spans(req: EngineRequest, image_token_id: int) -> list[ImageSpan]:
         start = positions[k]
         if positions[k + img.num_tokens - 1] != start + img.num_tokens - 1:
             raise ValueError(f"image {i}'s {img.num_tokens} slots are not contiguous in the prompt")
+        if req.prompt_ids[start] != (audio_token_id if img.is_audio else image_token_id):
+            raise ValueError(f"{'audio clip' if img.is_audio else 'image'} {i} stands at the other kind's slots")
         spans.append(ImageSpan(i, start, img.num_tokens, img.key))
         k += img.num_tokens
     return spans
