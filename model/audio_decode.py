@@ -2,9 +2,10 @@
 
 `decode_audio(data, limits)` accepts WAV, FLAC and MP3 only (sniffed from the content, then confirmed by libsndfile
 through `soundfile`), reads rate, channels and length from the header and checks them against the caps before any
-sample is decoded; MP3 has no reliable length in its header, so its samples are counted while they are decoded, block
-by block, and decoding stops at the first block past the duration cap (a small MP3 that expands to hours is refused
-after at most one block past the cap). Stereo and up to 8 channels are averaged to mono; clips at another rate are
+sample is decoded (a WAV whose header promises more than its body holds is refused: hours claimed are too long,
+anything else truncated); MP3 has no reliable length in its header, so its samples are counted while they are
+decoded, block by block, and decoding stops one sample past the duration cap (a small MP3 that expands to hours is
+refused with no more than the cap decoded). Stereo and up to 8 channels are averaged to mono; clips at another rate are
 resampled with soxr (libsoxr's VHQ polyphase filter, the reference resampler of SoX), so the features see the rate the
 feature extractor was built for.
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import io
 import logging
+import struct
 from dataclasses import dataclass
 from typing import Literal
 
@@ -25,7 +27,7 @@ import soxr
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AUDIO_FORMATS", "AudioError", "AudioLimits", "audio_header", "decode_audio"]
+__all__ = ["AUDIO_FORMATS", "AudioError", "AudioLimits", "audio_header", "container", "decode_audio"]
 
 AUDIO_FORMATS = ("wav", "mp3", "flac")  # OpenAI's input_audio formats we decode (plus flac)
 MAX_CHANNELS = 8
@@ -72,10 +74,25 @@ def sniff_format(data: bytes) -> str | None:
     return None
 
 
-def audio_header(data: bytes, limits: AudioLimits, declared: str | None = None) -> AudioHeader:
-    """Format, rate, channels and (where the header has it) length, checked against `limits`. AudioError."""
-    if len(data) > limits.max_bytes:
-        raise AudioError(f"audio is {len(data)} bytes, over the limit of {limits.max_bytes}", code="audio_too_large")
+def _wav_data_claim(data: bytes) -> tuple[int, int] | None:
+    """(bytes the `data` chunk claims, bytes present) of a RIFF WAV, or None for RF64 or a streamed WAV (size 0 or
+    0xFFFFFFFF: unknown). libsndfile trusts the bytes present and says nothing of a claim past them."""
+    if data[:4] != b"RIFF":
+        return None
+    pos = 12
+    while pos + 8 <= len(data):
+        chunk, size = data[pos : pos + 4], struct.unpack_from("<I", data, pos + 4)[0]
+        if chunk == b"data":
+            if size in (0, 0xFFFFFFFF):
+                return None
+            return size, len(data) - pos - 8
+        pos += 8 + size + (size & 1)  # chunks are word-aligned
+    return None
+
+
+def container(data: bytes, declared: str | None = None) -> str:
+    """The clip's format from its first bytes (wav | flac | mp3), which must be the `declared` one where it is
+    given; cheap (checked even for a clip whose tokens are cached). AudioError."""
     if not data:
         raise AudioError("audio data is empty")
     fmt = sniff_format(data)
@@ -83,10 +100,19 @@ def audio_header(data: bytes, limits: AudioLimits, declared: str | None = None) 
         raise AudioError("audio data is not WAV, FLAC or MP3", code="unsupported_audio")
     if declared is not None and declared != fmt:
         raise AudioError(f"audio declared as {declared!r} is {fmt}", code="invalid_audio")
+    return fmt
+
+
+def audio_header(data: bytes, limits: AudioLimits, declared: str | None = None) -> AudioHeader:
+    """Format, rate, channels and (where the header has it) length, checked against `limits`. AudioError."""
+    if len(data) > limits.max_bytes:
+        raise AudioError(f"audio is {len(data)} bytes, over the limit of {limits.max_bytes}", code="audio_too_large")
+    fmt = container(data, declared)
     try:
         info = sf.info(io.BytesIO(data))
     except (sf.LibsndfileError, RuntimeError, ValueError) as e:
-        raise AudioError(f"audio header cannot be read: {e}") from None
+        why = str(e).rsplit(": ", 1)[-1]  # libsndfile's reason, without the file object's repr
+        raise AudioError(f"audio header cannot be read: {why}") from None
     rate, channels = int(info.samplerate), int(info.channels)
     if not MIN_RATE <= rate <= MAX_RATE:
         raise AudioError(f"audio sample rate {rate} Hz is outside {MIN_RATE}..{MAX_RATE} Hz", code="unsupported_audio")
@@ -94,11 +120,23 @@ def audio_header(data: bytes, limits: AudioLimits, declared: str | None = None) 
         raise AudioError(f"audio has {channels} channels; at most {MAX_CHANNELS} are accepted",
                          code="unsupported_audio")
     frames = None if fmt == "mp3" else int(info.frames)
+    claim = _wav_data_claim(data) if fmt == "wav" else None
+    if claim is not None and claim[0] > claim[1]:  # the header promises more than the body holds
+        block = max(1, channels * _sample_bytes(info.subtype))
+        _check_duration(claim[0] // block, rate, limits)
+        raise AudioError(f"audio is truncated: its header promises {claim[0]} bytes of samples, the data holds "
+                         f"{claim[1]}")
     if frames is not None:
         _check_duration(frames, rate, limits)
         if frames == 0:
             raise AudioError("audio holds no samples")
     return AudioHeader(fmt, rate, channels, frames)
+
+
+def _sample_bytes(subtype: str) -> int:
+    """Bytes per sample of a WAV subtype (PCM_16, FLOAT, ...); 1 where it is not a whole number (ADPCM, ...)."""
+    return {"PCM_U8": 1, "PCM_S8": 1, "ULAW": 1, "ALAW": 1, "PCM_16": 2, "PCM_24": 3, "PCM_32": 4, "FLOAT": 4,
+            "DOUBLE": 8}.get(subtype, 1)
 
 
 def _check_duration(frames: int, rate: int, limits: AudioLimits) -> None:
@@ -116,7 +154,7 @@ def decode_audio(data: bytes, limits: AudioLimits, target_rate: int, declared: s
     try:
         with sf.SoundFile(io.BytesIO(data)) as f:
             while True:
-                block = f.read(_BLOCK, dtype="float32", always_2d=True)  # (n, C)
+                block = f.read(min(_BLOCK, cap + 1 - total), dtype="float32", always_2d=True)  # (n, C)
                 if not len(block):
                     break
                 total += len(block)
@@ -125,7 +163,7 @@ def decode_audio(data: bytes, limits: AudioLimits, target_rate: int, declared: s
                                      code="audio_too_long")
                 blocks.append(block.mean(axis=1, dtype=np.float32) if header.channels > 1 else block[:, 0])  # (n,)
     except (sf.LibsndfileError, RuntimeError) as e:
-        raise AudioError(f"audio cannot be decoded: {e}") from None
+        raise AudioError(f"audio cannot be decoded: {str(e).rsplit(': ', 1)[-1]}") from None
     if header.frames is not None and total < header.frames:
         raise AudioError(f"audio is truncated: the header promises {header.frames} frames, the data holds {total}")
     if total == 0:

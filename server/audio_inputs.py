@@ -13,6 +13,8 @@ from collections.abc import Sequence
 
 from starlette.datastructures import UploadFile
 
+from vlmserve.model.audio_decode import AudioError, container
+
 from .engine import ImageInput
 from .engine.audio_prepare import audio_hash
 from .errors import APIError
@@ -77,10 +79,16 @@ async def prepare_audio(state: ServerState, clips: Sequence[tuple[bytes, str | N
     loop = asyncio.get_running_loop()
 
     def one(data: bytes, fmt: str | None, param: str) -> ImageInput:
+        try:
+            container(data, fmt)  # a clip must be what it says, cached or not
+        except AudioError as e:
+            raise APIError.from_exception(e, param=param) from e
         digest = audio_hash(data)
         leased = audio.leased(digest, engine.lease_image(audio.key(digest), salt))
         if leased is not None:
+            state.metrics.audio_cache_hits.inc()
             return leased
+        state.metrics.audio_cache_misses.inc()
         t0 = time.perf_counter()
         try:
             return audio.clip(data, fmt, digest)

@@ -52,8 +52,10 @@ class Metrics(Observer):
         self.audio_encoder = Histogram("vlmserve:audio_encoder_seconds", "Audio encoder time per admission batch",
                                        registry=r, buckets=_LATENCY_BUCKETS)
         self.audio_clips = Counter("vlmserve:audio_clips_encoded", "Audio clips run through the encoder", registry=r)
-        self.audio_cache_hits = Counter("vlmserve:audio_cache_hits", "Audio-token cache hits", registry=r)
-        self.audio_cache_misses = Counter("vlmserve:audio_cache_misses", "Audio-token cache misses", registry=r)
+        self.audio_cache_hits = Counter("vlmserve:audio_cache_hits", "Clips served from the audio-token cache, not "
+                                        "decoded", registry=r)
+        self.audio_cache_misses = Counter("vlmserve:audio_cache_misses", "Clips decoded (not in the audio-token "
+                                          "cache)", registry=r)
         self.kv_usage = Gauge("vlmserve:kv_cache_usage_perc", "Share of KV blocks in use (1 = full)", registry=r)
         self.prefix_queries = Counter("vlmserve:prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
                                       registry=r)
@@ -103,12 +105,9 @@ class Metrics(Observer):
         self.cache_hits.inc(hits)
         self.cache_misses.inc(misses)
 
-    def audio(self, encoder_seconds: float, clips: int, hits: int, misses: int) -> None:
-        if clips:
-            self.audio_encoder.observe(encoder_seconds)
+    def audio(self, encoder_seconds: float, clips: int) -> None:
+        self.audio_encoder.observe(encoder_seconds)
         self.audio_clips.inc(clips)
-        self.audio_cache_hits.inc(hits)
-        self.audio_cache_misses.inc(misses)
 
     def kv_cache(self, usage: float, prefix_queries: int, prefix_hits: int, preemptions: int) -> None:
         self.kv_usage.set(usage)

@@ -41,6 +41,9 @@ QWEN2_AUDIO_CHAT_TEMPLATE = (
     "<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 MEL_BINS = 80
+# A 5 s window (250 encoder positions) instead of Whisper's 30 s (1500): the same code at a sixth of the cost; the
+# server takes the window from the checkpoint's feature extractor and refuses longer clips.
+WINDOW_SECONDS = 5
 
 
 def audio_tokenizer(seed: int) -> PreTrainedTokenizerFast:
@@ -52,11 +55,11 @@ def audio_tokenizer(seed: int) -> PreTrainedTokenizerFast:
 def tiny_encoder(seed: int) -> Qwen2AudioEncoderConfig:
     del seed
     return Qwen2AudioEncoderConfig(num_mel_bins=MEL_BINS, encoder_layers=2, encoder_attention_heads=4,
-                                   encoder_ffn_dim=64, d_model=32, max_source_positions=1500)
+                                   encoder_ffn_dim=64, d_model=32, max_source_positions=WINDOW_SECONDS * 50)
 
 
 def build_qwen2_audio(out_dir: Path, seed: int = 7) -> Path:
-    """A tiny Qwen2-Audio checkpoint with its processor (Whisper features, 80 mel bins, the 30 s window)."""
+    """A tiny Qwen2-Audio checkpoint with its processor (Whisper features, 80 mel bins, a 5 s window)."""
     torch.manual_seed(seed)
     tokenizer = audio_tokenizer(seed)
     text = Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -73,11 +76,48 @@ def build_qwen2_audio(out_dir: Path, seed: int = 7) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     tokenizer.chat_template = QWEN2_AUDIO_CHAT_TEMPLATE
-    processor = Qwen2AudioProcessor(feature_extractor=WhisperFeatureExtractor(feature_size=MEL_BINS),
+    features = WhisperFeatureExtractor(feature_size=MEL_BINS, chunk_length=WINDOW_SECONDS)
+    processor = Qwen2AudioProcessor(feature_extractor=features,
                                     tokenizer=tokenizer, chat_template=QWEN2_AUDIO_CHAT_TEMPLATE)
     processor.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+# LLaVA-1.5's prompt with audio: each image or clip part on its own line, in the order given, then the text
+LLAVA_AUDIO_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}USER: "
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<image>\n{% elif part['type'] == 'audio' %}<|AUDIO|>\n{% endif %}{% endfor %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}"
+    "{% endif %} {% elif message['role'] == 'assistant' %}ASSISTANT: {{ message['content'] if message['content'] is "
+    "string else message['content'][0]['text'] }}</s>{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+def build_llava_audio(out_dir: Path) -> Path:
+    """tests/checkpoints.py's CLIP + Llama LLaVA with an `<|AUDIO|>` token (its embedding table grown by one row,
+    with transformers' `resize_token_embeddings`), a template that places clips, and an audio tower in `audio/`."""
+    from checkpoints import SPECS, build_checkpoint
+    from transformers import LlavaForConditionalGeneration
+
+    ckpt = build_checkpoint(SPECS["clip-llama"], out_dir)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(ckpt)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|AUDIO|>"]})
+    model = LlavaForConditionalGeneration.from_pretrained(ckpt).eval()
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    model.save_pretrained(ckpt)
+    tokenizer.chat_template = LLAVA_AUDIO_CHAT_TEMPLATE
+    tokenizer.save_pretrained(ckpt)
+    for stale in ("chat_template.json", "chat_template.jinja"):
+        (ckpt / stale).unlink(missing_ok=True)
+    (ckpt / "chat_template.jinja").write_text(LLAVA_AUDIO_CHAT_TEMPLATE)
+    processor = json.loads((ckpt / "processor_config.json").read_text())
+    processor.pop("chat_template", None)
+    (ckpt / "processor_config.json").write_text(json.dumps(processor, indent=2))
+    add_audio_tower(ckpt)
+    return ckpt
 
 
 def add_audio_tower(ckpt: Path, seed: int = 8) -> Path:
@@ -104,7 +144,7 @@ def add_audio_tower(ckpt: Path, seed: int = 8) -> Path:
     (out / "config.json").write_text(json.dumps({
         "audio_config": tiny_encoder(seed).to_dict(), "projector_type": "linear",
         "audio_token_index": tokenizer.convert_tokens_to_ids("<|AUDIO|>")}, indent=2))
-    WhisperFeatureExtractor(feature_size=MEL_BINS).save_pretrained(out)
+    WhisperFeatureExtractor(feature_size=MEL_BINS, chunk_length=WINDOW_SECONDS).save_pretrained(out)
     return out
 
 

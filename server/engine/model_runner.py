@@ -268,11 +268,9 @@ class ModelRunner:
                 tokens = img.visual_tokens if img.visual_tokens is not None else self.vision_cache.get(key)
                 if tokens is None and key in todo:
                     hits += 1  # the same image twice in this step: encoded once
-                    audio_hits += img.is_audio
                 if tokens is not None:
                     seq.visual[span.index] = tokens
                     hits += 1
-                    audio_hits += img.is_audio
                 elif img.pixel_values is not None:
                     todo.setdefault(key, []).append((seq, span.index))
                     pixels[key] = img.pixel_values
@@ -315,12 +313,12 @@ class ModelRunner:
                     seq.visual[index] = tokens
         self.counters.vision_cache_hits += hits
         self.counters.vision_cache_misses += len(pixels)
-        clips = len(frames)
-        images, image_hits = len(pixels) - clips, hits - audio_hits
-        if images or image_hits:
-            self.observer.vision(time.perf_counter() - t0 - audio_seconds, images, image_hits, images)
-        if clips or audio_hits:
-            self.observer.audio(audio_seconds, clips, audio_hits, clips)
+        clips = len(frames)  # audio cache hits and misses are the HTTP side's (server/audio_inputs.py)
+        images = len(pixels) - clips
+        if images or hits:
+            self.observer.vision(time.perf_counter() - t0 - audio_seconds, images, hits, images)
+        if clips:
+            self.observer.audio(audio_seconds, clips)
         return failed
 
     def _encode(self, keys: Seq[tuple[str, str]], pixels: dict[tuple[str, str], torch.Tensor],
