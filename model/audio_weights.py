@@ -13,15 +13,21 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from .audio_config import AudioConfig
 from .config import VLMConfig
+
+if TYPE_CHECKING:
+    from .vlm import VisionLanguageModel
 
 log = logging.getLogger(__name__)
 
@@ -64,3 +70,25 @@ def audio_sidecar(tensors: Iterator[tuple[str, torch.Tensor]], ckpt: Path, confi
                 t = t.to(dtype)
             yield "audio." + key.removeprefix("model."), t
     log.info("audio tower from %s", file)
+
+
+def save_audio_sidecar(model: VisionLanguageModel, out: Path, *, dtype: torch.dtype | None = None,
+                       copy_from: Path | None = None) -> None:
+    """Write the `audio/` folder of a vision-language model with an audio tower (config, weights under Qwen2-Audio's
+    names, and the feature extractor of `copy_from/audio/` where there is one); nothing for any other model."""
+    config = model.config
+    if config.audio is None or config.family == "qwen2_audio":
+        return
+    folder = out / AUDIO_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    state: dict[str, torch.Tensor] = {}
+    for name, tensor in model.state_dict().items():
+        for prefix, target in AUDIO_SAVE_RULES:
+            if name.startswith(prefix):
+                t = tensor.detach().contiguous().cpu()
+                state[target + name[len(prefix):]] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(config.audio.to_hf(), indent=2) + "\n")
+    features = copy_from / AUDIO_DIR / "preprocessor_config.json" if copy_from is not None else None
+    if features is not None and features.is_file():
+        shutil.copy2(features, folder / features.name)

@@ -31,7 +31,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .audio_weights import AUDIO_SAVE_RULES, audio_sidecar, audio_tensor_name, with_audio_sidecar
+from .audio_weights import (
+    AUDIO_SAVE_RULES,
+    audio_sidecar,
+    audio_tensor_name,
+    save_audio_sidecar,
+    with_audio_sidecar,
+)
 from .config import VLMConfig
 from .vlm import VisionLanguageModel
 
@@ -317,4 +323,5 @@ def save_model(
         for f in src.iterdir():
             if f.is_file() and f.name != "config.json" and not f.name.startswith("model"):
                 shutil.copy2(f, out / f.name)
+    save_audio_sidecar(model, out, dtype=dtype, copy_from=Path(copy_from) if copy_from is not None else None)
     return out
