@@ -10,8 +10,14 @@ from __future__ import annotations
 
 import base64
 import io
+import json
+import os
 import re
+import shutil
 import struct
+import subprocess
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -26,7 +32,7 @@ import torch
 from audio_checkpoints import build_llava_audio, build_qwen2_audio, tone_clip
 from audio_oracles import LlavaAudioOracle, Qwen2AudioOracle
 from fastapi.testclient import TestClient
-from live_server import LiveServer
+from live_server import LiveServer, free_port
 from PIL import Image
 from transformers import WhisperFeatureExtractor
 from transformers.audio_utils import mel_filter_bank as hf_mel_filter_bank
@@ -298,3 +304,50 @@ def test_a_model_without_an_audio_tower_refuses_audio_parts(live_server: LiveSer
     r = httpx.post(live_server.url + "/v1/generate", data={"prompt": "hi"}, timeout=30,
                    files=[("audio", ("a.wav", clip_bytes("WAV", 16000, 1, 1.0), "audio/wav"))])
     assert r.status_code == 400 and r.json()["error"]["param"] == "audio.0", r.text
+
+
+# -- the README --------------------------------------------------------------------------------------------------
+
+
+def test_readme_audio_examples(tmp_path: Path) -> None:
+    """The README's audio examples (curl and the openai SDK) against a tiny Qwen2-Audio checkpoint, served on a real
+    socket (uvicorn in a thread of this process; answers of at most 16 tokens: the model is random)."""
+    import uvicorn
+
+    ckpt = build_qwen2_audio(tmp_path / "qwen2-audio")
+    (tmp_path / "beeps.wav").write_bytes(clip_bytes("WAV", 22050, 1, 1.5))
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    examples = {lang: [b for b in re.findall(rf"```{lang}\n(.*?)```", readme, flags=re.S) if "beeps.wav" in b]
+                for lang in ("bash", "python")}
+    assert len(examples["bash"]) == 2 and len(examples["python"]) == 1
+    port = free_port()
+    app = create_app(Settings(model=str(ckpt), compile=False, no_ui=True, max_running=4, max_tokens_default=16))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(url + "/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "the README's audio server did not get ready"
+            time.sleep(0.05)
+        env = {**os.environ, "NO_PROXY": "*"}
+        for snippet in examples["bash"]:
+            if shutil.which("curl") is None:
+                pytest.skip("curl is not installed")
+            out = subprocess.run(["bash", "-c", snippet.replace("http://127.0.0.1:8000", url)], cwd=tmp_path,
+                                 capture_output=True, text=True, timeout=60, env=env)
+            assert out.returncode == 0, out.stderr
+            answer = json.loads(out.stdout)
+            assert "choices" in answer or "text" in answer, out.stdout
+        out = subprocess.run([sys.executable, "-c", examples["python"][0].replace("http://127.0.0.1:8000", url)],
+                             cwd=tmp_path, capture_output=True, text=True, timeout=60, env=env)
+        assert out.returncode == 0, out.stderr
+    finally:
+        server.should_exit = True
+        thread.join(30)
