@@ -15,6 +15,7 @@ from fastapi import Depends, Request, params
 from vlmserve.model.sampling import SamplingParams
 from vlmserve.model.tokenizer import PromptTooLong
 
+from .audio_inputs import check_images_supported
 from .engine import EngineError, EngineRequest, Finished, ImageInput
 from .engine.prepare import ImagePlan, image_hash
 from .errors import APIError
@@ -121,6 +122,7 @@ async def image_plans(state: ServerState, refs: Sequence[ImageRef], param: str, 
     assert state.preparer is not None
     preparer = state.preparer
     check_image_count(state, len(refs), param)
+    check_images_supported(state, refs)  # a model without a vision tower (qwen2_audio): 400 naming the image
     sizes: list[tuple[int, int] | None] = [None] * len(refs)
     if preparer.needs_size:
         loop = asyncio.get_running_loop()
