@@ -294,6 +294,29 @@ def test_hostile_audio_is_refused_and_the_server_lives(server: TestClient) -> No
     assert ask(server, chat("still there?", [audio_part(good, "wav")]))["choices"][0]["message"]["content"] is not None
 
 
+def test_nothing_is_decoded_past_the_duration_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The MP3 bomb is refused with at most the cap (and one sample) decoded; a lying WAV header with nothing."""
+    from vlmserve.model.audio_decode import AudioError
+
+    decoded: list[int] = []
+    read = sf.SoundFile.read
+
+    def counting(self: sf.SoundFile, *args: Any, **kwargs: Any) -> Any:
+        out = read(self, *args, **kwargs)
+        decoded.append(len(out))
+        return out
+
+    monkeypatch.setattr(sf.SoundFile, "read", counting)
+    limits = AudioLimits(max_seconds=5.0)
+    with pytest.raises(AudioError, match="decodes to more than"):
+        decode_audio(mp3_bomb(), limits, 16000)
+    assert 0 < sum(decoded) <= 5 * 8000 + 1
+    decoded.clear()
+    with pytest.raises(AudioError, match="--max-audio-seconds"):
+        decode_audio(wav(claimed=2**31), limits, 16000)
+    assert decoded == []
+
+
 def test_a_model_without_an_audio_tower_refuses_audio_parts(live_server: LiveServer) -> None:
     body = chat("hi", [audio_part(clip_bytes("WAV", 16000, 1, 1.0), "wav")])
     body["model"] = "tiny-llava"
