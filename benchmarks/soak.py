@@ -8,6 +8,11 @@ the server's RSS (psutil if installed, else /proc/PID/status), open file descrip
 the latency percentiles of the window. Memory must level off: after the warm-up, the second half of the run may
 not keep growing (see `leveled_off` in the summary).
 
+With `--audio-rate R`, a share R of the requests also carries an audio clip (WAV, FLAC or MP3, 8 to 48 kHz, mono or
+stereo, 0.3 s to `--max-clip-seconds`, a few repeated: audio-token cache hits), as an `input_audio` part after the
+image (chat) or an `audio` file (generate); the server started here then serves the tiny LLaVA checkpoint with an
+audio tower beside it (tests/audio_checkpoints.py; its window is 5 s).
+
 The visual-token cache is bounded by `--vision-cache-mb` (256 MB by default), but on the tiny test model an entry is
 4 KB, so filling it would take some 65 000 distinct images: a soak would only ever see it grow. The server started
 here therefore gets `--vision-cache-mb 1` (this script's `--vision-cache-mb`), so that the cache is full after a few
@@ -17,6 +22,7 @@ hundred images and any other growth shows; pass `--vision-cache-mb 256` to watch
     python benchmarks/soak.py --requests 500 --duration 60
     python benchmarks/soak.py --model /path/to/llava   # another checkpoint, started here
     python benchmarks/soak.py --url http://127.0.0.1:8000 --pid 1234   # a running server (RSS needs its pid)
+    python benchmarks/soak.py --audio-rate 0.5         # half the requests with a clip (tiny LLaVA + audio tower)
 
 Logs go to stderr; the JSON result goes to stdout and to benchmarks/results/soak.json.
 """
@@ -102,9 +108,14 @@ def start_server(model_dir: Path, work: Path, extra: list[str]) -> Server:
     raise RuntimeError("server not ready after 300 s")
 
 
-def tiny_checkpoint(work: Path) -> Path:
-    """The test suite's tiny random CLIP + Llama checkpoint (tests/checkpoints.py), built here."""
+def tiny_checkpoint(work: Path, audio: bool = False) -> Path:
+    """The test suite's tiny random CLIP + Llama checkpoint (tests/checkpoints.py), built here; with `audio`, the
+    same with an audio tower in `audio/` (tests/audio_checkpoints.py)."""
     sys.path.insert(0, str(ROOT / "tests"))
+    if audio:
+        from audio_checkpoints import build_llava_audio
+
+        return build_llava_audio(work / "tiny-llava-audio")
     from checkpoints import SPECS, build_checkpoint
 
     return build_checkpoint(SPECS["clip-llama"], work / "tiny-llava")
@@ -146,6 +157,23 @@ def make_image(i: int, rng: random.Random) -> tuple[bytes, str]:
     return buf.getvalue(), "image/jpeg"
 
 
+def make_clip(i: int, rng: random.Random, max_seconds: float) -> tuple[bytes, str]:
+    """A distinct clip (its tone drawn from the index): format, rate, channels and length from the mix."""
+    import numpy as np
+    import soundfile as sf
+
+    fmt = rng.choice(["WAV", "FLAC", "MP3"])
+    rate = rng.choice([8000, 16000, 22050, 44100, 48000])
+    t = np.arange(int(rng.uniform(0.3, max_seconds) * rate)) / rate
+    wave = 0.5 * np.sin(2 * np.pi * (200 + i % 997) * t)
+    if rng.random() < 0.5:
+        wave = np.stack([wave, 0.5 * wave], axis=1)
+    buf = io.BytesIO()
+    sf.write(buf, wave.astype(np.float32), rate, format=fmt,
+             subtype={"WAV": "PCM_16", "FLAC": "PCM_16", "MP3": "MPEG_LAYER_III"}[fmt])
+    return buf.getvalue(), fmt.lower()
+
+
 @dataclass
 class Outcome:
     index: int
@@ -164,7 +192,7 @@ class Run:
     started: float = field(default_factory=time.monotonic)
 
     def sample(self) -> None:
-        latencies = sorted(o.latency for o in self.window if o.status == 200 and o.kind != "disconnect")
+        latencies = sorted(o.latency for o in self.window if o.status == 200 and not o.kind.startswith("disconnect"))
         statuses = Counter(o.status for o in self.window)
         process = sample_process(self.server.pid)
         entry = {"requests": len(self.outcomes), "t_s": round(time.monotonic() - self.started, 1),
@@ -183,7 +211,7 @@ def percentile_ms(sorted_values: list[float], q: float) -> float | None:
 
 
 async def one_request(client: httpx.AsyncClient, run: Run, i: int, rng: random.Random,
-                      recent: list[tuple[bytes, str]]) -> Outcome:
+                      recent: list[tuple[bytes, str]], recent_clips: list[tuple[bytes, str]]) -> Outcome:
     args, server = run.args, run.server
     if recent and rng.random() < args.repeat_rate:
         data, mime = rng.choice(recent)  # a repeated image: a visual-token cache hit
@@ -191,15 +219,26 @@ async def one_request(client: httpx.AsyncClient, run: Run, i: int, rng: random.R
         data, mime = await asyncio.to_thread(make_image, i, rng)
         recent.append((data, mime))
         del recent[:-32]
+    clip: tuple[bytes, str] | None = None
+    if rng.random() < args.audio_rate:
+        if recent_clips and rng.random() < args.repeat_rate:
+            clip = rng.choice(recent_clips)  # a repeated clip: an audio-token cache hit
+        else:
+            clip = await asyncio.to_thread(make_clip, i, rng, args.max_clip_seconds)
+            recent_clips.append(clip)
+            del recent_clips[:-32]
     stream = rng.random() < args.stream_rate
     hang_up = stream and rng.random() < args.disconnect_rate
     max_tokens = rng.randint(1, args.max_tokens)
-    kind = "disconnect" if hang_up else ("stream" if stream else "json")
+    kind = ("disconnect" if hang_up else ("stream" if stream else "json")) + ("+audio" if clip else "")
     t0 = time.perf_counter()
     if rng.random() < 0.5:
         url = server.url + "/v1/chat/completions"
         content = [{"type": "image_url", "image_url": {"url": f"data:{mime};base64,{base64.b64encode(data).decode()}"}},
                    {"type": "text", "text": f"what is in picture {i}?"}]
+        if clip is not None:
+            content.insert(1, {"type": "input_audio", "input_audio": {"data": base64.b64encode(clip[0]).decode(),
+                                                                      "format": clip[1]}})
         request = client.build_request("POST", url, json={"model": server.model, "max_tokens": max_tokens,
                                                           "stream": stream, "messages": [{"role": "user",
                                                                                           "content": content}]})
@@ -207,7 +246,9 @@ async def one_request(client: httpx.AsyncClient, run: Run, i: int, rng: random.R
         request = client.build_request("POST", server.url + "/v1/generate",
                                        data={"prompt": f"what is in picture {i}?", "max_tokens": str(max_tokens),
                                              "stream": "true" if stream else "false"},
-                                       files={"image": (f"{i}.img", data, mime)})
+                                       files=[("image", (f"{i}.img", data, mime)),
+                                              *([("audio", (f"{i}.{clip[1]}", clip[0], "audio/" + clip[1]))]
+                                                if clip is not None else [])])
     response = await client.send(request, stream=True)
     try:
         if hang_up and response.status_code == 200:
@@ -229,6 +270,7 @@ async def drive(run: Run) -> None:
     next_index = 0
     deadline = run.started + args.duration
     recent: list[tuple[bytes, str]] = []
+    recent_clips: list[tuple[bytes, str]] = []
     limits = httpx.Limits(max_connections=args.concurrency * 2, max_keepalive_connections=args.concurrency)
     async with httpx.AsyncClient(timeout=args.timeout, limits=limits) as client:
 
@@ -238,7 +280,7 @@ async def drive(run: Run) -> None:
                 i = next_index
                 next_index += 1
                 try:
-                    outcome = await one_request(client, run, i, random.Random(rng.random()), recent)
+                    outcome = await one_request(client, run, i, random.Random(rng.random()), recent, recent_clips)
                 except httpx.HTTPError as e:
                     log.warning("request %d: %s", i, e)
                     outcome = Outcome(i, 0, 0.0, "transport-error")
@@ -255,7 +297,7 @@ async def drive(run: Run) -> None:
 def summarize(run: Run) -> dict[str, Any]:
     samples = [s for s in run.samples if s["rss_mb"] is not None]
     statuses = Counter(o.status for o in run.outcomes)
-    ok = sorted(o.latency for o in run.outcomes if o.status == 200 and o.kind != "disconnect")
+    ok = sorted(o.latency for o in run.outcomes if o.status == 200 and not o.kind.startswith("disconnect"))
     summary: dict[str, Any] = {
         "requests": len(run.outcomes), "duration_s": round(time.monotonic() - run.started, 1),
         "statuses": {str(k): v for k, v in sorted(statuses.items())},
@@ -295,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stream-rate", type=float, default=0.5)
     parser.add_argument("--disconnect-rate", type=float, default=0.2, help="share of streams that hang up")
     parser.add_argument("--repeat-rate", type=float, default=0.1, help="share of requests that repeat an image")
+    parser.add_argument("--audio-rate", type=float, default=0.0, help="share of requests that carry a clip too")
+    parser.add_argument("--max-clip-seconds", type=float, default=4.5, help="longest clip (within the window)")
     parser.add_argument("--timeout", type=float, default=120.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "soak.json")
@@ -309,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
             model = httpx.get(args.url + "/v1/models", timeout=10).json()["data"][0]["id"]
             server = Server(args.url.rstrip("/"), model, args.pid)
         else:
-            model_dir = Path(args.model) if args.model else tiny_checkpoint(work)
+            model_dir = Path(args.model) if args.model else tiny_checkpoint(work, audio=args.audio_rate > 0)
             server = start_server(model_dir, work, ["--vision-cache-mb", str(args.vision_cache_mb), *args.server_arg])
         run = Run(args, server)
         start = {k: (round(v, 1) if isinstance(v, float) else v) for k, v in sample_process(server.pid).items()}
