@@ -149,7 +149,7 @@ def test_parse_messages() -> None:
         [{"role": "function", "content": "x"}],
         [{"role": "user", "content": "x", "tool_calls": [{"id": "c", "function": {"name": "f"}}]}],
         [{"role": "assistant", "content": "", "tool_calls": [{"id": "c", "function": {"arguments": "{}"}}]}],
-        [{"role": "user", "content": [{"type": "audio"}]}],
+        [{"role": "user", "content": [{"type": "video"}]}],  # audio parts are supported (test_audio.py)
         [{"role": "user", "content": [{"type": "text", "text": 3}]}],
         [{"role": "user", "content": {"type": "text", "text": "x"}}],
         ["hello"],

@@ -268,9 +268,11 @@ class ModelRunner:
                 tokens = img.visual_tokens if img.visual_tokens is not None else self.vision_cache.get(key)
                 if tokens is None and key in todo:
                     hits += 1  # the same image twice in this step: encoded once
+                    audio_hits += img.is_audio
                 if tokens is not None:
                     seq.visual[span.index] = tokens
                     hits += 1
+                    audio_hits += img.is_audio
                 elif img.pixel_values is not None:
                     todo.setdefault(key, []).append((seq, span.index))
                     pixels[key] = img.pixel_values
@@ -311,10 +313,10 @@ class ModelRunner:
                         out.failed.append((seq, BadRequest(why)))
                 else:
                     seq.visual[index] = tokens
-        self.counters.vision_cache_hits += hits
-        self.counters.vision_cache_misses += len(pixels)
         clips = len(frames)  # audio cache hits and misses are the HTTP side's (server/audio_inputs.py)
-        images = len(pixels) - clips
+        images, hits = len(pixels) - clips, hits - audio_hits
+        self.counters.vision_cache_hits += hits
+        self.counters.vision_cache_misses += images
         if images or hits:
             self.observer.vision(time.perf_counter() - t0 - audio_seconds, images, hits, images)
         if clips:
