@@ -66,8 +66,10 @@ def oracle(model: tuple[str, Path]) -> Qwen2AudioOracle | LlavaAudioOracle:
 
 @pytest.fixture(scope="module")
 def server(model: tuple[str, Path]) -> Iterator[TestClient]:
+    # A small KV pool: an app's engine is not freed when its TestClient closes (one app per process, as served), so
+    # the default 1 GB pool would stay in the test process.
     settings = Settings(model=str(model[1]), served_model_name="aud", max_running=8, max_audio_bytes=MAX_AUDIO_BYTES,
-                        compile=False, no_ui=True)
+                        compile=False, no_ui=True, kv_cache_mb=16)
     with TestClient(create_app(settings)) as client:
         deadline = time.monotonic() + 120
         while client.get("/ready").status_code != 200:
@@ -344,7 +346,8 @@ def test_readme_audio_examples(tmp_path: Path) -> None:
                 for lang in ("bash", "python")}
     assert len(examples["bash"]) == 2 and len(examples["python"]) == 1
     port = free_port()
-    app = create_app(Settings(model=str(ckpt), compile=False, no_ui=True, max_running=4, max_tokens_default=16))
+    app = create_app(Settings(model=str(ckpt), compile=False, no_ui=True, max_running=4, max_tokens_default=16,
+                              kv_cache_mb=16))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
