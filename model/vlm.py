@@ -68,7 +68,7 @@ class VisionLanguageModel(nn.Module):
         """LLaVA's feature selection: the configured layer(s), CLS dropped by `default`, layers concatenated."""
         if self.config.family == "idefics3":  # the last layer after the post-LayerNorm, patches at bucketed positions
             v = self.config.vision
-            assert not isinstance(v, Qwen2VisionConfig)
+            assert v is not None and not isinstance(v, Qwen2VisionConfig)
             positions = bucket_positions(v.image_size // v.patch_size, pixel_values.shape[-1] // v.patch_size)
             last = self.vision_tower(pixel_values, (-1,), positions.to(pixel_values.device))[0]  # (N, P, Dv)
             return self.vision_tower.post_layernorm(last)  # (N, P, Dv)
