@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import AttentionContext, DenseAttention, PagedBatch
+from .attention import AttentionContext, PagedBatch
 from .config import TextConfig
 from .step_attention import StepAttention
-from .text import RMSNorm, RotaryEmbedding, TextModel, apply_rope
+from .text import RMSNorm, RotaryEmbedding, TextModel, apply_rope, attention_context
 
 
 class GemmaRMSNorm(RMSNorm):
@@ -151,13 +151,7 @@ class Gemma3TextModel(TextModel):
             raise ValueError("Gemma 3 has no M-RoPE positions")
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, D)
         b, t, _ = x.shape
-        attn: AttentionContext | StepAttention
-        if paged is not None:
-            if positions is None:
-                raise ValueError("a paged forward needs explicit positions")
-            attn = paged
-        else:
-            attn = DenseAttention(positions, attention_mask.bool() if attention_mask is not None else None, mask)
+        attn = attention_context(positions, attention_mask, mask, paged)
         if positions is None:
             positions = torch.arange(t, device=x.device)[None, :].expand(b, t)  # (B, T)
         full = self.rotary(positions, x.dtype)  # (B, T, Dh) x 2

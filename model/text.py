@@ -155,6 +155,17 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+def attention_context(positions: torch.Tensor | None, attention_mask: torch.Tensor | None, mask: torch.Tensor | None,
+                      paged: AttentionContext | StepAttention | None) -> AttentionContext | StepAttention:
+    """What a forward's queries attend through: the paged step it was given (which needs explicit positions), or a
+    dense causal context over its own tokens."""
+    if paged is not None:
+        if positions is None:
+            raise ValueError("a paged forward needs explicit positions")
+        return paged
+    return DenseAttention(positions, attention_mask.bool() if attention_mask is not None else None, mask)
+
+
 class TextModel(nn.Module):
     """The causal LM: token embeddings, decoder layers, final norm and the (optionally tied) output head."""
 
@@ -205,14 +216,7 @@ class TextModel(nn.Module):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, D)
         b, t, _ = x.shape
-        attn: AttentionContext | StepAttention
-        if paged is not None:
-            if positions is None:
-                raise ValueError("a paged forward needs explicit positions")
-            attn = paged
-        else:
-            valid = attention_mask.bool() if attention_mask is not None else None
-            attn = DenseAttention(positions, valid, mask)
+        attn = attention_context(positions, attention_mask, mask, paged)
         if positions is None:
             positions = torch.arange(t, device=x.device)[None, :].expand(b, t)  # (B, T)
         if rope_positions is not None:
