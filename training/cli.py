@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -48,21 +49,41 @@ def result_table(result: dict[str, Any], mistakes: int = 5) -> str:
 
 
 def train_main(argv: Sequence[str] | None = None) -> int:
-    """`train --stage all|vision|lm|align|instruct --out DIR --config NAME [--resume] [--export DIR]`."""
+    """`train --stage all|vision|lm|align|instruct --out DIR --config NAME [--resume] [--export DIR]`; with a hearing
+    recipe (`--config hearing [--base DIR]`), `--stage all|hear|hear-align|hear-instruct` teaches a finished model
+    the SOUNDS world."""
+    from .hearing import HEARING_STAGES
+    from .hearing_recipe import HEARING_RECIPES
     from .recipe import RECIPES, get_recipe
     from .stages import STAGES, run_stages
 
-    p = argparse.ArgumentParser(prog="vlmserve train", description="Train the SHAPES world model, LLaVA-style.")
-    p.add_argument("--stage", default="all", choices=["all", *STAGES])
+    p = argparse.ArgumentParser(prog="vlmserve train", description="Train the SHAPES world model, LLaVA-style, and "
+                                "teach it the SOUNDS world (--config hearing).")
+    p.add_argument("--stage", default="all", choices=["all", *STAGES, *HEARING_STAGES])
     p.add_argument("--out", required=True, type=Path, help="run directory (checkpoints; the model lands in OUT/model)")
     p.add_argument("--config", default="shapes", help=f"recipe preset {sorted(RECIPES)} or a recipe JSON file")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in OUT")
     p.add_argument("--export", type=Path, default=None, help="also copy the final model directory here")
+    p.add_argument("--base", default=None, help="hearing recipes: the finished SHAPES model to start from")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     _setup(args.threads)
-    stages = list(STAGES) if args.stage == "all" else [args.stage]
-    summary = run_stages(get_recipe(args.config), args.out, stages, resume=args.resume)
+    if args.base is not None and args.config not in HEARING_RECIPES:
+        p.error("--base goes with a hearing recipe (--config hearing)")
+    hearing = args.config in HEARING_RECIPES
+    if (args.stage in HEARING_STAGES) != hearing and args.stage != "all":
+        p.error(f"--stage {args.stage} goes with {'a hearing' if args.stage in HEARING_STAGES else 'a SHAPES'} recipe")
+    if hearing:
+        from .hearing_instruct import run_hearing
+
+        stages = list(HEARING_STAGES) if args.stage == "all" else [args.stage]
+        recipe = HEARING_RECIPES[args.config]
+        if args.base is not None:
+            recipe = dataclasses.replace(recipe, base=args.base)
+        summary = run_hearing(recipe, args.out, stages, resume=args.resume)
+    else:
+        stages = list(STAGES) if args.stage == "all" else [args.stage]
+        summary = run_stages(get_recipe(args.config), args.out, stages, resume=args.resume)
     if args.export is not None and (args.out / "model").is_dir():
         shutil.copytree(args.out / "model", args.export, dirs_exist_ok=True)
     json.dump({k: v for k, v in summary.items()}, sys.stdout, indent=2)

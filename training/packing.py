@@ -21,14 +21,23 @@ PackedRows = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def pack_rows(
-    prefix: Sequence[int], segments: Sequence[Sequence[tuple[list[int], list[int]]]], pad_id: int
+    prefix: Sequence[int] | Sequence[Sequence[int]], segments: Sequence[Sequence[tuple[list[int], list[int]]]],
+    pad_id: int,
 ) -> PackedRows:
-    """Rows of `prefix` + (prompt part, answer) segments -> ids (B, T), positions (B, T), mask (B, 1, T, T) and
-    targets (B, T - 1) (-100 except where the next token belongs to an answer)."""
-    p = len(prefix)
+    """Rows of a prefix + (prompt part, answer) segments -> ids (B, T), positions (B, T), mask (B, 1, T, T) and
+    targets (B, T - 1) (-100 except where the next token belongs to an answer). `prefix`: one shared by every row,
+    or one per row (a clip's audio slots differ in number with its length)."""
+    prefixes: list[list[int]]
+    if not prefix or isinstance(prefix[0], int):
+        prefixes = [[int(t) for t in prefix]] * len(segments)  # type: ignore[arg-type]
+    else:
+        prefixes = [[int(t) for t in row] for row in prefix]  # type: ignore[union-attr]
+    if len(prefixes) != len(segments):
+        raise ValueError(f"{len(prefixes)} prefixes for {len(segments)} rows")
     rows, pos_rows, seg_rows, tgt_rows = [], [], [], []
-    for segs in segments:
-        ids, pos, seg, lab = list(prefix), list(range(p)), [-1] * p, [-100] * p
+    for row_prefix, segs in zip(prefixes, segments, strict=True):
+        p = len(row_prefix)
+        ids, pos, seg, lab = list(row_prefix), list(range(p)), [-1] * p, [-100] * p
         for j, (prompt, answer) in enumerate(segs):
             ids += prompt + answer
             pos += list(range(p, p + len(prompt) + len(answer)))
@@ -46,7 +55,7 @@ def pack_rows(
     for b, (r, ps, sg, tg) in enumerate(zip(rows, pos_rows, seg_rows, tgt_rows, strict=True)):
         ids_t[b, : len(r)] = torch.tensor(r)
         pos_t[b, : len(r)] = torch.tensor(ps)
-        pos_t[b, len(r) :] = torch.arange(p, p + width - len(r))
+        pos_t[b, len(r) :] = torch.arange(len(prefixes[b]), len(prefixes[b]) + width - len(r))
         seg_t[b, : len(r)] = torch.tensor(sg)
         tgt_t[b, : len(tg)] = torch.tensor(tg)
     idx = torch.arange(width)
