@@ -14,7 +14,7 @@ import math
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -295,6 +295,16 @@ def make_eval_set(n_questions: int, seed: int) -> list[EvalItem]:
 # --------------------------------------------------------------------------------------------------- grading
 
 
+class Graded(Protocol):
+    """What grading reads of an item (of either world: this file's EvalItem, eval_sounds.py's SoundItem)."""
+
+    @property
+    def kind(self) -> str: ...
+
+    @property
+    def answer(self) -> str: ...
+
+
 def normalize(text: str) -> str:
     """Strip whitespace, lowercase, drop one trailing period."""
     text = text.strip().lower()
@@ -306,11 +316,12 @@ def grade(prediction: str, answer: str) -> bool:
     return normalize(prediction) == normalize(answer)
 
 
-def score(items: Sequence[EvalItem], predictions: Sequence[str]) -> dict[str, Any]:
+def score(items: Sequence[Graded], predictions: Sequence[str], kinds: Sequence[str] = KINDS) -> dict[str, Any]:
     """Overall and per-kind accuracy with counts.
 
-    Returns {"accuracy", "correct", "n", "per_kind": {kind: {"accuracy", "correct", "n"}}}; every kind in KINDS
-    is listed, with accuracy NaN when it has no items (so a threshold check on it fails).
+    Returns {"accuracy", "correct", "n", "per_kind": {kind: {"accuracy", "correct", "n"}}}; every kind in `kinds`
+    (the world's question kinds; SHAPES' by default) is listed, with accuracy NaN when it has no items (so a
+    threshold check on it fails).
     """
     if len(items) != len(predictions):
         raise ValueError(f"{len(items)} items but {len(predictions)} predictions")
@@ -325,7 +336,7 @@ def score(items: Sequence[EvalItem], predictions: Sequence[str]) -> dict[str, An
             "correct": right[kind],
             "n": totals[kind],
         }
-        for kind in [*KINDS, *sorted(set(totals) - set(KINDS))]
+        for kind in [*kinds, *sorted(set(totals) - set(kinds))]
     }
     n = len(items)
     correct = sum(right.values())

@@ -8,10 +8,10 @@ import json
 import logging
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -23,17 +23,21 @@ from vlmserve.model.vlm import VisionLanguageModel
 from vlmserve.model.weights import load_model
 
 from .eval_world import COLORS as EVAL_COLORS
-from .eval_world import COUNT_WORDS, EvalItem, make_eval_set, score
+from .eval_world import COUNT_WORDS, KINDS, EvalItem, Graded, grade, make_eval_set, score
 from .eval_world import SHAPES as EVAL_SHAPES
 from .world import COLORS, PAIRS, render_pool
 
 if TYPE_CHECKING:
+    from vlmserve.server.engine import EngineConfig, EngineRequest
+    from vlmserve.server.settings import Settings
+
     from .stages import Run
 
 log = logging.getLogger(__name__)
 
 MAX_PIXELS = 4096 * 4096
 MAX_TOKENS = 24
+MAX_MISTAKES = 20
 
 
 def _messages(question: str) -> list[dict[str, Any]]:
@@ -67,43 +71,77 @@ def evaluate_local(model_dir: str | Path, items: Sequence[EvalItem], *, log_ever
         preds.append(answer(item.image, item.question))
         if i % log_every == 0:
             log.info("eval %d/%d (%.1f q/s)", i, len(items), i / (time.perf_counter() - t0))
-    return _summary(items, preds, time.perf_counter() - t0)
+    return summarize(items, preds, time.perf_counter() - t0)
+
+
+def serving_settings(model_dir: str | Path, max_running: int = 16) -> Settings:
+    """The settings `vlmserve serve` would run the checkpoint with (its defaults and VLMSERVE_* environment
+    variables, e.g. VLMSERVE_COMPILE=false), with `max_running` rows and 4x that many waiting."""
+    from vlmserve.server.settings import Settings
+
+    return Settings(model=str(model_dir), max_running=max_running, max_waiting=4 * max_running)
+
+
+def engine_answers(model: VisionLanguageModel, chat: ChatTokenizer, model_id: str, requests: Iterable[EngineRequest],
+                   config: EngineConfig, *, progress: Callable[[], None] | None = None) -> list[str]:
+    """Each request's answer (stripped text), in the order given, through the serving engine (continuous batching)
+    run with `config`: the requests are built as the engine asks for more, at most `config.max_waiting` in flight,
+    so a long set never sits in memory whole. A failed request raises RuntimeError. `progress` is called once per
+    answer."""
+    import queue as queue_mod
+
+    from vlmserve.server.engine import Engine, Failed, Finished
+
+    window = config.max_waiting
+    engine = Engine(model, chat, config, model_id=model_id).start()
+    done: queue_mod.Queue[Finished | Failed] = queue_mod.Queue()
+    order: dict[str, int] = {}
+    preds: list[str] = []
+    pending = iter(requests)
+
+    def submit_next() -> bool:
+        req = next(pending, None)
+        if req is None:
+            return False
+        order[req.request_id] = len(preds)
+        preds.append("")
+        engine.submit(req, lambda e: done.put(e) if isinstance(e, Finished | Failed) else None)
+        return True
+
+    try:
+        in_flight = sum(submit_next() for _ in range(window))
+        while in_flight:
+            event = done.get(timeout=600)
+            if isinstance(event, Failed):
+                raise RuntimeError(f"eval request {event.request_id} failed: {event.error}")
+            preds[order[event.request_id]] = event.text.strip()
+            if progress is not None:
+                progress()
+            in_flight += submit_next() - 1
+    finally:
+        engine.shutdown(timeout=5)
+    return preds
 
 
 def evaluate_engine(model_dir: str | Path, items: Sequence[EvalItem], *, max_running: int = 16,
                     progress: Callable[[], None] | None = None) -> dict[str, Any]:
     """Score a checkpoint directory on `items` through the serving engine (continuous batching, greedy): the same
     code path as the server, without HTTP. `progress` is called once per answered question."""
-    import queue as queue_mod
-
     from vlmserve.model.sampling import SamplingParams
-    from vlmserve.server.engine import Engine, EngineConfig, Failed, Finished, ImageLimits
+    from vlmserve.server.engine import ImageLimits
     from vlmserve.server.engine.prepare import RequestPreparer
 
     model = load_model(model_dir)
     chat = ChatTokenizer.from_pretrained(model_dir)
     preparer = RequestPreparer(chat, ImageProcessor.from_pretrained(model_dir), model.config.num_visual_tokens,
                                ImageLimits(max_image_pixels=MAX_PIXELS))
-    engine = Engine(model, chat, EngineConfig(max_running=max_running, max_waiting=len(items)),
-                    model_id=Path(model_dir).name).start()
-    done: queue_mod.Queue[Finished | Failed] = queue_mod.Queue()
+    requests = (preparer.request(str(i), _messages(item.question), [item.image],
+                                 sampling=SamplingParams(temperature=0.0), max_tokens=MAX_TOKENS)
+                for i, item in enumerate(items))
     t0 = time.perf_counter()
-    try:
-        for i, item in enumerate(items):
-            req = preparer.request(str(i), _messages(item.question), [item.image],
-                                   sampling=SamplingParams(temperature=0.0), max_tokens=MAX_TOKENS)
-            engine.submit(req, lambda e: done.put(e) if isinstance(e, Finished | Failed) else None)
-        preds = [""] * len(items)
-        for _ in items:
-            event = done.get(timeout=600)
-            if isinstance(event, Failed):
-                raise RuntimeError(f"eval request {event.request_id} failed: {event.error}")
-            preds[int(event.request_id)] = event.text.strip()
-            if progress is not None:
-                progress()
-    finally:
-        engine.shutdown(timeout=5)
-    return _summary(items, preds, time.perf_counter() - t0)
+    config = serving_settings(model_dir, max_running).engine_config()
+    preds = engine_answers(model, chat, Path(model_dir).name, requests, config, progress=progress)
+    return summarize(items, preds, time.perf_counter() - t0)
 
 
 def answer_schema(kind: str) -> dict[str, Any]:
@@ -133,13 +171,7 @@ def evaluate_url(base_url: str, items: Sequence[EvalItem], *, model: str | None 
         response_format = {"type": "json_schema", "json_schema": schema} if json_schema else None
         content = client.chat(item.question, images=[item.image], model=model, temperature=0, max_tokens=MAX_TOKENS,
                               response_format=response_format).text
-        if not json_schema:
-            return content
-        try:
-            answer = json.loads(content)
-        except ValueError:
-            return content  # cut short by max_tokens: graded as it is (wrong)
-        return answer if isinstance(answer, str) else content
+        return constrained_answer(content) if json_schema else content
 
     def counted(client: Client, item: EvalItem) -> str:
         answer = ask(client, item)
@@ -150,17 +182,36 @@ def evaluate_url(base_url: str, items: Sequence[EvalItem], *, model: str | None 
     t0 = time.perf_counter()
     with Client(base_url, timeout=120, max_retries=0) as client, ThreadPoolExecutor(workers) as pool:
         preds = list(pool.map(lambda it: counted(client, it), items))
-    return _summary(items, preds, time.perf_counter() - t0)
+    return summarize(items, preds, time.perf_counter() - t0)
 
 
-def _summary(items: Sequence[EvalItem], preds: Sequence[str], seconds: float) -> dict[str, Any]:
-    result = score(items, preds)
+def constrained_answer(content: str) -> str:
+    """The string a `response_format` JSON answer holds; the text as it is when it is not a JSON string (cut short
+    by max_tokens: graded as it is, wrong)."""
+    try:
+        answer = json.loads(content)
+    except ValueError:
+        return content
+    return answer if isinstance(answer, str) else content
+
+
+class Asked(Graded, Protocol):
+    """What a result reports of an item: its kind, question and answer (either world's items)."""
+
+    @property
+    def question(self) -> str: ...
+
+
+def summarize(items: Sequence[Asked], preds: Sequence[str], seconds: float, kinds: Sequence[str] = KINDS
+              ) -> dict[str, Any]:
+    """`score` (over the world's question `kinds`), the seconds taken and the first 20 mistakes."""
+    result = score(items, preds, kinds)
     result["seconds"] = round(seconds, 1)
     result["mistakes"] = [
         {"kind": it.kind, "question": it.question, "answer": it.answer, "got": p}
         for it, p in zip(items, preds, strict=True)
-        if p.strip().lower().removesuffix(".") != it.answer
-    ][:20]
+        if not grade(p, it.answer)
+    ][:MAX_MISTAKES]
     return result
 
 
