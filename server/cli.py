@@ -200,7 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("bench", help="concurrent streaming load against a running server (see `vlmserve bench --help`)",
                    add_help=False)
     sub.add_parser("train", help="train the SHAPES model (see `vlmserve train --help`)", add_help=False)
-    sub.add_parser("eval", help="evaluate a model on the SHAPES world (see `vlmserve eval --help`)", add_help=False)
+    sub.add_parser("eval", help="evaluate a model on the SHAPES or SOUNDS world (see `vlmserve eval --help`)",
+                   add_help=False)
     return parser
 
 

@@ -92,10 +92,12 @@ def train_main(argv: Sequence[str] | None = None) -> int:
 
 
 def eval_main(argv: Sequence[str] | None = None) -> int:
-    """`eval --model DIR [--n 500] [--seed S] [--url BASE]`: per-kind exact match on the independent renderer."""
-    from .evaluate import eval_items, evaluate_engine, evaluate_url
-
-    p = argparse.ArgumentParser(prog="vlmserve eval", description="Per-kind accuracy on the independent SHAPES set.")
+    """`eval [--world shapes|sounds] (--model DIR | --url BASE) [--n 500] [--seed S] [--json] [--json-schema]`:
+    per-kind exact match on the world's independent renderer (SHAPES: eval_world.py, SOUNDS: eval_sounds.py)."""
+    p = argparse.ArgumentParser(prog="vlmserve eval",
+                                description="Per-kind accuracy on the independent SHAPES or SOUNDS question set.")
+    p.add_argument("--world", default="shapes", choices=["shapes", "sounds"],
+                   help="the world asked about: SHAPES (images) or SOUNDS (audio clips: a model with an audio tower)")
     p.add_argument("--model", default=None, help="checkpoint directory (evaluated through the serving engine, no HTTP)")
     p.add_argument("--url", default=None, help="server root, e.g. http://127.0.0.1:8000 (evaluates over HTTP)")
     p.add_argument("--served-model", default=None, help="the `model` field to send with --url")
@@ -111,26 +113,51 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
         p.error("give exactly one of --model or --url")
     if args.json_schema and args.url is None:
         p.error("--json-schema goes with --url (it measures the server's structured outputs)")
-    items = eval_items(args.n, args.seed)
-    with tqdm(total=len(items), desc="eval", unit="q", file=sys.stderr, dynamic_ncols=True) as bar:
-        if args.url is None:
-            result = evaluate_engine(args.model, items, progress=bar.update)
-        else:
-            from vlmserve_client import VlmserveError
+    from .evaluate_sounds import NoAudioTower
 
-            try:
-                result = evaluate_url(args.url, items, model=args.served_model, json_schema=args.json_schema,
-                                      progress=bar.update)
-            except VlmserveError as e:
-                bar.close()
-                print(f"vlmserve eval: {e}", file=sys.stderr)
-                return 1
+    refused: tuple[type[Exception], ...] = (NoAudioTower,)  # a checkpoint that cannot hear (--world sounds)
+    if args.url is not None:
+        from vlmserve_client import VlmserveError
+
+        refused = (NoAudioTower, VlmserveError)  # the server's error answer, or no server
+    try:
+        result = _evaluate(args)
+    except refused as e:
+        unheard = getattr(e, "code", None) == "unsupported_audio"
+        hint = " (--world sounds needs a model with an audio tower)" if unheard else ""
+        print(f"vlmserve eval: {e}{hint}", file=sys.stderr)
+        return 1
     if args.json:
         json.dump(result, sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
         sys.stdout.write(result_table(result) + "\n")
     return 0
+
+
+def _evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    """The world's question set, answered through the engine (`--model`) or a server (`--url`), behind a progress
+    bar on stderr."""
+    url, model, schema = args.url, args.served_model, args.json_schema
+    if args.world == "sounds":
+        from .evaluate_sounds import evaluate_sounds_engine, evaluate_sounds_url, sounds_eval_items
+
+        clips = sounds_eval_items(args.n, args.seed)
+        with _bar(len(clips)) as bar:
+            if url is None:
+                return evaluate_sounds_engine(args.model, clips, progress=bar.update)
+            return evaluate_sounds_url(url, clips, model=model, json_schema=schema, progress=bar.update)
+    from .evaluate import eval_items, evaluate_engine, evaluate_url
+
+    images = eval_items(args.n, args.seed)
+    with _bar(len(images)) as bar:
+        if url is None:
+            return evaluate_engine(args.model, images, progress=bar.update)
+        return evaluate_url(url, images, model=model, json_schema=schema, progress=bar.update)
+
+
+def _bar(total: int) -> tqdm[Any]:
+    return tqdm(total=total, desc="eval", unit="q", file=sys.stderr, dynamic_ncols=True)
 
 
 if __name__ == "__main__":  # pragma: no cover
