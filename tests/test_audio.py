@@ -335,19 +335,20 @@ def test_a_model_without_an_audio_tower_refuses_audio_parts(live_server: LiveSer
 
 
 def test_readme_audio_examples(tmp_path: Path) -> None:
-    """The README's audio examples (curl and the openai SDK) against a tiny Qwen2-Audio checkpoint, served on a real
-    socket (uvicorn in a thread of this process; answers of at most 16 tokens: the model is random)."""
+    """The README's audio examples (a clip of two beeps made in numpy, then curl and the openai SDK) against the
+    embedded default model, which hears, served on a real socket (uvicorn in a thread of this process): each says
+    `two`."""
     import uvicorn
 
-    ckpt = build_qwen2_audio(tmp_path / "qwen2-audio")
-    (tmp_path / "beeps.wav").write_bytes(clip_bytes("WAV", 22050, 1, 1.5))
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     examples = {lang: [b for b in re.findall(rf"```{lang}\n(.*?)```", readme, flags=re.S) if "beeps.wav" in b]
                 for lang in ("bash", "python")}
-    assert len(examples["bash"]) == 2 and len(examples["python"]) == 1
+    assert len(examples["bash"]) == 3 and len(examples["python"]) == 1
+    made = subprocess.run(["bash", "-c", examples["bash"][0].replace("python - ", f"{sys.executable} - ")],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0 and (tmp_path / "beeps.wav").is_file(), made.stderr
     port = free_port()
-    app = create_app(Settings(model=str(ckpt), compile=False, no_ui=True, max_running=4, max_tokens_default=16,
-                              kv_cache_mb=16))
+    app = create_app(Settings(compile=False, no_ui=True, max_running=4, kv_cache_mb=16))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -363,17 +364,18 @@ def test_readme_audio_examples(tmp_path: Path) -> None:
             assert time.monotonic() < deadline, "the README's audio server did not get ready"
             time.sleep(0.05)
         env = {**os.environ, "NO_PROXY": "*"}
-        for snippet in examples["bash"]:
+        for snippet in examples["bash"][1:]:
             if shutil.which("curl") is None:
                 pytest.skip("curl is not installed")
             out = subprocess.run(["bash", "-c", snippet.replace("http://127.0.0.1:8000", url)], cwd=tmp_path,
                                  capture_output=True, text=True, timeout=60, env=env)
             assert out.returncode == 0, out.stderr
             answer = json.loads(out.stdout)
-            assert "choices" in answer or "text" in answer, out.stdout
+            text = answer["choices"][0]["message"]["content"] if "choices" in answer else answer["text"]
+            assert text.strip() == "two", out.stdout
         out = subprocess.run([sys.executable, "-c", examples["python"][0].replace("http://127.0.0.1:8000", url)],
                              cwd=tmp_path, capture_output=True, text=True, timeout=60, env=env)
-        assert out.returncode == 0, out.stderr
+        assert out.returncode == 0 and out.stdout.strip() == "two", (out.stdout, out.stderr)
     finally:
         server.should_exit = True
         thread.join(30)

@@ -1,4 +1,5 @@
-"""The embedded default model end to end: a regular (non-editable) install serves it with no --model, and it sees.
+"""The embedded default model end to end: a regular (non-editable) install serves it with no --model; it sees and
+it hears.
 
 A wheel is built from the source tree and unpacked into a folder of its own; `vlmserve serve` runs from there, so
 the default model must be found as package data, exactly as after `pip install .` or in the Docker image.
@@ -20,6 +21,7 @@ from live_server import LiveServer, free_port, wait_until_ready
 from PIL import Image, ImageDraw
 
 from vlmserve.server.webui import ui_assets
+from vlmserve.training.eval_sounds import make_sounds_eval_set
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -53,6 +55,8 @@ def installed_server(tmp_path_factory: pytest.TempPathFactory):
     with zipfile.ZipFile(wheel) as z:
         names = z.namelist()
         assert "vlmserve/weights/shapes-llava/config.json" in names
+        assert {f"vlmserve/weights/shapes-llava/audio/{f}" for f in
+                ("config.json", "model.safetensors", "preprocessor_config.json")} <= set(names)
         assert any(n.startswith("vlmserve/weights/shapes-llava/model") and n.endswith(".safetensors") for n in names)
         assert {"index.html", "app.js", "style.css"} <= set(ui_assets())
         missing = [name for name in ui_assets() if f"vlmserve/server/ui/{name}" not in names]
@@ -91,6 +95,22 @@ def test_what_color_is_the_circle(installed_server: LiveServer) -> None:
     assert _ask(installed_server, _png("circle", (40, 80, 220)), "What color is the circle?") == "blue"
     assert _ask(installed_server, _png("square", (40, 170, 60)), "What shape is the green object?") == "square"
     assert _ask(installed_server, _png("triangle", (235, 200, 30)), "How many shapes are there?") == "one"
+
+
+def test_the_default_model_hears(installed_server: LiveServer) -> None:
+    """Clips of the independent SOUNDS renderer, one of each question kind (the model reads 98%+ of them right)."""
+    items = make_sounds_eval_set(10, seed=11)
+    answers = []
+    for item in items:
+        part = {"type": "input_audio", "input_audio": {"data": base64.b64encode(item.audio).decode(), "format": "wav"}}
+        body = {"messages": [{"role": "user", "content": [part, {"type": "text", "text": item.question}]}],
+                "temperature": 0, "max_tokens": 40}
+        r = httpx.post(installed_server.url + "/v1/chat/completions", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        answers.append(r.json()["choices"][0]["message"]["content"].strip().lower().rstrip("."))
+    assert {item.kind for item in items} == {"count", "pitch", "kind", "exists", "caption"}
+    right = [a == item.answer for a, item in zip(answers, items, strict=True)]
+    assert sum(right) >= 9, list(zip(answers, [item.answer for item in items], strict=True))
 
 
 def test_the_installed_server_serves_the_web_page(installed_server: LiveServer) -> None:

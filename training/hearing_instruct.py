@@ -7,6 +7,7 @@ process: the vision tower and projector are the base model's, so only the LM and
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import time
@@ -32,7 +33,7 @@ from .tokenizer import PromptCodec
 
 log = logging.getLogger(__name__)
 
-Segments = list[tuple[list[int], list[int]]]
+MAX_NEW_TOKENS = 48
 
 
 class AudioPrompts:
@@ -276,6 +277,10 @@ def export(run: HearingRun, out: Path, dtype: torch.dtype = torch.float16) -> Pa
     assert model.audio is not None
     model.audio.audio_tower.load_state_dict(torch.load(run.dir / "hear.pt", weights_only=True))
     save_model(model.eval(), out, dtype=dtype, copy_from=run.text_dir)
+    generation = json.loads((out / "generation_config.json").read_text())
+    # the longest SOUNDS caption is 27 tokens of a tokenizer that never saw its words: the default must reach it
+    generation["max_new_tokens"] = max(int(generation.get("max_new_tokens", 0)), MAX_NEW_TOKENS)
+    (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     log.info("exported the hearing model to %s", out)
     return out
 
