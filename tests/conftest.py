@@ -14,6 +14,11 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # Servers started by tests decode eagerly (compiling costs seconds per server); the compiled step has its own
 # tests (tests/test_engine.py), which ask for it.
 os.environ.setdefault("VLMSERVE_COMPILE", "false")
+# OpenMP's threads wait passively (training/cli.py sets the same, but only for a process that imports it before
+# torch): a test process that trains in-process while servers or other jobs hold the CPU spins itself to a
+# crawl otherwise (tests/test_training.py's smoke run: 71 s against 5 s on a loaded two-core machine).
+# Read when torch loads OpenMP, so before anything below imports torch; servers started by tests inherit it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, str(Path(__file__).parent))
 
 from checkpoints import SPECS, build_checkpoint

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import io
 import shutil
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from family_oracles import (
     Qwen25VLOracle,
     messages,
 )
+from fastapi.testclient import TestClient
 from live_server import LiveServer, start_server
 from PIL import Image
 from safetensors.torch import save_file
@@ -36,8 +38,10 @@ from vlmserve.model.images import ImageProcessor
 from vlmserve.model.sampling import SamplingParams
 from vlmserve.model.tokenizer import ChatTokenizer
 from vlmserve.model.weights import load_model, save_model
+from vlmserve.server.api import create_app
 from vlmserve.server.engine import Engine, EngineConfig, Finished
 from vlmserve.server.engine.prepare import RequestPreparer
+from vlmserve.server.settings import Settings
 
 
 @dataclass(frozen=True)
@@ -227,20 +231,25 @@ def test_hostile_sizes(server: LiveServer, family: tuple[Family, Path]) -> None:
     assert httpx.get(server.url + "/health", timeout=10).status_code == 200
 
 
-def test_mm_token_cap_counts_the_real_tokens(family: tuple[Family, Path], server: LiveServer, tmp_path: Path) -> None:
+def test_mm_token_cap_counts_the_real_tokens(family: tuple[Family, Path], server: LiveServer) -> None:
     fam, ckpt = family
     images = [picture(250, 240)]  # large enough for `low` to be fewer tokens in every family (one image: OneVision
     # makes every image of a multi-image prompt one tile whatever the detail)
     low = ask(server, chat("hi", images, detail="low"))["usage"]["prompt_tokens_details"]["image_tokens"]
-    s = start_server(ckpt, tmp_path, "--served-model-name", "fam", "--max-mm-tokens-per-request", str(low))
-    try:
-        assert httpx.post(s.url + "/v1/chat/completions", json=chat("hi", images, detail="low"),
-                          timeout=60).status_code == 200
+    # The capped server is the whole app in this process (starlette's TestClient: middleware, routes, lifespan,
+    # engine thread as served, as tests/test_audio.py does), not a second subprocess per family: its start-up costs
+    # a model load, not a Python and torch start. A small KV pool: an app's engine stays in the process after it.
+    settings = Settings(model=str(ckpt), served_model_name="fam", max_mm_tokens_per_request=low, compile=False,
+                        no_ui=True, kv_cache_mb=32)
+    with TestClient(create_app(settings)) as s:
+        deadline = time.monotonic() + 120
+        while s.get("/ready").status_code != 200:
+            assert time.monotonic() < deadline, "the capped server did not get ready"
+            time.sleep(0.05)
+        assert s.post("/v1/chat/completions", json=chat("hi", images, detail="low")).status_code == 200
         over = chat("hi", images * 2) if fam.one_setting else chat("hi", images, detail="high")
-        r = httpx.post(s.url + "/v1/chat/completions", json=over, timeout=30)
+        r = s.post("/v1/chat/completions", json=over)
         assert r.status_code == 400 and "--max-mm-tokens-per-request" in r.json()["error"]["message"]
-    finally:
-        s.stop()
 
 
 # -- checkpoints -------------------------------------------------------------------------------------------------
