@@ -1,6 +1,7 @@
 """The SOUNDS side of the training pipeline (training/sounds.py, hearing.py, hearing_instruct.py): the clip generator
 follows SOUNDS.md, questions are asked only when its table says, dense labels mark the sounds, packed rows with a
-prefix per row equal lone sequences, and a smoke hearing run (every stage; losses fall) exports a directory that
+prefix per row equal lone sequences, and a smoke hearing run on a SHAPES smoke model (every stage; losses fall)
+exports a directory that
 loads in vlmserve with its audio tower, in transformers as the LLaVA it is (equal logits), and answers clips over the
 HTTP API."""
 
@@ -119,8 +120,11 @@ def test_packed_rows_with_a_prefix_each_equal_lone_sequences() -> None:
 
 @pytest.fixture(scope="module")
 def hearing_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The pipeline in order: a SHAPES smoke model, then the hearing stages on top of it."""
+    shapes = tmp_path_factory.mktemp("shapes-run")
+    assert train_main(["--out", str(shapes), "--config", "smoke"]) == 0
     out = tmp_path_factory.mktemp("hearing-run")
-    assert train_main(["--out", str(out), "--config", "hearing-smoke", "--base", str(BASE)]) == 0
+    assert train_main(["--out", str(out), "--config", "hearing-smoke", "--base", str(shapes / "model")]) == 0
     return out
 
 
@@ -142,7 +146,8 @@ def test_the_hearing_export_loads_everywhere_and_answers_clips(hearing_run: Path
     assert ours.audio is not None and ours.config.text.vocab_size == ours.config.audio.audio_token_index + 1
     theirs = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
     ids = torch.tensor([[1, 3, *([3] * (ours.config.num_visual_tokens - 1)), 40, 41, 42]])  # (1, T)
-    pixels = torch.randn(1, 3, 64, 64)  # (1, 3, H, W)
+    side = ours.config.vision.image_size  # type: ignore[union-attr]
+    pixels = torch.randn(1, 3, side, side)  # (1, 3, H, W)
     with torch.no_grad():
         torch.testing.assert_close(ours(ids, pixel_values=pixels), theirs(input_ids=ids, pixel_values=pixels).logits,
                                    rtol=1e-4, atol=1e-4)

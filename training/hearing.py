@@ -157,7 +157,7 @@ class HearingRun:
         key = "base_state"
         if key not in self._cache:
             self._cache[key] = load_model(self.base, dtype=torch.float32).state_dict()
-        state = dict(self._cache[key])
+        state = {k: v for k, v in self._cache[key].items() if not k.startswith("audio.")}  # a tower of its own
         base_vocab = state["language_model.embed_tokens.weight"].shape[0]
         vocab = len(self.chat.tokenizer)
         for name in ("language_model.embed_tokens.weight", "language_model.lm_head.weight"):
