@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 import soundfile as sf
 
+from .world import draw_questions
+
 PITCH_HZ: dict[str, float] = {"low": 250.0, "mid": 500.0, "high": 1000.0}
 PITCHES: tuple[str, ...] = tuple(PITCH_HZ)
 SOUND_KINDS: tuple[str, ...] = ("tone", "buzz")
@@ -179,28 +181,10 @@ def question_for(clip: Clip, kind: str, rng: random.Random) -> tuple[str, str] |
     raise ValueError(f"unknown question kind {kind!r}")
 
 
-def all_questions() -> list[str]:
-    """Every question text of the world (for the tokenizer check and the docs)."""
-    qs = ["How many sounds are there?", "Describe the sound."]
-    qs += [f"What pitch is the {k}?" for k in SOUND_KINDS]
-    qs += [f"What kind of sound is the {p} one?" for p in PITCHES]
-    qs += [f"Is there a {p} {k}?" for p, k in SOUND_PAIRS]
-    return qs
-
-
 def sample_questions(clips: Sequence[Clip], rng: random.Random, weights: dict[str, float]
                      ) -> list[tuple[int, str, str, str]]:
     """One (clip index, kind, question, answer) per clip, kinds drawn with `weights` among those askable."""
-    kinds, w = list(weights), list(weights.values())
-    out = []
-    for i, clip in enumerate(clips):
-        while True:
-            kind = rng.choices(kinds, w)[0]
-            qa = question_for(clip, kind, rng)
-            if qa is not None:
-                out.append((i, kind, *qa))
-                break
-    return out
+    return draw_questions(clips, rng, weights, question_for)
 
 
 # ------------------------------------------------------------------------------------------------ dense labels

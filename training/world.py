@@ -14,8 +14,9 @@ from __future__ import annotations
 import io
 import random
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -34,6 +35,7 @@ PAIRS: tuple[tuple[str, str], ...] = tuple((c, s) for c in COLORS for s in SHAPE
 NUMBER_WORDS: tuple[str, ...] = ("one", "two", "three")
 KINDS: tuple[str, ...] = ("color", "shape", "count", "exists", "caption")
 
+T = TypeVar("T")
 SIDE_RANGE = (64, 256)
 GREY_RANGE = (225, 255)
 BOX_FRACTION = (0.20, 0.35)
@@ -266,12 +268,21 @@ def sample_questions(
     worlds: Sequence[World], rng: random.Random, weights: dict[str, float]
 ) -> list[tuple[int, str, str, str]]:
     """One (world index, kind, question, answer) per world, kinds drawn with `weights` among those askable."""
+    return draw_questions(worlds, rng, weights, question_for)
+
+
+def draw_questions(
+    items: Sequence[T], rng: random.Random, weights: dict[str, float],
+    ask: Callable[[T, str, random.Random], tuple[str, str] | None],
+) -> list[tuple[int, str, str, str]]:
+    """One (item index, kind, question, answer) per item of any world: kinds drawn with `weights`, redrawn until
+    `ask` (the world's question_for) has a question of that kind for the item."""
     kinds, w = list(weights), list(weights.values())
     out = []
-    for i, world in enumerate(worlds):
+    for i, item in enumerate(items):
         while True:
             kind = rng.choices(kinds, w)[0]
-            qa = question_for(world, kind, rng)
+            qa = ask(item, kind, rng)
             if qa is not None:
                 out.append((i, kind, *qa))
                 break
