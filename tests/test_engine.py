@@ -386,9 +386,10 @@ def test_compiled_decode_step_gives_the_same_tokens(checkpoint_factory) -> None:
 
 
 def test_compiled_decode_of_several_sequences_gives_the_same_tokens(checkpoint_factory) -> None:
-    """The compiled step's graph for two and more decodes (a dynamic size), against eager, batched."""
-    eager = Harness(checkpoint_factory("clip-llama"), max_running=4)
-    compiled = Harness(checkpoint_factory("clip-llama"), max_running=4, compile=True)
+    """The compiled step's graphs for two and more decodes (a dynamic size) and for steps with prefill chunks (here
+    small: chunks beside running decodes), against eager, batched."""
+    eager = Harness(checkpoint_factory("clip-llama"), max_running=4, max_num_batched_tokens=24)
+    compiled = Harness(checkpoint_factory("clip-llama"), max_running=4, max_num_batched_tokens=24, compile=True)
     try:
         runs = []
         for h in (eager, compiled):
@@ -398,6 +399,8 @@ def test_compiled_decode_of_several_sequences_gives_the_same_tokens(checkpoint_f
             runs.append([f.token_ids for f in h.run_concurrently(reqs)])
         assert runs[1] == runs[0]
         assert compiled.engine.core.runner._compiled is not None  # still compiled: it did not fall back
+        counters = compiled.engine.counters
+        assert counters.prefill_forwards > 4 and counters.compiled_prefill_forwards == counters.prefill_forwards
         if kernels.step_ops() is not None:  # the compiled step called the C++ ops, not the Python ones
             assert compiled.engine.core.runner._native is not None
     finally:

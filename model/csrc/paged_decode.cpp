@@ -21,10 +21,33 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 
 namespace {
+
+// exp(x) for x <= 0 (a score less its row's max): 2^n * p(r), x = n ln2 + r, |r| <= ln2 / 2 (Cephes' expf
+// polynomial). Branch-free, so that the softmax loop vectorizes, which std::exp's library call does not: half the
+// kernel's time at 16 bf16 decodes of 250 keys here (233 -> 120 us a layer; float32 210 -> 171 us). Relative error
+// ~2e-7; below -87 it gives ~1e-38 instead of underflowing to 0 (nothing beside the max's term of 1).
+inline float exp_nonpositive(float x) {
+  x = std::max(x, -87.0f);
+  const float n = std::nearbyint(x * 1.44269504088896341f);
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
 
 template <typename T>
 void decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& tables,
@@ -76,7 +99,7 @@ void decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const
         float total = 0.f;
         float* row = scores.data() + r * n;
         for (int64_t t = 0; t < n; ++t) {
-          row[t] = std::exp(row[t] - top[r]);
+          row[t] = exp_nonpositive(row[t] - top[r]);
           total += row[t];
         }
         sum[r] = total;

@@ -70,11 +70,13 @@ class ModelRunner:
         self.bidirectional_images = bool(getattr(model, "bidirectional_images", False))
         self.max_images_per_encode = max_images_per_encode
         self.counters, self.observer = counters, observer
-        # Decode-only steps through torch.compile: the layers are traced, the attention is one opaque op per layer
-        # (model/step_attention.py), so the graph's one varying size is the number of decodes (one graph for a
-        # single decode, one for two and more). Eager if compiling fails (no C++ compiler, ...). On a CPU the graph's
-        # wrapper is C++ too (inductor's cpp_wrapper): the kernels are called without Python between them, ~8 % off a
-        # bf16 decode step at batch 1 here (8.8-9.8 against 9.5-10.7 ms per token, three paired runs).
+        # The steps through torch.compile: the layers are traced, the attention is one opaque op per layer
+        # (model/step_attention.py), so a graph's one varying size is the step's number of tokens: one graph for a
+        # single decode, one for two and more, one for the steps with prefill chunks (their norms, rotary, SwiGLU
+        # and residual adds fused: ~8 % off the prefill steps of the 16-stream benchmark load here, 5.4-5.7 against
+        # 6.1-6.2 s in three paired rounds). Eager if compiling fails (no C++ compiler, ...), each kind on its own.
+        # On a CPU the graph's wrapper is C++ too (inductor's cpp_wrapper): the kernels are called without Python
+        # between them, ~8 % off a bf16 decode step at batch 1 here (8.8-9.8 against 9.5-10.7 ms per token).
         options: dict[str, str | int | bool | Callable[..., Any]] | None = (
             {"cpp_wrapper": True} if self.device.type == "cpu" else None)
         self._compiled = torch.compile(lm.forward, options=options) if compile_decode else None
@@ -88,6 +90,8 @@ class ModelRunner:
             weakref.finalize(self, ops.release_pools, self._pools).atexit = False
             self._native = ops
         self._step_attention = StepAttention(native=self._native is not None)
+        self._prefill_attention = StepAttention()  # steps with chunks: the Python op (the C++ one only decodes)
+        self._compile_prefill = compile_decode
         self.mrope = lm.rotary.rope.mrope_section is not None  # Qwen2-VL: (t, row, column) positions for images
         self.merge = model.qwen2_vision.spatial_merge_size if model.qwen2_vision is not None else 1
         if self.device.type == "cpu":
@@ -195,8 +199,9 @@ class ModelRunner:
         pos_t = self._tensor(positions)[None]  # (1, N)
         rope_t = self._tensor(rope_rows)[:, None] if rope_rows is not None else None  # (3, 1, N)
         hidden = None
-        if self._compiled is not None and not segments and rope_t is None:
+        if self._compiled is not None and rope_t is None and (self._compile_prefill or not segments):
             hidden = self._compiled_forward(embeds[None], pos_t, paged)  # (N, D), or None if compiling failed
+            self.counters.compiled_prefill_forwards += bool(segments) and hidden is not None
         if hidden is None:
             hidden = lm(inputs_embeds=embeds[None], positions=pos_t, paged=paged, logits=False,
                         rope_positions=rope_t)[0]  # (N, D)
@@ -231,20 +236,26 @@ class ModelRunner:
 
     def _compiled_forward(self, embeds: torch.Tensor, positions: torch.Tensor, paged: PagedBatch
                           ) -> torch.Tensor | None:
-        """The decode-only forward through the compiled graph: hidden states (N, D), or None (and eager from now
-        on) if compiling fails."""
+        """The step's forward through the compiled graphs: hidden states (N, D), or None (and that kind of step
+        eager from now on) if compiling fails."""
         assert self._compiled is not None
-        if embeds.shape[1] > 1:  # from two decodes on, one graph for any number (one is a graph of its own)
+        prefill = bool(paged.segments)
+        if embeds.shape[1] > 1:  # one graph for any number of tokens (a single decode is a graph of its own)
             torch._dynamo.maybe_mark_dynamic(embeds, 1)
             torch._dynamo.maybe_mark_dynamic(positions, 1)
+        native = self._native is not None and not prefill
         try:
-            native = self._native is not None
             with stepping_native(self._native, self._pools, paged) if native else stepping(paged):
-                return self._compiled(inputs_embeds=embeds, positions=positions, paged=self._step_attention,
+                attention = self._prefill_attention if prefill else self._step_attention
+                return self._compiled(inputs_embeds=embeds, positions=positions, paged=attention,
                                       logits=False)[0]  # (N, D)
         except Exception as e:
-            log.warning("torch.compile of the decode step failed (%s: %s); decoding eagerly", type(e).__name__, e)
-            self._compiled = None
+            kind = "prefill" if prefill else "decode"
+            log.warning("torch.compile of the %s step failed (%s: %s); running it eagerly", kind, type(e).__name__, e)
+            if prefill:
+                self._compile_prefill = False
+            else:
+                self._compiled = None
             return None
 
     # -------------------------------------------------------------------------------------------------- images

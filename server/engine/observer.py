@@ -37,6 +37,7 @@ class EngineCounters:
     steps: int = 0
     decode_forwards: int = 0
     prefill_forwards: int = 0
+    compiled_prefill_forwards: int = 0  # of them, through the compiled graph
     encoder_calls: int = 0
     images_encoded: int = 0
     vision_cache_hits: int = 0
