@@ -147,20 +147,20 @@ class ServerState:
         return tokenizer
 
     def _warm_up(self) -> None:
-        """Two short generations with an image (and a clip, with an audio tower), side by side: the first real
-        requests pay for no lazy initialisation (with `compile`, the decode step compiles here: for one sequence,
-        and for several)."""
+        """Two short generations with an image each (and a clip, with an audio tower), side by side: the first real
+        requests pay for no lazy initialisation (with `compile`, the graphs compile here: the decode step for one
+        sequence and for several, the prefill step, the vision tower for several images)."""
         assert isinstance(self.engine, Engine) and self.preparer is not None
-        buf = io.BytesIO()
-        Image.new("RGB", (64, 64), (128, 128, 128)).save(buf, "PNG")
         sees = self.engine.model.config.vision is not None
-        images = [buf.getvalue()] if sees else []
         audio = [self.audio.clip(_silence_wav(), "wav")] if self.audio is not None else []
-        parts = [{"type": "image"}] * len(images) + [{"type": "audio"}] * len(audio)
+        parts = [{"type": "image"}] * sees + [{"type": "audio"}] * len(audio)
         messages = [{"role": "user", "content": [*parts, {"type": "text", "text": "warm up"}]}]
         sinks: list[queue.Queue[Event]] = []
         side_by_side = (8, 4) if self.engine.config.max_running >= 2 else (8,)  # one row: one at a time
         for i, max_tokens in enumerate(side_by_side):
+            buf = io.BytesIO()  # two images, so that the vision tower's graph for several compiles here too
+            Image.new("RGB", (64, 64), (128 + i, 128, 128)).save(buf, "PNG")
+            images = [buf.getvalue()] if sees else []
             req = self.preparer.request(f"warmup-{i}", messages, images, sampling=SamplingParams(temperature=0),
                                         max_tokens=max_tokens, audio=audio)
             req.ignore_eos = True  # every step runs, whatever the model answers

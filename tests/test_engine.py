@@ -408,6 +408,26 @@ def test_compiled_decode_of_several_sequences_gives_the_same_tokens(checkpoint_f
         compiled.engine.shutdown(timeout=5)
 
 
+def test_compiled_vision_tower_matches_eager(checkpoint_factory) -> None:
+    """With `compile`, two and more images go through the compiled tower (one graph for any number): the same
+    visual tokens as eager within float32 rounding (fused layer norms round differently: ~6e-5 here)."""
+    h = Harness(checkpoint_factory("clip-llama"), max_running=4, compile=True)
+    try:
+        runner = h.engine.core.runner
+        inner, seen = runner._compiled_encode, []
+        assert inner is not None
+        runner._compiled_encode = lambda px: (seen.append(px.shape[0]), inner(px))[1]
+        size = h.model.config.vision.image_size
+        pixels = torch.randn(5, 3, size, size, generator=torch.Generator().manual_seed(0))
+        with torch.inference_mode():
+            for n in (2, 3, 5, 1):
+                torch.testing.assert_close(runner._encode_images(pixels[:n]), h.model.encode_images(pixels[:n]),
+                                           rtol=1e-3, atol=1e-4)  # fused norms: float32 rounding
+        assert seen == [2, 3, 5]  # one image: eager
+    finally:
+        h.engine.shutdown(timeout=5)
+
+
 def test_a_failing_compile_falls_back_to_eager(checkpoint_factory, monkeypatch: pytest.MonkeyPatch) -> None:
     """No C++ compiler (or Triton) on the host: the engine logs it and serves eagerly instead of dying."""
     import vlmserve.server.engine.core as core

@@ -92,6 +92,11 @@ class ModelRunner:
         self._step_attention = StepAttention(native=self._native is not None)
         self._prefill_attention = StepAttention()  # steps with chunks: the Python op (the C++ one only decodes)
         self._compile_prefill = compile_decode
+        # The vision tower (LLaVA's: one image size) compiled for two and more images at once (a dynamic batch; one
+        # image stays eager rather than compile a graph of its own): its layer norms, quick GELU and residual adds
+        # fused, ~0.2 s less of the 16-stream load's ~1.1 s of encoding here.
+        self._compiled_encode = (torch.compile(model.encode_images, options=options)
+                                 if compile_decode and model.config.family == "llava" else None)
         self.mrope = lm.rotary.rope.mrope_section is not None  # Qwen2-VL: (t, row, column) positions for images
         self.merge = model.qwen2_vision.spatial_merge_size if model.qwen2_vision is not None else 1
         if self.device.type == "cpu":
@@ -352,7 +357,7 @@ class ModelRunner:
             elif self.model.anyres is not None:  # (N, T, C, H, W) tiles -> each image's (n_i, D)
                 tokens = self.model.encode_tiled(torch.stack(moved), [layouts[k] for k in keys])
             else:
-                tokens = list(self.model.encode_images(torch.stack(moved)))  # N x (N_vis, D)
+                tokens = list(self._encode_images(torch.stack(moved)))  # N x (N_vis, D)
         except Exception:
             if len(keys) == 1:
                 log.exception("encoding image %s failed", keys[0][1][:12])
@@ -369,6 +374,19 @@ class ModelRunner:
             self.vision_cache.put(k, t)
             out[k] = t
         return out
+
+    def _encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) -> (N, N_vis, D): through the compiled tower from two images on (eager if it fails)."""
+        if self._compiled_encode is not None and pixels.shape[0] > 1:
+            torch._dynamo.maybe_mark_dynamic(pixels, 0)
+            try:
+                out: torch.Tensor = self._compiled_encode(pixels)
+                return out
+            except Exception as e:
+                log.warning("torch.compile of the vision tower failed (%s: %s); encoding eagerly", type(e).__name__,
+                            e)
+                self._compiled_encode = None
+        return self.model.encode_images(pixels)
 
     def _tensor(self, values: Seq[int] | Seq[Seq[int]]) -> torch.Tensor:
         """A small int64 tensor on the device, copied without blocking the host on CUDA."""
