@@ -13,6 +13,10 @@ right before the servers run, at the workload's own (rows, in, out) shapes:
 
 bound seconds = sum over parts of FLOPs / rate; bound tokens/s = completion tokens / bound seconds. Attention's
 FLOPs are counted at the same rates (generous to the bound: attention runs slower than GEMMs here).
+
+`with_kv_reads` adds what that bound leaves out and no kernel can skip: each decode step reads its keys and values
+(every layer's, the whole context) from memory, at the streaming read rate measured in the same process. It is
+reported beside the bound (a roofline), not in its place.
 """
 
 from __future__ import annotations
@@ -135,23 +139,45 @@ def decode_rate(s: Shapes, rows: int, dtype: torch.dtype) -> dict[str, Any]:
     return best
 
 
+@torch.inference_mode()
+def read_bandwidth(nbytes: int = 256 * 2**20) -> float:
+    """Bytes/s of one streaming read of a buffer far larger than the caches (a sum over it)."""
+    x = torch.ones(nbytes // 4, dtype=torch.float32)
+    return nbytes / _time(lambda: x.sum())
+
+
+def kv_read_bytes(s: Shapes, dtype: torch.dtype, prompt_tokens: int, completion_tokens: int) -> float:
+    """Bytes of keys and values one request's decode steps read (every layer's, each step its whole context)."""
+    per_key = 2 * s.kv_dim * s.text_layers * torch.empty(0, dtype=dtype).element_size()
+    return per_key * sum(prompt_tokens + i for i in range(1, completion_tokens))
+
+
 def rates(s: Shapes, dtype: torch.dtype, prompt_tokens: int, streams: list[int]) -> dict[str, Any]:
-    """The rates of every class of products of the workload (measured now, in this process)."""
+    """The rates of every class of products of the workload (measured now, in this process), and the memory's
+    streaming read rate (for the roofline figure of `bound`)."""
     vision_rows = [s.patches + 1, 8 * (s.patches + 1)]
     prefill_rows = [prompt_tokens, 2048]
     return {"encoder": compute_rate(s.vision_products(), vision_rows, dtype),
             "prefill": compute_rate(s.lm_products(), prefill_rows, dtype),
-            "decode": {str(n): decode_rate(s, n, dtype) for n in streams}}
+            "decode": {str(n): decode_rate(s, n, dtype) for n in streams},
+            "read_gb_per_s": round(read_bandwidth() / 1e9, 1)}
 
 
 def bound(s: Shapes, measured: dict[str, Any], prompt_tokens: int, completion_tokens: int, requests: int,
-          streams: int) -> dict[str, Any]:
+          streams: int, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     """Seconds and completion tokens/s of `requests` requests at the measured rates, `streams` decoding together."""
     flops = request_flops(s, prompt_tokens, completion_tokens)
     seconds = requests * (flops["encoder"] / (measured["encoder"]["gflops"] * 1e9)
                           + flops["prefill"] / (measured["prefill"]["gflops"] * 1e9)
                           + flops["decode"] / (measured["decode"][str(streams)]["gflops"] * 1e9))
     total = requests * sum(flops.values())
-    return {"tflop": round(total / 1e12, 3), "seconds": round(seconds, 3),
-            "tok_per_s": round(requests * completion_tokens / seconds, 1),
-            "flops_share": {k: round(v / sum(flops.values()), 3) for k, v in flops.items()}}
+    out: dict[str, Any] = {"tflop": round(total / 1e12, 3), "seconds": round(seconds, 3),
+                           "tok_per_s": round(requests * completion_tokens / seconds, 1),
+                           "flops_share": {k: round(v / sum(flops.values()), 3) for k, v in flops.items()}}
+    if "read_gb_per_s" in measured:
+        # The roofline: as above, and besides each decode step reads its keys and values (the whole context, every
+        # layer) at the memory's streaming rate, work whose FLOPs are few but which the bound above leaves out.
+        kv = requests * kv_read_bytes(s, dtype, prompt_tokens, completion_tokens) / (measured["read_gb_per_s"] * 1e9)
+        out["with_kv_reads"] = {"seconds": round(seconds + kv, 3), "kv_read_seconds": round(kv, 3),
+                                "tok_per_s": round(requests * completion_tokens / (seconds + kv), 1)}
+    return out
