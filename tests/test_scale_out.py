@@ -74,15 +74,22 @@ def engine_pids(app: str) -> list[int]:
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[tuple[str, int]]:
-    """One local Ray for the module (2 CPUs) with Serve's proxy on a free port: (the address that
-    `--ray-address` and `serve run` join, the port)."""
+    """One local Ray for the module (2 CPUs) with Serve's proxy on a free port, on the data path that `vlmserve serve
+    --replicas` gives its own local Ray (server/scale/fast_path.py): (the address that `--ray-address` and `serve
+    run` join, the port)."""
+    from vlmserve.server.scale.fast_path import fast_path_env
+
     port = free_port()
+    saved = dict(os.environ)
+    os.environ.update(fast_path_env())  # as `vlmserve serve --replicas` starts its local Ray
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="vlmserve-tests")
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         yield ray.get_runtime_context().gcs_address, port
     finally:
         ray.shutdown()  # the whole local cluster, Serve's controller and proxy with it
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 @pytest.fixture(scope="module")

@@ -12,18 +12,22 @@ import signal
 import threading
 
 from ..settings import Settings
+from .fast_path import ensure_fast_path
 
 log = logging.getLogger(__name__)
 APP_NAME = "vlmserve"
 
 
 def serve_on_ray(settings: Settings) -> int:
+    local = settings.ray_address is None
+    if local:  # before Ray and Serve are imported and started: their processes inherit it
+        ensure_fast_path()
+
     import ray
     from ray import serve
 
     from .app import application
 
-    local = settings.ray_address is None
     stop = threading.Event()
     ray.init(address=settings.ray_address, namespace="vlmserve", include_dashboard=False,
              log_to_driver=settings.log_level == "debug")
