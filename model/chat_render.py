@@ -1,6 +1,6 @@
 """The pieces `ChatTokenizer` renders and escapes chats with: the private-use sentinels that stand for control-token
 strings inside client text while the template renders, the HF message shape templates read (tool calls and tool
-turns included), and the walk over every client-written string of a chat.
+turns included), the walk over every client-written string of a chat, and the image parts' slot counts and text.
 """
 
 from __future__ import annotations
@@ -142,3 +142,30 @@ def image_token_counts(num_image_tokens: int | Sequence[int], n_images: int) -> 
     if any(n <= 0 for n in counts):
         raise ValueError("every image needs a positive number of visual tokens")
     return counts
+
+
+def image_view_counts(num_image_tokens: int | Sequence[int | Sequence[int]], n_images: int) -> list[tuple[int, ...]]:
+    """Each image part's views' slot counts: an int is one view, a sequence the counts of the image's views."""
+    if isinstance(num_image_tokens, int):
+        return [(n,) for n in image_token_counts(num_image_tokens, n_images)]
+    views = [(v,) if isinstance(v, int) else tuple(int(n) for n in v) for v in num_image_tokens]
+    if len(views) != n_images:
+        raise ValueError(f"got {len(views)} image token counts for {n_images} image part(s)")
+    if any(not v or min(v) <= 0 for v in views):
+        raise ValueError("every image view needs a positive number of visual tokens")
+    return views
+
+
+def wrap_images(prompt: str, mark: str, text: Callable[[int], str], crops: Sequence[int]) -> str:
+    """`prompt` with each image's `mark` (in order) rewritten as `text` of its number of crops, as a processor that
+    rewrites the prompt's text does (Gemma 3's: model/pan_and_scan.py `image_text`)."""
+    pieces = prompt.split(mark)
+    if len(pieces) - 1 != len(crops):
+        if any(crops):
+            raise ValueError(f"the chat template wrote {len(pieces) - 1} image mark(s) {mark!r} for {len(crops)} "
+                             "image part(s); they must match one to one")
+        return text(0).join(pieces)  # the placeholder checks say what is wrong
+    out = [pieces[0]]
+    for n, piece in zip(crops, pieces[1:], strict=True):
+        out += [text(n), piece]
+    return "".join(out)

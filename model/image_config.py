@@ -15,6 +15,8 @@ from typing import Any, ClassVar, Literal
 
 from PIL import Image
 
+from .pan_and_scan import PanAndScan
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -118,7 +120,7 @@ _KIND_FOR_TYPE: dict[str, ProcessorKind] = {
     "LlavaOnevisionImageProcessor": "llava_onevision",  # the same, SigLIP-style square tiles
     "Qwen2VLImageProcessor": "qwen2_vl",  # a resize to multiples of patch * merge within a pixel budget, patches
     "Idefics3ImageProcessor": "idefics3",  # a longest-edge resize, then tiles (model/idefics3.py)
-    "Gemma3ImageProcessor": "gemma3",  # SigLIP's square resize, bilinear (pan and scan: refused)
+    "Gemma3ImageProcessor": "gemma3",  # SigLIP's square resize, bilinear; pan and scan (model/pan_and_scan.py)
 }
 
 
@@ -151,6 +153,9 @@ class ImageProcessorConfig:
     longest_edge: int | None = 4 * 364
     tile_size: int = 364
     do_image_splitting: bool = True
+    # gemma3: pan and scan (crops of a long image, each a view of its own), and its settings where it is on
+    do_pan_and_scan: bool = False
+    pan_and_scan: PanAndScan = field(default_factory=PanAndScan)
 
     # Class defaults of each transformers processor, applied where a config file leaves a key out.
     _DEFAULTS: ClassVar[dict[str, dict[str, Any]]] = {
@@ -200,8 +205,6 @@ class ImageProcessorConfig:
         `image_processor`); keys left out or null take that processor class's defaults."""
         kind = _kind_of(config)
         d = {k: v for k, v in config.items() if v is not None}
-        if kind == "gemma3" and d.get("do_pan_and_scan"):
-            raise ValueError("Gemma 3's do_pan_and_scan is not supported (its crops rewrite the prompt); turn it off")
         values: dict[str, Any] = {"kind": kind, **cls._DEFAULTS[kind]}
         for key in ("do_convert_rgb", "do_resize", "do_center_crop", "do_rescale", "do_normalize"):
             if key in d:
@@ -217,6 +220,8 @@ class ImageProcessorConfig:
             values.update(_idefics3_values(d))
         elif "size" in d:
             values["size"] = SizeSpec.parse(d["size"], default_to_square=bool(d.get("default_to_square", False)))
+        if kind == "gemma3":
+            values.update(_gemma3_values(d))
         if "crop_size" in d:
             crop = SizeSpec.parse(d["crop_size"], default_to_square=True)
             if crop.height is None or crop.width is None:
@@ -272,6 +277,18 @@ def _idefics3_values(d: Mapping[str, Any]) -> dict[str, Any]:
     if d.get("do_resize") is False:
         out["longest_edge"] = None
     return out
+
+
+def _gemma3_values(d: Mapping[str, Any]) -> dict[str, Any]:
+    """Gemma 3's pan-and-scan keys; null ones take `Gemma3Processor`'s defaults (off, 256 px, 4 crops, 1.2), as
+    that processor passes them."""
+    default = PanAndScan()
+    settings = PanAndScan(
+        min_crop_size=int(d.get("pan_and_scan_min_crop_size", default.min_crop_size)),
+        max_crops=int(d.get("pan_and_scan_max_num_crops", default.max_crops)),
+        min_ratio=float(d.get("pan_and_scan_min_ratio_to_activate", default.min_ratio)),
+    )
+    return {"do_pan_and_scan": bool(d.get("do_pan_and_scan", False)), "pan_and_scan": settings}
 
 
 def _kind_of(config: Mapping[str, Any]) -> ProcessorKind:

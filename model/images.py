@@ -26,6 +26,7 @@ from .anyres import Layout, tiles
 from .idefics3 import SplitLayout
 from .image_config import ImageProcessorConfig
 from .image_decode import ImageError, to_rgb
+from .pan_and_scan import Box
 from .qwen2_vision import patchify
 
 logger = logging.getLogger(__name__)
@@ -118,6 +119,14 @@ class ImageProcessor:
     def preprocess_one(self, image: Image.Image) -> torch.Tensor:
         """Process one image; returns `(3, H, W)` float32."""
         return self([image])[0]
+
+    def preprocess_views(self, image: Image.Image, crops: Sequence[Box]) -> list[torch.Tensor]:
+        """gemma3's pan and scan: the whole image, then each of its `crops` (model/pan_and_scan.py), each processed
+        as one image, as transformers' `Gemma3ImageProcessorPil` (it crops the RGB pixels, then resizes each); one
+        `(3, H, W)` float32 tensor per view, each its own (a view of the image is its own engine input)."""
+        if self.config.do_convert_rgb:
+            image = to_rgb(image)
+        return [self.preprocess_one(view) for view in (image, *(image.crop(box) for box in crops))]
 
     def preprocess_patches(self, image: Image.Image, size: tuple[int, int]) -> torch.Tensor:
         """qwen2_vl: the image resized to `size` (h, w; from `smart_resize`), normalized and cut into patches;

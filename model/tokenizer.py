@@ -24,7 +24,16 @@ from jinja2 import TemplateError
 from tokenizers import Tokenizer
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from .chat_render import Sentinel, client_texts, image_token_counts, map_strings, to_hf, without_first_prepend
+from .chat_render import (
+    Sentinel,
+    client_texts,
+    image_token_counts,
+    image_view_counts,
+    map_strings,
+    to_hf,
+    without_first_prepend,
+    wrap_images,
+)
 from .chat_template import (
     LLAVA_15_CHAT_TEMPLATE,
     read_json,
@@ -34,6 +43,7 @@ from .chat_template import (
 )
 from .detokenizer import IncrementalDetokenizer
 from .messages import ChatMessage, parse_messages
+from .pan_and_scan import image_text
 from .token_pieces import TokenPieces
 
 logger = logging.getLogger(__name__)
@@ -62,9 +72,10 @@ class ImageSpan:
 class EncodedPrompt:
     """Token ids of a rendered chat with the visual-token slots (id = image_token_id) already in place.
 
-    `image_spans[i]` belongs to the i-th image part of the conversation. `prepend_images` says the template had no
-    image placeholder: the slots of all images then sit at the very front, before every text token (BOS included),
-    and the model puts the visual tokens in front of the text embeddings.
+    `image_spans[i]` belongs to the i-th image view of the conversation: each image part's views in order, one per
+    part unless it has several (Gemma 3's pan and scan: the image, then its crops). `prepend_images` says the
+    template had no image placeholder: the slots of all images then sit at the very front, before every text token
+    (BOS included), and the model puts the visual tokens in front of the text embeddings.
     """
 
     input_ids: list[int]
@@ -104,7 +115,7 @@ class ChatTokenizer:
         image_token: str | None = None,
         image_token_id: int | None = None,
         eos_token_ids: Sequence[int] = (),
-        image_wrap: tuple[str, str] | None = None,
+        image_wrap: tuple[str, Callable[[int], str]] | None = None,
         audio_token: str | None = None,
         audio_token_id: int | None = None,
     ) -> None:
@@ -112,9 +123,10 @@ class ChatTokenizer:
         if not isinstance(backend, Tokenizer):
             raise TypeError(f"{type(tokenizer).__name__} has no `tokenizers` backend; a fast tokenizer is required")
         self.tokenizer = tokenizer
-        # (what the template writes for an image, the text it becomes around one image token) where a processor
-        # rewrites the prompt's text before tokenizing it (Gemma 3: <start_of_image> -> "\n\n" + it + the image
-        # tokens + <end_of_image> + "\n\n"): done to the rendered prompt, then each image token expands to its slots
+        # (what the template writes for an image, the text an image of n crops becomes: an image token per view)
+        # where a processor rewrites the prompt's text before tokenizing it (Gemma 3: <start_of_image> -> "\n\n" +
+        # it + the image token + <end_of_image> + "\n\n", model/pan_and_scan.py's `image_text`): done to the
+        # rendered prompt, image by image, then each image token expands to its view's slots
         self._image_wrap = image_wrap
         # Private copies of the Rust tokenizer: HF toggles `encode_special_tokens` on its shared backend per call,
         # which would race between threads. One copy parses added tokens, the other never does.
@@ -196,7 +208,7 @@ class ChatTokenizer:
         image_token, wrap = processor.get("image_token"), None
         if config.get("model_type") == "gemma3":  # its processor's image_token is <start_of_image>: the wrap's
             boi, eoi, image_token = tokenizer.boi_token, tokenizer.eoi_token, tokenizer.image_token
-            wrap = (boi, f"\n\n{boi}{image_token}{eoi}\n\n")
+            wrap = (boi, functools.partial(image_text, boi, image_token, eoi))
         audio = config if config.get("model_type") == "qwen2_audio" else read_json(path, "audio/config.json") or {}
         audio_token_id = audio.get("audio_token_index", audio.get("audio_token_id"))
         return cls(
@@ -289,7 +301,7 @@ class ChatTokenizer:
         self,
         messages: Sequence[ChatMessage | Mapping[str, Any]],
         *,
-        num_image_tokens: int | Sequence[int],
+        num_image_tokens: int | Sequence[int | Sequence[int]],
         add_generation_prompt: bool = True,
         tools: Sequence[Mapping[str, Any]] | None = None,
         token_limit: int | None = None,
@@ -297,16 +309,19 @@ class ChatTokenizer:
     ) -> EncodedPrompt:
         """Render `messages` with the chat template and tokenize it, each image expanded to its visual-token slots.
 
-        `num_image_tokens` is the slot count of every image, or one count per image part in message order. Raises
-        ValueError when the template writes a different (non-zero) number of image placeholders than there are image
-        parts. A template that writes none gets the slots prepended (`EncodedPrompt.prepend_images`). `tools` (OpenAI's
-        function definitions) reach the template as transformers' `tools` variable; their text is escaped as messages'.
+        `num_image_tokens` is the slot count of every image, or one count per image part in message order: an int
+        for an image of one view, the counts of its views for an image of several (the image, then its crops: the
+        checkpoint's image wrap writes them, Gemma 3's pan and scan). Raises ValueError when the template writes a
+        different (non-zero) number of image placeholders than there are image views. A template that writes none
+        gets the slots prepended (`EncodedPrompt.prepend_images`). `tools` (OpenAI's function definitions) reach the
+        template as transformers' `tools` variable; their text is escaped as messages'.
         Audio parts become `num_audio_tokens` slots each (one count per audio part), at the template's audio
         placeholders, which must match the parts one to one.
         """
         parsed = parse_messages(messages)
-        n_images = sum(m.num_images for m in parsed)
-        counts = image_token_counts(num_image_tokens, n_images)
+        views = image_view_counts(num_image_tokens, sum(m.num_images for m in parsed))
+        counts = [n for view in views for n in view]
+        n_images = len(counts)  # views: each its own span from here on
         n_audios = sum(m.num_audios for m in parsed)
         audio_counts = image_token_counts(list(num_audio_tokens), n_audios)
         if n_audios and self._audio_token_id is None:
@@ -315,7 +330,9 @@ class ChatTokenizer:
         sentinel = Sentinel.choose(self._reserved_chars, client_texts(parsed, tools))
         prompt = self._render(parsed, add_generation_prompt, lambda text: self._escape(text, sentinel), tools)
         if self._image_wrap is not None:
-            prompt = prompt.replace(*self._image_wrap)
+            prompt = wrap_images(prompt, *self._image_wrap, [len(v) - 1 for v in views])
+        elif len(views) != n_images:
+            raise ValueError("this checkpoint's images are one view each; its prompt has no text for crops")
         display = sentinel.restore(prompt, self._control_tokens)
         if token_limit is not None:  # the rendered text's bytes bound its tokens: a prompt far over is not tokenized
             plain = self._control_re.sub("", display) if self._control_re is not None else display
@@ -338,7 +355,8 @@ class ChatTokenizer:
         if n_placeholders not in (0, n_images):
             raise ValueError(
                 f"the chat template wrote {n_placeholders} image placeholder(s) {self.image_token!r} for {n_images} "
-                "image part(s); image parts and placeholders must match one to one"
+                f"image {'part(s)' if len(views) == n_images else 'view(s) (parts and their crops)'}; image parts and "
+                "placeholders must match one to one"
             )
         prepend = n_images > 0 and n_placeholders == 0
         audio_placeholder, audio_slot = self._audio_placeholder_id, self._audio_token_id

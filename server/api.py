@@ -227,7 +227,7 @@ def _routes(app: FastAPI, state: ServerState) -> None:
             datas = await fetch_images(state, urls)
             plans = await image_plans(state, chat.images, "messages", datas)
             encoded = await encode(state, chat.messages, tools.tools if tools is not None else None,
-                                   [p.tokens for p in plans], [c.num_tokens for c in clips])
+                                   [p.slots for p in plans], [c.num_tokens for c in clips])
             max_tokens = max_tokens_for(engine, len(encoded.input_ids), body.max_completion_tokens or body.max_tokens)
             images = await prepare_images(state, [(d, p) for d, (_, p) in zip(datas, urls, strict=True)], salt, plans)
             images = in_prompt_order(encoded, images, clips)
@@ -240,7 +240,7 @@ def _routes(app: FastAPI, state: ServerState) -> None:
                                   cache_salt=salt, logprobs=(body.top_logprobs or 0) if body.logprobs else None,
                                   grammar=constraint[0] if constraint is not None else None) for i in range(body.n)]
             log.info("%s: %d prompt tokens, %d images, %d audio clips, max_tokens %d, n %d, stream=%s, user=%s", rid,
-                     len(encoded.input_ids), len(images) - len(clips), len(clips), max_tokens, body.n, body.stream,
+                     len(encoded.input_ids), len(plans), len(clips), max_tokens, body.n, body.stream,
                      body.user)
             try:
                 choices = ChoiceStreams(engine, reqs)
@@ -314,7 +314,7 @@ def _routes(app: FastAPI, state: ServerState) -> None:
                                                  f"audio.{i}") for i, u in enumerate(audio_uploads)], salt)
             datas = [await u.read() for u in uploads]
             plans = await image_plans(state, image_refs, "image", datas)
-            encoded = await encode(state, [{"role": "user", "content": content}], None, [p.tokens for p in plans],
+            encoded = await encode(state, [{"role": "user", "content": content}], None, [p.slots for p in plans],
                                    [c.num_tokens for c in clips])
             max_tokens = max_tokens_for(engine, len(encoded.input_ids), requested)
             images = await prepare_images(state, [(d, f"image.{i}") for i, d in enumerate(datas)], salt, plans)

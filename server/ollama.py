@@ -209,7 +209,7 @@ def install_ollama_routes(app: FastAPI, state: ServerState, authorize: Callable[
             plans = await image_plans(state, [ImageRef("", param) for _, param in images], "images",
                                       [data for data, _ in images])
             encoded = await encode(state, messages, tools.tools if tools is not None else None,
-                                   [p.tokens for p in plans])
+                                   [p.slots for p in plans])
             requested = options.num_predict if options.num_predict and options.num_predict > 0 else None
             max_tokens = max_tokens_for(engine, len(encoded.input_ids), requested)
             prepared = await prepare_images(state, images, salt, plans)

@@ -153,9 +153,10 @@ async def fetch_images(state: ServerState, urls: Sequence[tuple[str, str]]) -> l
 
 
 async def encode(state: ServerState, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
-                 image_tokens: Sequence[int] | None = None, audio_tokens: Sequence[int] = ()) -> EncodedPrompt:
-    """The chat's prompt ids (with the functions it offers, `tools`; each image as its `image_tokens` slots),
-    tokenized in the thread pool; one that cannot fit the context is refused before."""
+                 image_tokens: Sequence[int | Sequence[int]] | None = None, audio_tokens: Sequence[int] = ()
+                 ) -> EncodedPrompt:
+    """The chat's prompt ids (with the functions it offers, `tools`; each image as its `image_tokens` slots, its
+    plan's `slots`), tokenized in the thread pool; one that cannot fit the context is refused before."""
     assert state.preparer is not None and state.engine is not None
     preparer, context = state.preparer, state.engine.max_model_len
     floor = preparer.token_floor(messages)  # cheap: bytes counted, nothing tokenized
@@ -223,28 +224,34 @@ def prompt_floor_check(state: ServerState) -> params.Depends:
 
 async def prepare_images(state: ServerState, items: Sequence[tuple[bytes, str]], salt: str,
                          plans: Sequence[ImagePlan]) -> list[ImageInput]:
-    """Decode and preprocess each image as its plan says, in the thread pool, never on the event loop. An image
-    whose visual tokens are cached is not decoded at all: the request leases the cached tokens instead."""
+    """Decode and preprocess each image as its plan says, in the thread pool, never on the event loop: the engine's
+    inputs in prompt order, one per view of each image (Gemma 3's pan and scan: the image, then its crops; else one
+    per image). An image whose visual tokens are cached is not decoded at all: the request leases the cached tokens
+    instead (a view that is cached keeps its lease when the others are processed)."""
     assert state.preparer is not None and state.engine is not None
     preparer, engine = state.preparer, state.engine
     loop = asyncio.get_running_loop()
 
-    def one(data: bytes, param: str, plan: ImagePlan) -> ImageInput:
+    def one(data: bytes, param: str, plan: ImagePlan) -> list[ImageInput]:
         digest = image_hash(data)
-        leased = preparer.leased(digest, engine.lease_image(preparer.image_key(digest, plan), salt), plan)
-        if leased is not None:
-            return leased
+        leased = [preparer.leased(digest, engine.lease_image(preparer.image_key(digest, plan, v), salt), plan, v)
+                  for v in range(plan.views)]
+        if all(lease is not None for lease in leased):
+            return [lease for lease in leased if lease is not None]
         t0 = time.perf_counter()
         try:
-            return preparer.image(data, digest, plan)
+            views = preparer.image(data, digest, plan)
         except Exception as e:
             raise APIError.from_exception(e, param=param) from e
         finally:
             state.metrics.preprocess.observe(time.perf_counter() - t0)
+        return [lease if lease is not None else view for lease, view in zip(leased, views, strict=True)]
 
     results = await asyncio.gather(*(loop.run_in_executor(state.executor, one, d, p, plan)
                                      for (d, p), plan in zip(items, plans, strict=True)), return_exceptions=True)
-    error = next((r for r in results if isinstance(r, BaseException)), None)
-    if error is not None:
-        raise error
-    return list(results)  # type: ignore[arg-type]
+    inputs: list[ImageInput] = []
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+        inputs += result
+    return inputs

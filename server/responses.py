@@ -172,7 +172,7 @@ def install_responses_routes(app: FastAPI, state: ServerState, auth: list[params
             check_image_count(state, len(urls), "input")
             datas = await fetch_images(state, [(ref.url, ref.param) for ref in urls])
             plans = await image_plans(state, urls, "input", datas)
-            encoded = await encode(state, messages, None, [p.tokens for p in plans])
+            encoded = await encode(state, messages, None, [p.slots for p in plans])
             max_tokens = max_tokens_for(engine, len(encoded.input_ids), body.max_output_tokens)
             images = await prepare_images(state, [(d, ref.param) for d, ref in zip(datas, urls, strict=True)], salt,
                                           plans)

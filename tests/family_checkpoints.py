@@ -90,7 +90,10 @@ def _build_gemma3(spec: TinySpec, out_dir: Path, tokenizer: PreTrainedTokenizerF
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     tokenizer.chat_template = GEMMA3_CHAT_TEMPLATE
-    image_processor = Gemma3ImageProcessorPil(size={"height": spec.image_size, "width": spec.image_size})
+    # pan and scan left off (null: `auto` is one view) and its other settings Gemma3Processor's, but crops from 16 px
+    # (the released 256 px scaled to the 32 px view), so that small test images get them
+    image_processor = Gemma3ImageProcessorPil(size={"height": spec.image_size, "width": spec.image_size},
+                                              pan_and_scan_min_crop_size=16)
     Gemma3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_length=tokens,
                     chat_template=GEMMA3_CHAT_TEMPLATE).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)

@@ -13,6 +13,7 @@ from transformers import (
     AutoProcessor,
     AutoTokenizer,
     Gemma3ForConditionalGeneration,
+    Gemma3Processor,
     Idefics3ForConditionalGeneration,
     LlavaNextForConditionalGeneration,
     LlavaOnevisionForConditionalGeneration,
@@ -26,6 +27,7 @@ from vlmserve.model.qwen2_vision import smart_resize
 from vlmserve.model.tokenizer import ChatTokenizer
 from vlmserve.model.weights import load_model
 from vlmserve.server.engine.plan_idefics3 import Idefics3Planner
+from vlmserve.server.engine.prepare import RequestPreparer
 
 
 def messages(n_images: int, question: str) -> list[dict[str, Any]]:
@@ -70,6 +72,13 @@ class Oracle:
         """The prompt ids as our engine holds them (the same as transformers' unless a family's image span holds
         text tokens, whose rows the image's visual tokens carry)."""
         return list(inputs["input_ids"][0].tolist())
+
+    def image_tokens(self, inputs: dict[str, Any]) -> int:
+        """The prompt's image tokens as our usage counts them: its slots as our engine holds them."""
+        config = self.model.config
+        token = config.image_token_id if getattr(config, "image_token_id", None) is not None else (
+            config.image_token_index)
+        return self.served_ids(inputs).count(token)
 
     def check_pixels(self, image: Image.Image) -> int:
         """Assert our pixels are transformers' bit for bit and our encoder its features; return the token count."""
@@ -315,9 +324,11 @@ class Idefics3Oracle(Oracle):
 
 
 class Gemma3Oracle(Oracle):
-    """Gemma 3: transformers' Gemma3Processor (PIL image processor) expands each <start_of_image> and marks the image
-    tokens (`token_type_ids`) that attend to each other both ways. One resolution (pan and scan off): every `detail`
-    is the same 896 px view (here 32 px)."""
+    """Gemma 3: transformers' Gemma3Processor (PIL image processor) expands each <start_of_image> (with pan and scan:
+    the image, then its crops, in its words) and marks the image tokens (`token_type_ids`) that attend to each other
+    both ways. `detail` as its kwargs: low pan and scan off, high on, auto the checkpoint's do_pan_and_scan; the
+    settings the checkpoint's, the processor's defaults where it leaves them null (as `Gemma3Processor` passes
+    them)."""
 
     hf_class = Gemma3ForConditionalGeneration
 
@@ -325,11 +336,17 @@ class Gemma3Oracle(Oracle):
         super().__init__(ckpt, dtype)
         self.processor = AutoProcessor.from_pretrained(ckpt)
 
+    def pan_and_scan(self, detail: str | None) -> dict[str, Any]:
+        ip, defaults = self.processor.image_processor, Gemma3Processor.images_kwargs
+        keys = ("pan_and_scan_min_crop_size", "pan_and_scan_max_num_crops", "pan_and_scan_min_ratio_to_activate")
+        on = detail == "high" or (detail != "low" and bool(ip.do_pan_and_scan))
+        return {"do_pan_and_scan": on, **{k: defaults[k] if getattr(ip, k) is None else getattr(ip, k) for k in keys}}
+
     def inputs(self, question: str, images: list[Image.Image], detail: str | None = None) -> dict[str, Any]:
         prompt = self.processor.apply_chat_template(messages(len(images), question), add_generation_prompt=True)
         # the template writes <bos>: not a second one (as processor.apply_chat_template(tokenize=True) does)
         out = dict(self.processor(images=[images] if images else None, text=[prompt], return_tensors="pt",
-                                  add_special_tokens=False))
+                                  add_special_tokens=False, **self.pan_and_scan(detail)))
         assert "token_type_ids" in out  # the bidirectional image spans
         if "pixel_values" in out:
             out["pixel_values"] = out["pixel_values"].to(self.dtype)
@@ -342,16 +359,32 @@ class Gemma3Oracle(Oracle):
         return self.model(input_ids=ids, token_type_ids=types, **extra).logits[0, -1].float()
 
     def check_pixels(self, image: Image.Image) -> int:
+        """The pan-and-scan views (`detail` high) too: each crop's pixels, the prompt's ids and its image spans (one
+        per view, transformers' token_type_ids runs), every view's features."""
         ours = load_model(self.ckpt)
+        processor = ImageProcessor.from_pretrained(self.ckpt)
         want = self.processor.image_processor(images=[image], return_tensors="pt")
-        got = ImageProcessor.from_pretrained(self.ckpt).preprocess_one(image)
+        got = processor.preprocess_one(image)
         assert torch.equal(got, want["pixel_values"][0])  # bit for bit
         text = self.processor(images=[[image]], text=["<start_of_image>"], return_tensors="pt")
         count = int((text["input_ids"] == self.model.config.image_token_index).sum())
         assert count == ours.config.num_visual_tokens
+        preparer = RequestPreparer(ChatTokenizer.from_pretrained(self.ckpt), processor, count)
+        plan = preparer.plan("high", size=(image.height, image.width))
+        want = self.processor.image_processor(images=[image], return_tensors="pt", **self.pan_and_scan("high"))
+        assert int(want["num_crops"][0]) == len(plan.crops) and plan.tokens == count * (1 + len(plan.crops))
+        views = processor.preprocess_views(image, plan.crops)
+        assert len(views) == len(want["pixel_values"])
+        assert all(torch.equal(g, w) for g, w in zip(views, want["pixel_values"], strict=True))  # bit for bit
+        inputs = self.inputs("what is it?", [image], "high")
+        encoded = preparer.encode(messages(1, "what is it?"), image_tokens=[plan.slots])
+        assert encoded.input_ids == inputs["input_ids"][0].tolist()
+        types = inputs["token_type_ids"][0].tolist()
+        runs = [i for i, t in enumerate(types) if t == 1 and (i == 0 or types[i - 1] != 1)]
+        assert [(s.start, s.length) for s in encoded.image_spans] == [(r, count) for r in runs]
         with torch.no_grad():
             theirs = self.model.model.get_image_features(pixel_values=want["pixel_values"],
-                                                         return_dict=True).pooler_output[0]
-            mine = ours.encode_images(got[None])[0]  # (N_vis, D)
+                                                         return_dict=True).pooler_output  # (V, N_vis, D)
+            mine = ours.encode_images(torch.stack(views))  # (V, N_vis, D)
         torch.testing.assert_close(mine, theirs, atol=1e-4, rtol=1e-4)  # float32 sums in another order
         return count

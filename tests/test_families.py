@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import shutil
 import time
 from collections.abc import Iterator
@@ -50,7 +51,8 @@ class Family:
     oracle: type[Oracle]
     max_aspect: float | None = None  # the processor refuses images past this aspect ratio (a 400)
     lm_prefix: str = "model.language_model."  # the LM's keys in transformers 5's module names
-    one_setting: bool = False  # one resolution: every `detail` makes the same tokens
+    auto: str = "high"  # the `detail` that `auto` (the checkpoint processor's defaults) is on the tiny checkpoint
+    detail_size: tuple[int, int] = (250, 240)  # (height, width) of an image that `low` and `high` make different
 
 
 FAMILIES = {
@@ -59,7 +61,7 @@ FAMILIES = {
     "qwen2-vl": Family("qwen2-vl", Qwen2VLOracle, max_aspect=200),
     "qwen2.5-vl": Family("qwen2.5-vl", Qwen25VLOracle, max_aspect=200),
     "idefics3": Family("idefics3", Idefics3Oracle, lm_prefix="model.text_model."),
-    "gemma3": Family("gemma3", Gemma3Oracle, one_setting=True),
+    "gemma3": Family("gemma3", Gemma3Oracle, auto="low", detail_size=(60, 150)),  # pan and scan: crops if wide
 }
 SIZES = [(40, 90), (100, 30), (32, 32), (250, 240), (1, 1), (1, 150), (400, 1), (7, 200)]  # (height, width)
 
@@ -146,43 +148,41 @@ def test_greedy_answers_equal_transformers(server: LiveServer, oracle: Oracle, s
 
 def test_first_token_logprobs_equal_transformers(server: LiveServer, oracle: Oracle) -> None:
     """The prompt's last logits, not only its argmax: the top log-probabilities of the first answer token equal
-    transformers' to float32 rounding (a mask one key off, Gemma 3's bidirectional image span or its window, moves
-    them by far more than this)."""
+    transformers' to float32 rounding (a mask one key off, Gemma 3's bidirectional image spans or its window, moves
+    them by far more than this). `detail` high: Gemma 3 cuts both images into crops, each view a span of its own."""
     images = [picture(60, 50, seed=3), picture(30, 70, seed=4)]
-    body = chat("what is in the picture?", images)
+    body = chat("what is in the picture?", images, "high")
     body.update(max_tokens=1, logprobs=True, top_logprobs=5)
     got = ask(server, body)["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
     with torch.no_grad():
-        want = torch.log_softmax(oracle.next_logits(oracle.inputs("what is in the picture?", images), []), dim=-1)
+        want = torch.log_softmax(oracle.next_logits(oracle.inputs("what is in the picture?", images, "high"), []),
+                                 dim=-1)
     top = torch.topk(want, len(got)).values  # (5,) the same ranks' values (ties or not)
     assert max(abs(e["logprob"] - float(v)) for e, v in zip(got, top, strict=True)) < 1e-4, (got, top)
 
 
 def test_detail_low_and_high_are_both_exact(server: LiveServer, oracle: Oracle, family: tuple[Family, Path]) -> None:
-    image = picture(250, 240, seed=5)
-    counts = {}
+    """Every `detail` token-exact, `low` fewer tokens than `high` (Gemma 3: one view against the image and its
+    pan-and-scan crops), `image_tokens` the prompt's image tokens as transformers' processor lays them out."""
+    fam, _ = family
+    image = picture(*fam.detail_size, seed=5)
+    bodies, counts = {}, {}
     for detail in ("low", "high", "auto"):
-        body = ask(server, chat("describe it", [image], detail))
+        bodies[detail] = body = ask(server, chat("describe it", [image], detail))
         want, prompt_len = oracle.answer("describe it", [image], detail)
         assert body["choices"][0]["message"]["content"] == decode(oracle, want), detail
         assert body["usage"]["prompt_tokens"] == prompt_len
         counts[detail] = body["usage"]["prompt_tokens_details"]["image_tokens"]
-    if family[0].one_setting:
-        assert counts["low"] == counts["high"] == counts["auto"]
-        r = httpx.post(server.url + "/v1/chat/completions", timeout=30,
-                       json=chat("describe it", [image], max_image_tokens=counts["high"] - 1))
-        assert r.status_code == 400 and "max_image_tokens" in r.json()["error"]["message"], r.text
-    else:
-        assert counts["low"] < counts["high"] == counts["auto"]
-        # a max_image_tokens below the default's count: the image takes a setting within it
-        capped = ask(server, chat("describe it", [image], max_image_tokens=counts["high"] - 1))
-        assert counts["low"] <= capped["usage"]["prompt_tokens_details"]["image_tokens"] < counts["high"]
+        assert counts[detail] == oracle.image_tokens(oracle.inputs("describe it", [image], detail)), detail
+    assert counts["low"] < counts["high"] and counts["auto"] == counts[fam.auto]
+    # a max_image_tokens below the most's count: the image takes a setting within it
+    capped = ask(server, chat("describe it", [image], "high", max_image_tokens=counts["high"] - 1))
+    assert counts["low"] <= capped["usage"]["prompt_tokens_details"]["image_tokens"] < counts["high"]
     # /v1/generate's detail field, for all its images
     r = httpx.post(server.url + "/v1/generate", data={"prompt": "describe it", "detail": "low", "max_tokens": "4"},
                    files=[("image", ("a.png", png(image), "image/png"))], timeout=60)
     assert r.status_code == 200, r.text
-    assert (r.json()["usage"]["prompt_tokens"] <= body["usage"]["prompt_tokens"] if family[0].one_setting
-            else r.json()["usage"]["prompt_tokens"] < body["usage"]["prompt_tokens"])
+    assert r.json()["usage"]["prompt_tokens"] < bodies["high"]["usage"]["prompt_tokens"]
 
 
 def test_batched_answers_equal_alone(server: LiveServer) -> None:
@@ -231,9 +231,48 @@ def test_hostile_sizes(server: LiveServer, family: tuple[Family, Path]) -> None:
     assert httpx.get(server.url + "/health", timeout=10).status_code == 200
 
 
+def test_pan_and_scan_checkpoint_settings_and_cache_keys(family: tuple[Family, Path], tmp_path: Path) -> None:
+    """Gemma 3: a checkpoint whose processor turns pan and scan on (with settings of its own) loads, and its `auto`
+    and `high` cut every image as transformers' image processor does by itself (`low`: one view); the views' cache
+    keys follow their pixels."""
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+    fam, ckpt = family
+    if fam.spec != "gemma3":
+        pytest.skip("pan and scan is Gemma 3's; the other checkpoints' `auto` is their `high` (tested above)")
+    target = tmp_path / "pan-and-scan"
+    shutil.copytree(ckpt, target)
+    path = target / "processor_config.json"
+    config = json.loads(path.read_text())
+    config["image_processor"].update(do_pan_and_scan=True, pan_and_scan_max_num_crops=2,
+                                     pan_and_scan_min_ratio_to_activate=1.5)
+    path.write_text(json.dumps(config))
+    processor = ImageProcessor.from_pretrained(target)
+    tokens = load_model(target).config.num_visual_tokens
+    preparer = RequestPreparer(ChatTokenizer.from_pretrained(target), processor, tokens)
+    theirs = Gemma3ImageProcessorPil.from_pretrained(target)  # its own settings: no kwargs
+    assert theirs.do_pan_and_scan and theirs.pan_and_scan_max_num_crops == 2
+    for size in [(60, 150), (40, 55), (150, 30)]:  # 2 crops (of 3 at the default 4), none (ratio 1.375), 2 (of 5)
+        image = picture(*size, seed=size[1])
+        want = theirs(images=[image], return_tensors="pt")
+        auto = preparer.plan("auto", size=size)
+        assert len(auto.crops) == int(want["num_crops"][0]) and preparer.plan("high", size=size) == auto
+        views = processor.preprocess_views(image, auto.crops)
+        assert all(torch.equal(g, w) for g, w in zip(views, want["pixel_values"], strict=True)), size
+        assert preparer.plan("low", size=size).views == 1
+    assert [len(preparer.plan("auto", size=s).crops) for s in [(60, 150), (40, 55), (150, 30)]] == [2, 0, 2]
+    # the caches' keys: the whole image's the same with pan and scan or without (the same pixels), a crop's naming
+    # its box, so that settings cutting other crops (here 3 of 50 px, and 2 of 75 px within 48 tokens) share none
+    ours = RequestPreparer(preparer.tokenizer, ImageProcessor.from_pretrained(ckpt), tokens)
+    plans = [ours.plan(detail, budget, (60, 150)) for detail, budget in [("low", None), ("high", None), ("high", 48)]]
+    assert [p.views for p in plans] == [1, 4, 3]
+    keys = [[ours.image_key("digest", p, v) for v in range(p.views)] for p in plans]
+    assert keys[0][0] == keys[1][0] == keys[2][0] and not set(keys[1][1:]) & set(keys[2][1:])
+
+
 def test_mm_token_cap_counts_the_real_tokens(family: tuple[Family, Path], server: LiveServer) -> None:
     fam, ckpt = family
-    images = [picture(250, 240)]  # large enough for `low` to be fewer tokens in every family (one image: OneVision
+    images = [picture(*fam.detail_size)]  # `low` fewer tokens than `high` in every family (one image: OneVision
     # makes every image of a multi-image prompt one tile whatever the detail)
     low = ask(server, chat("hi", images, detail="low"))["usage"]["prompt_tokens_details"]["image_tokens"]
     # The capped server is the whole app in this process (starlette's TestClient: middleware, routes, lifespan,
@@ -247,8 +286,7 @@ def test_mm_token_cap_counts_the_real_tokens(family: tuple[Family, Path], server
             assert time.monotonic() < deadline, "the capped server did not get ready"
             time.sleep(0.05)
         assert s.post("/v1/chat/completions", json=chat("hi", images, detail="low")).status_code == 200
-        over = chat("hi", images * 2) if fam.one_setting else chat("hi", images, detail="high")
-        r = s.post("/v1/chat/completions", json=over)
+        r = s.post("/v1/chat/completions", json=chat("hi", images, detail="high"))
         assert r.status_code == 400 and "--max-mm-tokens-per-request" in r.json()["error"]["message"]
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -58,7 +59,7 @@ class RequestPreparer:
     @property
     def needs_size(self) -> bool:
         """Whether an image's token count depends on its size (read from its header before planning)."""
-        return self.anyres is not None or self.processor.config.kind in ("qwen2_vl", "idefics3")
+        return self.anyres is not None or self.processor.config.kind in ("qwen2_vl", "idefics3", "gemma3")
 
     def size(self, data: bytes) -> tuple[int, int]:
         """(height, width) of an image as it will be decoded, from its header (the limits checked). ImageError."""
@@ -75,7 +76,7 @@ class RequestPreparer:
         `low` is the whole image as one tile (S x S tokens and a newline), the fewest it has, and `max_image_tokens`
         below the grid's count falls back to it. llava_onevision: the same, its one tile padded to a square, and
         every image of a request with several (`n_images`) is one tile, as its processor and model do. idefics3: its
-        planner's (server/engine/plan_idefics3.py)."""
+        planner's (server/engine/plan_idefics3.py). gemma3: `_plan_views`."""
         if detail not in (None, "auto", "low", "high"):
             raise BadRequest(f"detail must be low, high or auto, not {detail!r}")
         if not self.needs_size:
@@ -89,6 +90,8 @@ class RequestPreparer:
             return self._plan_resized(detail, max_image_tokens, size)
         if self.idefics3 is not None:  # server/engine/plan_idefics3.py
             return self.idefics3.plan(detail, max_image_tokens, size)
+        if self.processor.config.kind == "gemma3":
+            return self._plan_views(detail, max_image_tokens, size)
         assert self.anyres is not None
         base = self.anyres.layout(*size, base_only=True)
         grid = self.anyres.layout(*size)
@@ -123,26 +126,52 @@ class RequestPreparer:
                              f"min_pixels {cfg.min_pixels}); max_image_tokens {max_image_tokens} is below that")
         return ImagePlan(tokens, resized=(h, w), grid=(1, h // cfg.patch_size, w // cfg.patch_size))
 
-    def image_key(self, digest: str, plan: ImagePlan | None = None) -> str:
-        """The content key of an image with bytes hash `digest`, processed by this preparer as `plan` says."""
+    def _plan_views(self, detail: str | None, max_image_tokens: int | None, size: tuple[int, int]) -> ImagePlan:
+        """gemma3: the whole image as one view of `num_visual_tokens` (256 for the released checkpoints), and with
+        pan and scan each of its crops as a view of its own (model/pan_and_scan.py). `low`: pan and scan off, one
+        view (the fewest the family has); `high`: on, up to the checkpoint's pan_and_scan_max_num_crops
+        (Gemma3Processor's settings where it leaves them null); `auto`: the checkpoint's own do_pan_and_scan.
+        `max_image_tokens` lowers the most crops one at a time, then turns pan and scan off."""
+        cfg, n = self.processor.config, self.num_visual_tokens
+        if detail == "high" or (detail != "low" and cfg.do_pan_and_scan):
+            most = cfg.pan_and_scan.max_crops
+            for k in range(most, min(most, 2) - 1, -1):  # transformers' pan_and_scan_max_num_crops=k
+                try:
+                    crops = replace(cfg.pan_and_scan, max_crops=k).boxes(*size)
+                except ValueError as e:
+                    raise BadRequest(str(e)) from e
+                if max_image_tokens is None or n * (1 + len(crops)) <= max_image_tokens:
+                    return ImagePlan(n * (1 + len(crops)), crops=crops)
+        if max_image_tokens is not None and max_image_tokens < n:
+            raise BadRequest(f"this model makes every image at least {n} visual tokens (one view, pan and scan "
+                             f"off); max_image_tokens {max_image_tokens} is below that")
+        return ImagePlan(n)
+
+    def image_key(self, digest: str, plan: ImagePlan | None = None, view: int = 0) -> str:
+        """The content key of view `view` of an image with bytes hash `digest`, processed by this preparer as `plan`
+        says (a crop's key names its box: the whole image's tokens are the same with pan and scan or without)."""
         setting = plan.setting if plan is not None else ""
+        if plan is not None and view:
+            setting = "crop" + "x".join(map(str, plan.crops[view - 1]))
         return f"{digest}-{self.processing}{'-' + setting if setting else ''}"
 
-    def leased(self, digest: str, visual_tokens: torch.Tensor | None, plan: ImagePlan | None = None
+    def leased(self, digest: str, visual_tokens: torch.Tensor | None, plan: ImagePlan | None = None, view: int = 0
                ) -> ImageInput | None:
-        """An image the engine already holds visual tokens for (Engine.lease_image), needing no decoding."""
+        """View `view` of an image the engine already holds visual tokens for (Engine.lease_image), needing no
+        decoding."""
         if visual_tokens is None:
             return None
-        tokens = plan.tokens if plan is not None else self.num_visual_tokens
-        return ImageInput(self.image_key(digest, plan), None, tokens, visual_tokens=visual_tokens,
+        tokens = plan.tokens // plan.views if plan is not None else self.num_visual_tokens
+        return ImageInput(self.image_key(digest, plan, view), None, tokens, visual_tokens=visual_tokens,
                           grid=plan.grid if plan is not None else None)  # positions need the grid still
 
     def encode(self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None = None,
-               image_tokens: Sequence[int] | None = None, token_limit: int | None = None,
+               image_tokens: Sequence[int | Sequence[int]] | None = None, token_limit: int | None = None,
                audio_tokens: Sequence[int] = ()) -> EncodedPrompt:
         """Token ids of the chat (with the functions it offers, `tools`), each image part expanded to its
-        visual-token slots (`image_tokens`, one count per image; default `num_visual_tokens`), cheap: no image
-        work. A rendered prompt surely over `token_limit` raises PromptTooLong before it is tokenized."""
+        visual-token slots (`image_tokens`, one entry per image, `ImagePlan.slots`: its count, or its views' counts;
+        default `num_visual_tokens`), cheap: no image work. A rendered prompt surely over `token_limit` raises
+        PromptTooLong before it is tokenized."""
         counts = self.num_visual_tokens if image_tokens is None else list(image_tokens)
         return self.tokenizer.encode_chat(messages, num_image_tokens=counts, tools=tools, token_limit=token_limit,
                                           num_audio_tokens=audio_tokens)
@@ -162,24 +191,30 @@ class RequestPreparer:
                     text_bytes += len(str(part.get("text") or "").encode("utf-8", errors="replace"))
         return text_bytes // self.tokenizer.max_token_bytes + images * self.num_visual_tokens
 
-    def image(self, data: bytes, digest: str | None = None, plan: ImagePlan | None = None) -> ImageInput:
+    def image(self, data: bytes, digest: str | None = None, plan: ImagePlan | None = None) -> list[ImageInput]:
         """Decode (header-checked against the limits first) and preprocess one image, as `plan` says (default: the
-        checkpoint's own setting). Raises ImageError."""
+        checkpoint's own setting): one input per view, in prompt order (the image, then its pan-and-scan crops; else
+        the image alone). Raises ImageError."""
         rgb = open_image(data, max_pixels=self.limits.max_image_pixels, max_bytes=self.limits.max_image_bytes)
         if plan is None:
             plan = self.plan(size=(rgb.height, rgb.width) if self.needs_size else None)
-        key = self.image_key(digest or image_hash(data), plan)
+        digest = digest or image_hash(data)
+        key = self.image_key(digest, plan)
+        if plan.crops:
+            views = self.processor.preprocess_views(rgb, plan.crops)  # each (C, H, W)
+            return [ImageInput(self.image_key(digest, plan, v), pixels, plan.tokens // plan.views)
+                    for v, pixels in enumerate(views)]
         if plan.resized is not None:
             patches = self.processor.preprocess_patches(rgb, plan.resized)  # (N, C * T * P * P)
-            return ImageInput(key, patches, plan.tokens, grid=plan.grid)
+            return [ImageInput(key, patches, plan.tokens, grid=plan.grid)]
         if plan.split is not None:
             tiles = self.processor.preprocess_split(rgb, plan.split)  # (T, C, H, W)
-            return ImageInput(key, tiles, plan.tokens, token_layout=plan.token_layout)
+            return [ImageInput(key, tiles, plan.tokens, token_layout=plan.token_layout)]
         if plan.layout is None:
-            return ImageInput(key, self.processor.preprocess_one(rgb), plan.tokens)  # (C, H, W)
+            return [ImageInput(key, self.processor.preprocess_one(rgb), plan.tokens)]  # (C, H, W)
         assert self.anyres is not None
         tiles = self.processor.preprocess_tiled(rgb, plan.layout, self.anyres.tile)  # (T, C, H, W)
-        return ImageInput(key, tiles, plan.tokens, layout=plan.layout)
+        return [ImageInput(key, tiles, plan.tokens, layout=plan.layout)]
 
     def request(
         self,
@@ -195,9 +230,9 @@ class RequestPreparer:
         """The whole preparation in one call (for scripts, tests and benchmarks); images at their default setting,
         `audio` already prepared (server/engine/audio_prepare.py `AudioPreparer.clip`)."""
         plans = [self.plan(size=self.size(b) if self.needs_size else None, n_images=len(images)) for b in images]
-        encoded = self.encode(messages, image_tokens=[p.tokens for p in plans],
+        encoded = self.encode(messages, image_tokens=[p.slots for p in plans],
                               audio_tokens=[a.num_tokens for a in audio])
-        prepared = [self.image(b, None, p) for b, p in zip(images, plans, strict=True)]
+        prepared = [view for b, p in zip(images, plans, strict=True) for view in self.image(b, None, p)]
         return EngineRequest(
             request_id=request_id,
             prompt_ids=encoded.input_ids,
