@@ -1,7 +1,8 @@
 """Where an audio tower's tensors live in a checkpoint, for model/weights.py.
 
 - `qwen2_audio` (the Hub's layout): `audio_tower.*` and `multi_modal_projector.linear.*` beside `language_model.*`;
-  its `multi_modal_projector` is the audio projector (LLaVA's is the vision one, hence the family decides).
+  its `multi_modal_projector` is the audio projector (LLaVA's is the vision one), so its key rules are its family's
+  own (model/families/qwen2_audio.py), and its spec says it reads no `audio/` folder (`FamilySpec.audio_sidecar`).
 - A vision-language checkpoint with an `audio/` folder: `audio/config.json` (model/audio_config.py `AudioConfig`),
   `audio/model.safetensors` with the same `audio_tower.*` / `multi_modal_projector.*` names, and
   `audio/preprocessor_config.json` (the Whisper feature extractor). transformers and vLLM read the folder above it
@@ -46,20 +47,13 @@ def with_audio_sidecar(config: VLMConfig, ckpt: Path) -> VLMConfig:
     return replace(config, audio=AudioConfig.from_hf(json.loads(file.read_text())))
 
 
-def audio_tensor_name(name: str, config: VLMConfig) -> str:
-    """Our name for a tensor already mapped by the LLaVA rules: qwen2_audio's projector is the audio one."""
-    if config.family == "qwen2_audio" and name.startswith("multi_modal_projector."):
-        return "audio." + name
-    return name
-
-
 def audio_sidecar(tensors: Iterator[tuple[str, torch.Tensor]], ckpt: Path, config: VLMConfig, *,
                   device: torch.device | str = "cpu", dtype: torch.dtype | None = None
                   ) -> Iterator[tuple[str, torch.Tensor]]:
     """The checkpoint's tensors, then (for a vision-language checkpoint with an `audio/` folder) its audio ones."""
     yield from tensors
     file = ckpt / AUDIO_DIR / "model.safetensors"
-    if config.family == "qwen2_audio" or config.audio is None:
+    if not config.spec.audio_sidecar or config.audio is None:
         return
     if not file.is_file():
         raise ValueError(f"{ckpt / AUDIO_DIR} has a config.json but no model.safetensors")
@@ -77,7 +71,7 @@ def save_audio_sidecar(model: VisionLanguageModel, out: Path, *, dtype: torch.dt
     """Write the `audio/` folder of a vision-language model with an audio tower (config, weights under Qwen2-Audio's
     names, and the feature extractor of `copy_from/audio/` where there is one); nothing for any other model."""
     config = model.config
-    if config.audio is None or config.family == "qwen2_audio":
+    if config.audio is None or not config.spec.audio_sidecar:
         return
     folder = out / AUDIO_DIR
     folder.mkdir(parents=True, exist_ok=True)

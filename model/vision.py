@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .activations import activation
-from .config import VisionConfig
+from .vision_config import VisionConfig
 
 
 class VisionEmbeddings(nn.Module):

@@ -7,7 +7,9 @@ positions (model/mrope.py); for `idefics3`, the tiles of model/idefics3.py's spl
 post-LayerNorm applied) and the pixel shuffle, laid out with the tile tags the image's token layout holds; for
 `gemma3`, one SigLIP view average-pooled (model/projector.py) into a Gemma 3 LM (model/gemma3_text.py). A model
 with an audio tower (model/audio.py: qwen2_audio's, or one beside a vision tower) turns each clip's mel features into
-audio tokens the same way, placed at its own placeholder id (`audio.audio_token_index`).
+audio tokens the same way, placed at its own placeholder id (`audio.audio_token_index`). What a family builds and
+which entry point encodes its images is its spec's (model/registry.py `FamilySpec`, one file per family in
+model/families/).
 
 Images enter the prompt in one of two ways:
 - at the placeholder: the prompt carries `image_token_index` once per visual token (LLaVA); those positions take
@@ -36,10 +38,11 @@ class VisionLanguageModel(nn.Module):
     def __init__(self, config: VLMConfig, *, max_positions: int | None = None) -> None:
         super().__init__()
         self.config = config
+        spec = config.spec  # what the family builds (model/registry.py, model/families/)
         lm_class = Gemma3TextModel if config.text.model_type == "gemma3_text" else TextModel
         self.language_model = lm_class(config.text, max_positions=max_positions)
         # Gemma 3: an image's tokens attend to each other both ways in prefill (the runner passes the spans)
-        self.bidirectional_images = config.family == "gemma3"
+        self.bidirectional_images = spec.bidirectional_images
         self.anyres: Anyres | None = None
         self.qwen2_vision: Qwen2VisionConfig | None = None
         self.audio: AudioTower | None = None
@@ -55,24 +58,21 @@ class VisionLanguageModel(nn.Module):
         self.multi_modal_projector = build_projector(
             config.projector, vision_dim=config.vision_feature_dim, llm_dim=config.text.hidden_size
         )
-        if config.family in ("llava_next", "llava_onevision"):
-            v = config.vision
-            aspect = config.vision_aspect_ratio  # OneVision: anyres_max_N; a lone base tile padded to a square
-            self.anyres = Anyres(config.image_grid_pinpoints, v.image_size, v.image_size // v.patch_size,
-                                 max_tiles=int(aspect.removeprefix("anyres_max_")) if aspect else None,
-                                 pad_square_base=config.family == "llava_onevision")
+        if spec.anyres is not None:  # llava_next / onevision: the family's tiling
+            self.anyres = spec.anyres(config)
             self.image_newline = nn.Parameter(torch.zeros(config.text.hidden_size))  # (D,) after each grid row
 
     # -- vision ---------------------------------------------------------------------------------------------------
     def select_features(self, pixel_values: torch.Tensor) -> torch.Tensor:  # (N, C, H, W)
         """LLaVA's feature selection: the configured layer(s), CLS dropped by `default`, layers concatenated."""
-        if self.config.family == "idefics3":  # the last layer after the post-LayerNorm, patches at bucketed positions
+        features = self.config.spec.features
+        if features == "normed_bucketed":  # idefics3: the last layer after the post-LayerNorm, patches bucketed
             v = self.config.vision
             assert v is not None and not isinstance(v, Qwen2VisionConfig)
             positions = bucket_positions(v.image_size // v.patch_size, pixel_values.shape[-1] // v.patch_size)
             last = self.vision_tower(pixel_values, (-1,), positions.to(pixel_values.device))[0]  # (N, P, Dv)
             return self.vision_tower.post_layernorm(last)  # (N, P, Dv)
-        if self.config.family == "gemma3":  # SigLIP's last_hidden_state: after its post-LayerNorm
+        if features == "normed":  # gemma3: SigLIP's last_hidden_state, after its post-LayerNorm
             return self.vision_tower.post_layernorm(self.vision_tower(pixel_values, (-1,))[0])  # (N, P, Dv)
         states = self.vision_tower(pixel_values, self.config.feature_layers)  # [(N, T, Dv)] per layer
         if self.config.vision_feature_select_strategy == "default":
@@ -161,7 +161,7 @@ class VisionLanguageModel(nn.Module):
         """
         if vision_features is not None and pixel_values is not None:
             raise ValueError("pass vision_features or pixel_values, not both")
-        if self.config.family in ("idefics3", "gemma3") and (vision_features is not None or pixel_values is not None):
+        if not self.config.spec.dense_forward and (vision_features is not None or pixel_values is not None):
             raise ValueError(f"{self.config.family} images go through the engine (their token layouts and attention "
                              "masks are the runner's), not this dense forward")
         embeds = self.embed_tokens(input_ids)  # (B, T, D)

@@ -1,13 +1,13 @@
-"""Load and save LLaVA-format checkpoints (config.json + safetensors, sharded or not).
+"""Load and save checkpoints (config.json + safetensors, sharded or not) in each family's Hub layout.
 
-Key layouts accepted on load (all map onto our module names):
-- the hub's classic layout: `language_model.model.*`, `language_model.lm_head.*`, `vision_tower.vision_model.*`,
+Each checkpoint key maps onto our module names by the family's own rules (`FamilySpec.load_rules`,
+model/families/), then by the rules every family shares, first match wins:
+- the hub's classic LLaVA layout: `language_model.model.*`, `language_model.lm_head.*`, `vision_tower.vision_model.*`,
   `multi_modal_projector.*`;
-- Idefics3 / SmolVLM's (the Hub's and transformers 5's alike): `model.text_model.*`, `model.vision_model.*`,
-  `model.connector.modality_projection.*`, `lm_head.*`;
 - transformers 4.5x+/5.x in-memory names: `model.language_model.*`, `lm_head.*`, `model.vision_tower.*`,
-  `model.multi_modal_projector.*` (with or without `vision_model.` under the tower).
-We save the classic layout, which every transformers release since LLaVA's introduction loads.
+  `model.multi_modal_projector.*` (with or without `vision_model.` under the tower);
+- a bare `model.*` is the LM (Qwen2-VL's Hub layout: `model.layers.*`, `model.embed_tokens.*`).
+We save each family's Hub layout (`FamilySpec.save_rules`), which transformers loads.
 
 Our modules hold q/k/v (language model and vision tower) and gate/up as one matrix each, as nano-vllm's packed
 modules do; checkpoints keep them apart. `_FUSED` names the parts: on load they are concatenated in order into the
@@ -19,6 +19,7 @@ the target device and in the target dtype: no randomly initialised copy is ever 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -31,62 +32,27 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .audio_weights import (
-    AUDIO_SAVE_RULES,
-    audio_sidecar,
-    audio_tensor_name,
-    save_audio_sidecar,
-    with_audio_sidecar,
-)
+from .audio_weights import audio_sidecar, save_audio_sidecar, with_audio_sidecar
 from .config import VLMConfig
+from .registry import FamilySpec, KeyRules
 from .vlm import VisionLanguageModel
 
 log = logging.getLogger(__name__)
 
-# (pattern on the checkpoint key, replacement giving our key); first match wins.
-_LOAD_RULES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
-    (re.compile(p), r)
-    for p, r in (
-        (r"^(?:model\.)?language_model\.lm_head\.", "language_model.lm_head."),
-        (r"^lm_head\.", "language_model.lm_head."),
-        (r"^(?:model\.)?language_model\.(?:model\.)?", "language_model."),
-        (r"^(?:model\.)?vision_tower\.(?:vision_model\.)?", "vision_tower."),
-        (r"^(?:model\.)?multi_modal_projector\.", "multi_modal_projector."),
-        (r"^(?:model\.)?image_newline$", "image_newline"),
-        (r"^(?:model\.)?visual\.", "visual."),  # Qwen2-VL's tower
-        (r"^model\.text_model\.", "language_model."),  # Idefics3 / SmolVLM (Hub and transformers 5 alike)
-        (r"^model\.vision_model\.", "vision_tower."),
-        (r"^model\.connector\.modality_projection\.", "multi_modal_projector."),
-        (r"^(?:model\.)?audio_tower\.", "audio.audio_tower."),  # Qwen2-Audio's tower (its projector: audio_weights)
-        (r"^model\.", "language_model."),  # Qwen2-VL's Hub layout: the LM's `model.layers.*`, `model.embed_tokens`
-    )
+# (pattern on the checkpoint key, replacement giving our key), after the family's own (`FamilySpec.load_rules`);
+# first match wins.
+_SHARED_LOAD_RULES: KeyRules = (
+    (r"^(?:model\.)?language_model\.lm_head\.", "language_model.lm_head."),
+    (r"^lm_head\.", "language_model.lm_head."),
+    (r"^(?:model\.)?language_model\.(?:model\.)?", "language_model."),
+    (r"^(?:model\.)?vision_tower\.(?:vision_model\.)?", "vision_tower."),
+    (r"^(?:model\.)?multi_modal_projector\.", "multi_modal_projector."),
+    (r"^(?:model\.)?image_newline$", "image_newline"),
+    (r"^model\.", "language_model."),  # a bare `model.*` LM (Qwen2-VL's Hub layout), last
 )
 # Checkpoint tensors that exist in some LLaVA checkpoints but play no part in LLaVA's forward.
 _IGNORED = re.compile(
     r"^vision_tower\.(head\.|embeddings\.position_ids$)|rotary_emb\.inv_freq$|^language_model\.(?:model\.)?rotary"
-)
-_SAVE_RULES: tuple[tuple[str, str], ...] = (
-    ("language_model.lm_head.", "language_model.lm_head."),
-    ("language_model.", "language_model.model."),
-    ("vision_tower.", "vision_tower.vision_model."),
-    ("multi_modal_projector.", "multi_modal_projector."),
-    ("image_newline", "image_newline"),
-)
-_SAVE_RULES_QWEN2_VL: tuple[tuple[str, str], ...] = (  # the Qwen2-VL Hub layout
-    ("language_model.lm_head.", "lm_head."),
-    ("language_model.", "model."),
-    ("visual.", "visual."),
-)
-_SAVE_RULES_IDEFICS3: tuple[tuple[str, str], ...] = (  # the Idefics3 / SmolVLM Hub layout
-    ("language_model.lm_head.", "lm_head."),
-    ("language_model.", "model.text_model."),
-    ("vision_tower.", "model.vision_model."),
-    ("multi_modal_projector.", "model.connector.modality_projection."),
-)
-_SAVE_RULES_QWEN2_AUDIO: tuple[tuple[str, str], ...] = (  # the Qwen2-Audio Hub layout
-    ("language_model.lm_head.", "language_model.lm_head."),
-    ("language_model.", "language_model.model."),
-    *AUDIO_SAVE_RULES,
 )
 _CHECKPOINT_FILES = ("*.json", "*.safetensors", "*.jinja", "*.model", "*.txt")
 # (our module path, the checkpoint's parts in order, the fused module): q/k/v and gate/up, one matmul each.
@@ -106,9 +72,16 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded: missing files or tensors, or a layout we do not know."""
 
 
-def map_checkpoint_key(key: str) -> str | None:
-    """Our parameter name for a checkpoint key, or None for tensors LLaVA does not use."""
-    for pattern, repl in _LOAD_RULES:
+@functools.cache
+def _load_rules(family: FamilySpec | None) -> tuple[tuple[re.Pattern[str], str], ...]:
+    rules = (*family.load_rules, *_SHARED_LOAD_RULES) if family is not None else _SHARED_LOAD_RULES
+    return tuple((re.compile(p), r) for p, r in rules)
+
+
+def map_checkpoint_key(key: str, family: FamilySpec | None = None) -> str | None:
+    """Our parameter name for a checkpoint key of `family` (None: the shared rules alone, LLaVA's layouts), or None
+    for tensors the model does not use."""
+    for pattern, repl in _load_rules(family):
         if pattern.match(key):
             ours = pattern.sub(repl, key, count=1)
             return None if _IGNORED.search(ours) else ours
@@ -180,13 +153,15 @@ def _weight_files(ckpt: Path) -> list[Path]:
 
 
 def iter_checkpoint_tensors(
-    ckpt: Path, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+    ckpt: Path, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
+    family: FamilySpec | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """(our name, tensor) for every used tensor of the checkpoint, read lazily onto `device` in `dtype`."""
+    """(our name, tensor) for every used tensor of the checkpoint (of `family`'s layout), read lazily onto `device`
+    in `dtype`."""
     for file in _weight_files(ckpt):
         with safe_open(str(file), framework="pt", device=str(torch.device(device))) as f:
             for key in f.keys():  # noqa: SIM118 - safe_open is not a dict
-                ours = map_checkpoint_key(key)
+                ours = map_checkpoint_key(key, family)
                 if ours is None:
                     continue
                 t = f.get_tensor(key)
@@ -211,9 +186,8 @@ def load_model(
     state: dict[str, torch.Tensor] = {}
     unexpected: list[str] = []
     pending: dict[str, dict[int, torch.Tensor]] = {}  # fused name -> the parts read so far
-    tensors = iter_checkpoint_tensors(ckpt, device=device, dtype=dtype)
+    tensors = iter_checkpoint_tensors(ckpt, device=device, dtype=dtype, family=config.spec)
     for name, tensor in audio_sidecar(tensors, ckpt, config, device=device, dtype=dtype):
-        name = audio_tensor_name(name, config)
         if (fused := fused_part(name)) is not None and fused[0] in expected:
             target, index, count = fused
             parts = pending.setdefault(target, {})
@@ -258,12 +232,11 @@ def _materialize_buffers(model: torch.nn.Module, device: torch.device) -> None:
 
 
 def checkpoint_state(model: VisionLanguageModel) -> dict[str, torch.Tensor]:
-    """The model's tensors under the Hub's key names (LLaVA's classic ones; Qwen2-VL's own), tied output
-    embeddings stored once."""
+    """The model's tensors under its family's Hub key names (`FamilySpec.save_rules`), tied output embeddings stored
+    once."""
     out: dict[str, torch.Tensor] = {}
     tied = model.config.text.tie_word_embeddings
-    rules = {"qwen2_vl": _SAVE_RULES_QWEN2_VL, "idefics3": _SAVE_RULES_IDEFICS3,
-             "qwen2_audio": _SAVE_RULES_QWEN2_AUDIO}.get(model.config.family, _SAVE_RULES)
+    rules = model.config.spec.save_rules
     for fused_name, fused_tensor in model.state_dict().items():
         if tied and fused_name == "language_model.lm_head.weight":
             continue
@@ -283,7 +256,7 @@ def save_model(
     copy_from: str | os.PathLike[str] | None = None,
     max_shard_bytes: int = 2 * 1024**3,
 ) -> Path:
-    """Write config.json and safetensors (sharded past `max_shard_bytes`) in the LLaVA layout.
+    """Write config.json and safetensors (sharded past `max_shard_bytes`) in the family's Hub layout.
 
     `copy_from` names a checkpoint directory whose tokenizer, chat template, processor and generation configs are
     copied beside the weights.

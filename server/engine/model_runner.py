@@ -96,7 +96,7 @@ class ModelRunner:
         # image stays eager rather than compile a graph of its own): its layer norms, quick GELU and residual adds
         # fused, ~0.2 s less of the 16-stream load's ~1.1 s of encoding here.
         self._compiled_encode = (torch.compile(model.encode_images, options=options)
-                                 if compile_decode and model.config.family == "llava" else None)
+                                 if compile_decode and model.config.spec.compile_encoder else None)
         self.mrope = lm.rotary.rope.mrope_section is not None  # Qwen2-VL: (t, row, column) positions for images
         self.merge = model.qwen2_vision.spatial_merge_size if model.qwen2_vision is not None else 1
         if self.device.type == "cpu":
@@ -344,17 +344,18 @@ class ModelRunner:
                 token_layouts: dict[tuple[str, str], tuple[int, ...]], frames: dict[tuple[str, str], int]
                 ) -> dict[tuple[str, str], torch.Tensor]:
         """Encode images of one pixel shape (qwen2_vl, idefics3: of any; audio clips: their features) in one call;
-        on failure retry one by one so that only the bad image is lost."""
+        on failure retry one by one so that only the bad image is lost. The family's spec names the entry point."""
         try:
             moved = [pixels[k].to(self.device, self.dtype, non_blocking=True) for k in keys]
             tokens: Seq[torch.Tensor]
+            encoder = self.model.config.spec.encoder
             if keys[0] in frames:  # audio: (N, M, F) features -> each clip's (n_i, D)
                 tokens = self.model.encode_audio(torch.stack(moved), [frames[k] for k in keys])
-            elif self.model.qwen2_vision is not None:  # patches side by side (sum N_i, C*T*P*P) -> each (n_i, D)
+            elif encoder == "patches":  # qwen2_vl: patches side by side (sum N_i, C*T*P*P) -> each (n_i, D)
                 tokens = self.model.encode_patches(torch.cat(moved), [grids[k] for k in keys])
-            elif self.model.config.family == "idefics3":  # tiles (sum T_i, C, H, W) -> each image's span (L_i, D)
+            elif encoder == "split":  # idefics3: tiles (sum T_i, C, H, W) -> each image's span (L_i, D)
                 tokens = self.model.encode_split(torch.cat(moved), [self._tensor(token_layouts[k]) for k in keys])
-            elif self.model.anyres is not None:  # (N, T, C, H, W) tiles -> each image's (n_i, D)
+            elif encoder == "tiled":  # llava_next / onevision: (N, T, C, H, W) tiles -> each image's (n_i, D)
                 tokens = self.model.encode_tiled(torch.stack(moved), [layouts[k] for k in keys])
             else:
                 tokens = list(self._encode_images(torch.stack(moved)))  # N x (N_vis, D)
