@@ -92,7 +92,7 @@ def test_server_state_builds_the_engine_from_settings(checkpoint_factory) -> Non
                         max_model_len=200, max_tokens_default=9, kv_cache_mb=2, block_size=8,
                         max_num_batched_tokens=100, enable_prefix_caching=False, vision_cache_mb=1,
                         weight_layout="standard", max_image_bytes=12345, max_image_pixels=54321,
-                        max_images_per_request=3)
+                        max_images_per_request=3, compile=False)  # compiling: seconds, not what this checks
     state = ServerState(settings)
     try:
         state.load()
