@@ -43,6 +43,7 @@ class VisionLanguageModel(nn.Module):
         self.language_model = lm_class(config.text, max_positions=max_positions)
         # Gemma 3: an image's tokens attend to each other both ways in prefill (the runner passes the spans)
         self.bidirectional_images = spec.bidirectional_images
+        self.features = spec.features  # read here, not in forward: a compiled tower traces no registry lookup
         self.anyres: Anyres | None = None
         self.qwen2_vision: Qwen2VisionConfig | None = None
         self.audio: AudioTower | None = None
@@ -65,7 +66,7 @@ class VisionLanguageModel(nn.Module):
     # -- vision ---------------------------------------------------------------------------------------------------
     def select_features(self, pixel_values: torch.Tensor) -> torch.Tensor:  # (N, C, H, W)
         """LLaVA's feature selection: the configured layer(s), CLS dropped by `default`, layers concatenated."""
-        features = self.config.spec.features
+        features = self.features
         if features == "normed_bucketed":  # idefics3: the last layer after the post-LayerNorm, patches bucketed
             v = self.config.vision
             assert v is not None and not isinstance(v, Qwen2VisionConfig)
