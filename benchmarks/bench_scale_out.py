@@ -4,10 +4,14 @@ What runs, each system a fresh server on a free port, one at a time, on benchmar
 PEER checkpoint (196 visual tokens an image; `--small`: PEER_SMALL):
 
   overhead    40 sequential text requests, max_tokens 1, not streamed: the p50 of end-to-end latency; Ray's minus
-              one process's is the per-request cost of the proxy, the ingress and the routing hop
-  repeat      8 images, each sent 3 times (sequentially, streamed, max_tokens 1): TTFT of first sight vs of the
-              repeats. With affinity every repeat meets its replica's caches; with round-robin the first repeat
-              lands on the other replica (cold), the second on one that saw it
+              one process's is the per-request cost of the proxy, the ingress and the routing hop. Measured twice:
+              per system in turn, and paired (one process with one thread and Ray both up, 80 requests
+              alternating between them: the median of the pairs' differences, the figure the summary gives);
+              the same pairing for the streamed TTFT of one image both have cached (Ray: on its affinity replica)
+  repeat      8 images, each sent 3 times (sequentially, streamed, max_tokens 1): TTFT (to the token's chunk, not
+              the role chunk that precedes the prefill) of first sight vs of the repeats. With affinity every
+              repeat meets its replica's caches; with round-robin the first repeat lands on the other replica
+              (cold), the second on one that saw it
   throughput  16 concurrent streaming clients, 48 requests with distinct images, 32 tokens each: tokens/s. Two
               replicas on 2 cores share those cores: this says what that costs, not what 2 accelerators give
 
@@ -29,7 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -91,7 +95,10 @@ def chat(url: str, content: Any, max_tokens: int) -> tuple[float, float, str, in
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             event = json.loads(line[6:])
-            if not ttft and event.get("choices") and event["choices"][0]["delta"].get("content") is not None:
+            # the first token: the first chunk with text, or the finish chunk when the token decodes to no text
+            # (the role chunk, content "", comes before the prefill and says nothing about it)
+            choice = (event.get("choices") or [{}])[0]
+            if not ttft and ((choice.get("delta") or {}).get("content") or choice.get("finish_reason")):
                 ttft = time.perf_counter() - t0
             if event.get("usage"):
                 tokens = event["usage"]["completion_tokens"]
@@ -100,15 +107,35 @@ def chat(url: str, content: Any, max_tokens: int) -> tuple[float, float, str, in
 
 
 def overhead(url: str, n: int) -> dict[str, float]:
-    times = []
-    for i in range(n + 5):
-        t0 = time.perf_counter()
-        r = httpx.post(url + "/v1/chat/completions", timeout=60, json={
-            "model": MODEL, "max_tokens": 1, "messages": [{"role": "user", "content": f"say {i % 7}"}]})
-        r.raise_for_status()
-        if i >= 5:  # warm connections and caches first
-            times.append(time.perf_counter() - t0)
+    times = [text_request(url, i) for i in range(n + 5)][5:]  # warm connections and caches first
     return {"p50_ms": statistics.median(times) * 1e3, "p90_ms": sorted(times)[int(0.9 * len(times))] * 1e3}
+
+
+def text_request(url: str, i: int) -> float:
+    t0 = time.perf_counter()
+    r = httpx.post(url + "/v1/chat/completions", timeout=60, json={
+        "model": MODEL, "max_tokens": 1, "messages": [{"role": "user", "content": f"say {i % 7}"}]})
+    r.raise_for_status()
+    return time.perf_counter() - t0
+
+
+def paired(one: str, ray: str, n: int, measure: Callable[[str, int], float]) -> dict[str, Any]:
+    """Both servers up at once, requests alternating between them (the order flipped every pair), so that the
+    machine's drift meets both alike: the median of the per-pair differences, Ray's minus one process's."""
+    for i in range(5):
+        measure(one, i), measure(ray, i)
+    diffs, a, b = [], [], []
+    for i in range(n):
+        if i % 2:
+            tb, ta = measure(ray, i), measure(one, i)
+        else:
+            ta, tb = measure(one, i), measure(ray, i)
+        a.append(ta)
+        b.append(tb)
+        diffs.append(tb - ta)
+    return {"pairs": n, "one_process_p50_ms": statistics.median(a) * 1e3, "ray_p50_ms": statistics.median(b) * 1e3,
+            "overhead_p50_ms": statistics.median(diffs) * 1e3,
+            "overhead_p10_p90_ms": [sorted(diffs)[int(q * n)] * 1e3 for q in (0.1, 0.9)]}
 
 
 def image_part(png: bytes) -> list[dict[str, Any]]:
@@ -165,13 +192,24 @@ def main() -> None:
             results[name] = {"overhead": overhead(url, n), "repeat": repeat(url, 1000 * (seed + 1)),
                              "throughput": throughput(url, 10_000 * (seed + 1), requests, 16, 32)}
             log.info("%s: %s", name, results[name])
+    with server(common, work, "paired_one_process", {"OMP_NUM_THREADS": "1"}) as one_url, \
+            server(ray_common, work, "paired_ray", {}) as ray_url:
+        results["paired_overhead"] = paired(one_url, ray_url, 2 * n, text_request)
+        log.info("paired overhead: %s", results["paired_overhead"])
+        cached = image_part(noise_png(99))  # one image, cached on both after the warm-up pairs: TTFT, streamed
+        results["paired_cached_image_ttft"] = paired(one_url, ray_url, n, lambda url, i: chat(url, cached, 1)[0])
+        log.info("paired cached-image TTFT: %s", results["paired_cached_image_ttft"])
     one, aff, rr = results["one_process_1_thread"], results["ray_affinity"], results["ray_round_robin"]
     results["summary"] = {
-        "routing_overhead_p50_ms": aff["overhead"]["p50_ms"] - one["overhead"]["p50_ms"],  # same threads per engine
+        # same threads per engine; the paired figure is the one to read (the sequential one meets drift)
+        "routing_overhead_p50_ms": results["paired_overhead"]["overhead_p50_ms"],
+        "routing_overhead_p50_ms_sequential": aff["overhead"]["p50_ms"] - one["overhead"]["p50_ms"],
         "repeat_ttft_ms": {"one_process": one["repeat"]["repeat_ttft_ms"], "affinity": aff["repeat"]["repeat_ttft_ms"],
                            "round_robin": rr["repeat"]["repeat_ttft_ms"],
                            "round_robin_mean": rr["repeat"]["repeat_ttft_mean_ms"],
-                           "first_sight": aff["repeat"]["first_ttft_ms"]},
+                           "first_sight": aff["repeat"]["first_ttft_ms"],
+                           "affinity_minus_one_process_cached_paired": results["paired_cached_image_ttft"][
+                               "overhead_p50_ms"]},
         "throughput_tokens_per_s": {k: results[k]["throughput"]["tokens_per_s"] for k in systems},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -227,13 +227,19 @@ async def prepare_images(state: ServerState, items: Sequence[tuple[bytes, str]],
     """Decode and preprocess each image as its plan says, in the thread pool, never on the event loop: the engine's
     inputs in prompt order, one per view of each image (Gemma 3's pan and scan: the image, then its crops; else one
     per image). An image whose visual tokens are cached is not decoded at all: the request leases the cached tokens
-    instead (a view that is cached keeps its lease when the others are processed)."""
+    instead (a view that is cached keeps its lease when the others are processed). An engine that defers images (the
+    Ray ingress's) gets each image checked and as bytes: its replica leases or prepares it."""
     assert state.preparer is not None and state.engine is not None
     preparer, engine = state.preparer, state.engine
     loop = asyncio.get_running_loop()
 
     def one(data: bytes, param: str, plan: ImagePlan) -> list[ImageInput]:
         digest = image_hash(data)
+        if engine.defers_images:  # the Ray ingress: checked here, prepared (or leased) by the replica
+            try:
+                return preparer.deferred(data, digest, plan)
+            except Exception as e:
+                raise APIError.from_exception(e, param=param) from e
         leased = [preparer.leased(digest, engine.lease_image(preparer.image_key(digest, plan, v), salt), plan, v)
                   for v in range(plan.views)]
         if all(lease is not None for lease in leased):

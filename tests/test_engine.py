@@ -355,6 +355,41 @@ def test_leased_cached_image_needs_no_pixels(checkpoint_factory) -> None:
         h.engine.shutdown(timeout=5)
 
 
+def test_deferred_image_is_checked_where_received_and_resolved_where_cached(checkpoint_factory) -> None:
+    """The Ray ingress sends an image as checked bytes (DeferredImage); its replica leases the visual tokens of a
+    repeat and prepares a miss's pixels, exactly as preparing them at once would. An engine handed an unresolved
+    one fails that request alone."""
+    from vlmserve.model.image_decode import ImageError
+    from vlmserve.server.engine.prepare import image_hash
+
+    h = Harness(checkpoint_factory("clip-llama"), max_running=4, enable_prefix_caching=False)
+    try:
+        data, plan = _png(78), h.preparer.plan()
+        digest = image_hash(data)
+        with pytest.raises(ImageError):  # a truncated image is refused by the receiver, before any engine
+            h.preparer.deferred(data[:100], image_hash(data[:100]), plan)
+        deferred = h.preparer.deferred(data, digest, plan)
+        assert len(deferred) == 1 and deferred[0].pixel_values is None and deferred[0].deferred is not None
+        assert deferred[0].key == h.preparer.image_key(digest, plan)
+        unresolved = h.request(78, max_tokens=4)
+        unresolved.images = deferred
+        failed = list(h.engine.generate(unresolved))[-1]
+        assert isinstance(failed, Failed) and failed.error.code == "invalid_request"
+        miss = h.preparer.resolve(deferred, lambda key: None)
+        direct = h.preparer.image(data, digest, plan)
+        assert miss[0].deferred is None and miss[0].key == direct[0].key
+        assert torch.equal(miss[0].pixel_values, direct[0].pixel_values)
+        first = _alone(h, h.request(78, max_tokens=6))  # encodes and caches the image
+        hit = h.preparer.resolve(deferred, h.engine.lease_image)
+        assert hit[0].pixel_values is None and hit[0].visual_tokens is not None
+        req = h.request(78, max_tokens=6)
+        req.images = hit
+        encoded = h.engine.counters.images_encoded
+        assert _alone(h, req).token_ids == first.token_ids and h.engine.counters.images_encoded == encoded
+    finally:
+        h.engine.shutdown(timeout=5)
+
+
 def test_vision_cache_is_bounded_in_bytes() -> None:
     from vlmserve.server.engine.vision_cache import VisionCache
 

@@ -121,6 +121,17 @@ def autoscaled(cluster: tuple[str, int], clip_llama: Path, tmp_path_factory: pyt
         process.wait(5)
 
 
+
+def preprocess_counts(url: str) -> dict[str, float]:
+    """Images preprocessed so far, by replica rank ("ingress": the ingress's own), from the ingress's /metrics."""
+    out: dict[str, float] = {}
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        if line.startswith("vlmserve:image_preprocess_seconds_count"):
+            name, value = line.rsplit(" ", 1)
+            rank = name.split('replica="')[1].split('"')[0] if 'replica="' in name else "ingress"
+            out[rank] = out.get(rank, 0) + float(value)
+    return out
+
 class TestTwoReplicas:
     @pytest.fixture(scope="class")
     def server(self, cluster: tuple[str, int], autoscaled: LiveServer, clip_llama: Path,
@@ -146,6 +157,7 @@ class TestTwoReplicas:
         colors = [(40 * i, 255 - 30 * i, (90 * i) % 256) for i in range(8)]
         seen: dict[int, set[str]] = {}
         cached: list[int] = []
+        before = preprocess_counts(server.url)
         for i, color in enumerate(colors):
             image = png(color)
             for repeat in range(3):
@@ -157,6 +169,15 @@ class TestTwoReplicas:
         assert all(len(ranks) == 1 for ranks in seen.values()), seen
         assert set().union(*seen.values()) == {"0", "1"}, seen
         assert all(n > 0 for n in cached), cached  # each repeat met its replica's prefix cache
+        # the ingress only checks images; each was prepared once, by its replica (a repeat: no pixel work at all)
+        deadline, after = time.monotonic() + 15, before
+        while time.monotonic() < deadline:
+            after = preprocess_counts(server.url)
+            if sum(after.values()) - sum(before.values()) >= 8:
+                break
+            time.sleep(0.5)
+        grew = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+        assert sum(grew.values()) == 8 and not grew.get("ingress"), grew
 
     def test_openai_client_streams_and_errors_keep_their_shapes(self, server: LiveServer) -> None:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)

@@ -160,6 +160,10 @@ class Engine:
         decoding the image and submit `ImageInput(key, None, n, visual_tokens=tokens)`: the request holds them."""
         return self.vision_cache.get((cache_salt, key))
 
+    @property
+    def defers_images(self) -> bool:
+        return False  # images come preprocessed (or leased): this process holds the caches
+
     def cancel(self, request_id: str) -> None:
         """Stop a request (a client went away); its blocks are free by the next step."""
         self._commands.put(("cancel", request_id))

@@ -6,7 +6,7 @@ This runs off the engine's loop (the server calls it in a thread pool): it is th
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -23,7 +23,7 @@ from .audio_prepare import in_prompt_order
 from .config import ImageLimits
 from .image_plan import LOW_TOKENS, ImagePlan
 from .plan_idefics3 import Idefics3Planner
-from .requests import BadRequest, EngineRequest, ImageInput
+from .requests import BadRequest, DeferredImage, EngineRequest, ImageInput
 
 __all__ = ["LOW_TOKENS", "ImagePlan", "RequestPreparer", "image_hash"]
 
@@ -190,6 +190,34 @@ class RequestPreparer:
                 else:
                     text_bytes += len(str(part.get("text") or "").encode("utf-8", errors="replace"))
         return text_bytes // self.tokenizer.max_token_bytes + images * self.num_visual_tokens
+
+    def deferred(self, data: bytes, digest: str, plan: ImagePlan) -> list[ImageInput]:
+        """One image as checked bytes for an engine that prepares images where it runs (`DeferredImage`): decoded
+        here once against the limits (so a bad image is refused where it arrived), no preprocessing. Raises
+        ImageError."""
+        open_image(data, max_pixels=self.limits.max_image_pixels, max_bytes=self.limits.max_image_bytes)
+        return [ImageInput(self.image_key(digest, plan, v), None, plan.tokens // plan.views, grid=plan.grid,
+                           deferred=DeferredImage(data, digest, plan, v)) for v in range(plan.views)]
+
+    def resolve(self, inputs: Sequence[ImageInput], lease: Callable[[str], torch.Tensor | None]) -> list[ImageInput]:
+        """Deferred inputs made whole: the cached visual tokens where `lease` (by image key) has them, else the
+        image prepared now (once for all its views). Others unchanged. Raises ImageError."""
+        out: list[ImageInput] = []
+        prepared: dict[str, list[ImageInput]] = {}  # by the image's key (its first view's): its views
+        for img in inputs:
+            d = img.deferred
+            if d is None:
+                out.append(img)
+            elif (tokens := lease(img.key)) is not None:
+                leased = self.leased(d.digest, tokens, d.plan, d.view)
+                assert leased is not None
+                out.append(leased)
+            else:
+                whole = self.image_key(d.digest, d.plan)
+                if whole not in prepared:
+                    prepared[whole] = self.image(d.data, d.digest, d.plan)
+                out.append(prepared[whole][d.view])
+        return out
 
     def image(self, data: bytes, digest: str | None = None, plan: ImagePlan | None = None) -> list[ImageInput]:
         """Decode (header-checked against the limits first) and preprocess one image, as `plan` says (default: the

@@ -15,6 +15,8 @@ import torch
 from vlmserve.model.anyres import Layout
 from vlmserve.model.sampling import SamplingParams
 
+from .image_plan import ImagePlan
+
 
 class EngineError(Exception):
     """Base of the engine's refusals and failures: a stable `code`, a message, and maybe when to retry."""
@@ -56,13 +58,28 @@ class InternalError(EngineError):
 
 
 @dataclass(frozen=True)
+class DeferredImage:
+    """An image sent as its encoded bytes, already checked where it was received (decoded once against the
+    limits), to be preprocessed where its visual tokens may already be cached: the Ray ingress sends these and the
+    engine replica leases or prepares them (server/scale/replica.py), so a repeat costs no pixel work and no
+    pixel tensor on the wire."""
+
+    data: bytes
+    digest: str
+    plan: ImagePlan
+    view: int  # which of the image's views (pan and scan: the image, then its crops) this input is
+
+
+@dataclass(frozen=True)
 class ImageInput:
     """One image (or audio clip: `audio_frames` set), already decoded and preprocessed off the engine's loop.
 
     `key` names what the image's visual tokens are a pure function of: its bytes and the processing settings that
     made its pixels (RequestPreparer builds it). It keys the visual-token cache and, with the offset inside the
     image, every prefix-cache block that covers the image's tokens. `visual_tokens` is set instead of
-    `pixel_values` when the caller already holds the image's encoded tokens (a lease from `Engine.lease_image`).
+    `pixel_values` when the caller already holds the image's encoded tokens (a lease from `Engine.lease_image`);
+    `deferred` instead of both when the image travels as bytes to an engine replica, which resolves it before its
+    engine sees it (an engine given a deferred input fails the request: nothing to encode).
     """
 
     key: str
@@ -74,6 +91,7 @@ class ImageInput:
     token_layout: tuple[int, ...] | None = None  # idefics3: its span's ids (tile tags and slots), num_tokens long
     audio_frames: int | None = None  # an audio clip (not an image): its valid mel frames (0 for a lease); pixel_values
     # its (M, F) features
+    deferred: DeferredImage | None = None  # bytes to prepare where the caches are (then pixel_values is None)
 
     @property
     def is_audio(self) -> bool:

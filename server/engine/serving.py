@@ -53,6 +53,11 @@ class ServingEngine(Protocol):
 
     def lease_image(self, key: str, cache_salt: str = "") -> torch.Tensor | None: ...
 
+    @property
+    def defers_images(self) -> bool:
+        """Whether images go to this engine as checked bytes (`DeferredImage`), prepared where it runs."""
+        ...
+
     def cancel(self, request_id: str) -> None: ...
 
     async def replica_rank(self, request_id: str) -> int | None:

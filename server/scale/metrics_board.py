@@ -29,8 +29,9 @@ class MetricsBoard:
         return {r: text for r, (_, text) in self._texts.items()}
 
 
-# What the ingress itself measures (HTTP statuses, image decoding); every other family is the replicas'.
-INGRESS_FAMILIES = frozenset({"vlmserve:http_requests", "vlmserve:image_preprocess_seconds"})
+# What the ingress itself measures (HTTP statuses, audio decoding); every other family is the replicas' (image
+# preprocessing too: the ingress only checks an image, the replica it lands on prepares it).
+INGRESS_FAMILIES = frozenset({"vlmserve:http_requests", "vlmserve:audio_preprocess_seconds"})
 
 
 def merged(ingress: str, texts: dict[int, str]) -> str:

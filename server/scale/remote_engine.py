@@ -86,7 +86,11 @@ class RemoteEngine:
         self.structured.compile(grammar)
 
     def lease_image(self, key: str, cache_salt: str = "") -> torch.Tensor | None:
-        return None  # visual tokens live in the replicas' caches: the ingress always ships pixels
+        return None  # visual tokens live in the replicas' caches
+
+    @property
+    def defers_images(self) -> bool:
+        return True  # the ingress checks an image's bytes; the replica its request lands on leases or prepares it
 
     def submit(self, req: EngineRequest, sink: EventSink) -> None:
         self.check_admission()

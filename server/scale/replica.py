@@ -12,7 +12,9 @@ import asyncio
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -20,7 +22,9 @@ from prometheus_client import generate_latest
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from ..engine.requests import EngineError, EngineRequest, Event, Failed, Finished
+from vlmserve.model.image_decode import ImageError
+
+from ..engine.requests import BadRequest, EngineError, EngineRequest, Event, Failed, Finished
 from ..settings import Settings
 from ..state import ServerState
 
@@ -87,6 +91,8 @@ class EngineReplica:
         events: asyncio.Queue[Event] = asyncio.Queue()
         engine = self._engine()
         try:
+            if any(img.deferred is not None for img in req.images):
+                req = await loop.run_in_executor(self.state.executor, self._resolve_images, req)
             engine.submit(req, lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
         except EngineError as e:
             yield "events", [Failed(req.request_id, e)]
@@ -102,6 +108,20 @@ class EngineReplica:
         finally:
             if not done:
                 engine.cancel(req.request_id)
+
+    def _resolve_images(self, req: EngineRequest) -> EngineRequest:
+        """The request with its images as bytes (the ingress checked them) leased from this replica's cache of
+        visual tokens, or preprocessed here on a miss (a thread of the pool, not the event loop)."""
+        preparer, engine = self.state.preparer, self._engine()
+        assert preparer is not None
+        t0 = time.perf_counter()
+        try:
+            images = preparer.resolve(req.images, lambda key: engine.lease_image(key, req.cache_salt))
+        except ImageError as e:  # the ingress decoded these bytes already: not expected
+            raise BadRequest(str(e)) from e
+        if any(img.pixel_values is not None for img in images):  # not a lease only: pixel work was done here
+            self.state.metrics.preprocess.observe(time.perf_counter() - t0)
+        return replace(req, images=images)
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
