@@ -116,11 +116,9 @@ class RemoteEngine:
             for attempt in (1, 2):
                 stream: Any = self.handle.generate.options(stream=True).remote(req, affinity_key=key)
                 try:
-                    async for kind, payload in stream:
-                        if kind == "replica":
-                            if not rank.done():
-                                rank.set_result(int(payload))
-                            continue
+                    async for replica, payload in stream:
+                        if not rank.done():
+                            rank.set_result(int(replica))
                         for event in payload:
                             streamed = streamed or isinstance(event, TextDelta)
                             sink(event)

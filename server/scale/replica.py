@@ -1,9 +1,10 @@
 """One engine replica: a Ray Serve deployment that owns a model and an engine, and streams a request's events.
 
 The replica loads exactly as one `vlmserve serve` process does (`ServerState.load`: weights, tokenizer, engine,
-warm-up), then takes prepared `EngineRequest`s from the ingress. `generate` first yields the replica's rank (the
-ingress's `x-vlmserve-replica` header), then lists of engine events, the last one final. If the caller goes away
-(a client hung up, the ingress cancelled), Serve cancels the generator and the request is cancelled in the engine.
+warm-up), then takes prepared `EngineRequest`s from the ingress (images as checked bytes: leased from its cache or
+preprocessed here). `generate` yields lists of engine events, the last one final, each with the replica's rank (the
+ingress's `x-vlmserve-replica` header). If the caller goes away (a client hung up, the ingress cancelled), Serve
+cancels the generator and the request is cancelled in the engine.
 """
 
 from __future__ import annotations
@@ -84,9 +85,9 @@ class EngineReplica:
             await asyncio.sleep(METRICS_PUSH_S)
 
     async def generate(self, req: EngineRequest, affinity_key: str = "") -> AsyncIterator[tuple[str, Any]]:
-        """("replica", rank), then ("events", [Event, ...]) until a final event. `affinity_key` is the router's
+        """(rank, [Event, ...]) items until a final event: the rank (the ingress's `x-vlmserve-replica` header) rides
+        on every batch rather than costing a message of its own. `affinity_key` is the router's
         (server/scale/router.py); the replica itself does not read it."""
-        yield "replica", self.rank
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event] = asyncio.Queue()
         engine = self._engine()
@@ -95,7 +96,7 @@ class EngineReplica:
                 req = await loop.run_in_executor(self.state.executor, self._resolve_images, req)
             engine.submit(req, lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
         except EngineError as e:
-            yield "events", [Failed(req.request_id, e)]
+            yield self.rank, [Failed(req.request_id, e)]
             return
         done = False
         try:
@@ -104,7 +105,7 @@ class EngineReplica:
                 while not events.empty():
                     batch.append(events.get_nowait())
                 done = any(isinstance(e, Finished | Failed) for e in batch)
-                yield "events", batch
+                yield self.rank, batch
         finally:
             if not done:
                 engine.cancel(req.request_id)
