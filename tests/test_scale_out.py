@@ -201,7 +201,16 @@ class TestTwoReplicas:
         assert too_long.json()["error"]["code"] == "context_length_exceeded"
         bad = httpx.post(server.url + "/v1/chat/completions", json={"model": server.model_id, "messages": []})
         assert bad.status_code == 400 and set(bad.json()["error"]) == {"message", "type", "param", "code"}
-        form = httpx.post(server.url + "/v1/generate", data={"prompt": "hi", "max_tokens": "3", "stream": "true"},
+        # a truncated image is refused by the ingress (which checks every image) before anything streams
+        cut = base64.b64encode(base64.b64decode(png((9, 8, 7)).split(",")[1])[:60]).decode()
+        broken = httpx.post(server.url + "/v1/chat/completions", timeout=30, json={
+            "model": server.model_id, "stream": True, "messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64," + cut}},
+                {"type": "text", "text": "what is it"}]}]})
+        assert broken.status_code == 400, broken.text
+        assert broken.json()["error"]["param"].startswith("messages"), broken.json()
+        form = httpx.post(server.url + "/v1/generate", data={"prompt": "hi", "max_tokens": "3", "stream": "true",
+                                                             "temperature": "0"},  # greedy: no early EOS by chance
                           files={"image": ("a.png", base64.b64decode(png((1, 2, 3)).split(",")[1]), "image/png")})
         events = [line for line in form.text.splitlines() if line.startswith("data: ")]
         assert form.status_code == 200 and events[-1] == "data: [DONE]"
