@@ -84,7 +84,7 @@ class EngineReplica:
                 await self.board.put.remote(self.rank, generate_latest(self.state.metrics.registry).decode())
             await asyncio.sleep(METRICS_PUSH_S)
 
-    async def generate(self, req: EngineRequest, affinity_key: str = "") -> AsyncIterator[tuple[str, Any]]:
+    async def generate(self, req: EngineRequest, affinity_key: str = "") -> AsyncIterator[tuple[int, list[Event]]]:
         """(rank, [Event, ...]) items until a final event: the rank (the ingress's `x-vlmserve-replica` header) rides
         on every batch rather than costing a message of its own. `affinity_key` is the router's
         (server/scale/router.py); the replica itself does not read it."""
