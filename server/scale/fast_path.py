@@ -17,7 +17,8 @@ reloaded about a second after the delete, so SIGTERM would wait ~30 s for nobody
 
 They must be in the environment of Ray's processes before they start: `ensure_fast_path()` puts them in this
 process's environment (a value already set wins) before it starts a local Ray. A cluster joined with
-`--ray-address` keeps its own settings: set the same variables on its nodes (deploy/ray/rayservice.yaml does).
+`--ray-address` keeps its own settings: set the same variables on its nodes (deploy/kubernetes/rayservice.yaml
+does, without the draining period: a cluster's balancer needs Ray's 30 s).
 """
 
 from __future__ import annotations
