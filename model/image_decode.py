@@ -121,7 +121,7 @@ def image_size(
     while decoding, a PNG's eXIf chunk after its pixels, is not seen here: the count then follows the header.)"""
     image = _checked_header(data, max_pixels=max_pixels, max_bytes=max_bytes, formats=formats)
     width, height = image.size
-    if _exif_orientation(image) in _SWAPS_AXES:
+    if _header_orientation(image) in _SWAPS_AXES:
         return width, height
     return height, width
 
@@ -185,6 +185,14 @@ def _open_entry(name: str) -> _OpenEntry | None:
         except ImportError:  # e.g. AVIF support not built into this Pillow
             return None
     return Image.OPEN.get(name)
+
+
+def _header_orientation(image: Image.Image) -> int:
+    """The EXIF orientation known without decoding: Pillow's PNG `getexif` decodes the whole image to look for an
+    eXIf chunk after the pixels (the PNG spec puts it before them), so a PNG's comes from the chunks read so far."""
+    if image.format == "PNG" and "exif" not in image.info:
+        return 1
+    return _exif_orientation(image)
 
 
 def _exif_orientation(image: Image.Image) -> int:

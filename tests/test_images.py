@@ -21,7 +21,7 @@ from transformers import AutoImageProcessor, CLIPImageProcessorPil, LlavaImagePr
 
 from vlmserve.model import images as images_module
 from vlmserve.model.image_config import CLIP_STD, ImageProcessorConfig, SizeSpec
-from vlmserve.model.image_decode import ImageError, open_image, to_rgb
+from vlmserve.model.image_decode import ImageError, image_size, open_image, to_rgb
 from vlmserve.model.images import ImageProcessor
 
 BIG = 50_000_000  # a pixel cap no test image comes near
@@ -268,6 +268,24 @@ def test_exif_orientation_is_applied(processor_dirs) -> None:
     ours = ImageProcessor.from_pretrained(processor_dirs["clip"])([upright])
     theirs = _reference(processor_dirs["clip"], [ImageOps.exif_transpose(Image.open(io.BytesIO(data)))])
     _assert_parity(ours, theirs, ["exif"])
+
+
+def test_image_size_reads_a_png_header_only_and_its_exif_before_the_pixels(monkeypatch) -> None:
+    """Pillow's PNG `getexif` decodes the whole image looking for an eXIf chunk after the pixels; `image_size`
+    must not (it plans before any pixel work), and an eXIf orientation written before the pixels (where the PNG
+    spec puts it, and Pillow writes it) turns the size."""
+    pixels = np.random.default_rng(0).integers(0, 255, (20, 40, 3), dtype=np.uint8)  # 40 wide, 20 tall
+    data = _encode(Image.fromarray(pixels), "PNG")
+    loads: list[str] = []
+    real_load = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: loads.append(self.format) or real_load(self))
+    assert image_size(data, max_pixels=BIG) == (20, 40) and loads == []
+    assert open_image(data, max_pixels=BIG).size == (40, 20) and loads  # decoding loads
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways
+    turned = _encode(Image.fromarray(pixels), "PNG", exif=exif.tobytes())
+    assert turned.index(b"eXIf") < turned.index(b"IDAT")
+    assert image_size(turned, max_pixels=BIG) == (40, 20) == open_image(turned, max_pixels=BIG).size[::-1]
 
 
 def test_premultiplied_la_which_transformers_cannot_convert() -> None:
