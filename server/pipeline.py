@@ -237,7 +237,7 @@ async def prepare_images(state: ServerState, items: Sequence[tuple[bytes, str]],
         digest = image_hash(data)
         if engine.defers_images:  # the Ray ingress: checked here, prepared (or leased) by the replica
             try:
-                return preparer.deferred(data, digest, plan)
+                return preparer.deferred(data, digest, plan, salt)
             except Exception as e:
                 raise APIError.from_exception(e, param=param) from e
         leased = [preparer.leased(digest, engine.lease_image(preparer.image_key(digest, plan, v), salt), plan, v)

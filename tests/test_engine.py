@@ -355,11 +355,12 @@ def test_leased_cached_image_needs_no_pixels(checkpoint_factory) -> None:
         h.engine.shutdown(timeout=5)
 
 
-def test_deferred_image_is_checked_where_received_and_resolved_where_cached(checkpoint_factory) -> None:
-    """The Ray ingress sends an image as checked bytes (DeferredImage); its replica leases the visual tokens of a
-    repeat and prepares a miss's pixels, exactly as preparing them at once would. An engine handed an unresolved
-    one fails that request alone."""
+def test_deferred_image_is_checked_where_received_and_resolved_where_cached(checkpoint_factory, monkeypatch) -> None:
+    """The Ray ingress sends an image as checked bytes (DeferredImage), decoding each (salt, bytes) once; its
+    replica leases the visual tokens of a repeat and prepares a miss's pixels, exactly as preparing them at once
+    would. An engine handed an unresolved one fails that request alone."""
     from vlmserve.model.image_decode import ImageError
+    from vlmserve.server.engine import prepare as prepare_module
     from vlmserve.server.engine.prepare import image_hash
 
     h = Harness(checkpoint_factory("clip-llama"), max_running=4, enable_prefix_caching=False)
@@ -370,6 +371,12 @@ def test_deferred_image_is_checked_where_received_and_resolved_where_cached(chec
             h.preparer.deferred(data[:100], image_hash(data[:100]), plan)
         deferred = h.preparer.deferred(data, digest, plan)
         assert len(deferred) == 1 and deferred[0].pixel_values is None and deferred[0].deferred is not None
+        decoded: list[int] = []
+        real_open = prepare_module.open_image
+        monkeypatch.setattr(prepare_module, "open_image", lambda *a, **k: decoded.append(1) or real_open(*a, **k))
+        assert h.preparer.deferred(data, digest, plan) == deferred and decoded == []  # a repeat: its hash only
+        h.preparer.deferred(data, digest, plan, cache_salt="tenant-b")  # another salt learns nothing from timing
+        assert decoded == [1]
         assert deferred[0].key == h.preparer.image_key(digest, plan)
         unresolved = h.request(78, max_tokens=4)
         unresolved.images = deferred

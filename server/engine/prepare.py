@@ -6,6 +6,8 @@ This runs off the engine's loop (the server calls it in a thread pool): it is th
 from __future__ import annotations
 
 import hashlib
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
@@ -33,6 +35,32 @@ def image_hash(data: bytes) -> str:
     return hashlib.blake2b(data, digest_size=20).hexdigest()
 
 
+CHECKED_DIGESTS_KEPT = 4096  # (salt, digest) keys of images the Ray ingress decoded: ~0.5 MB
+
+
+class RecentDigests:
+    """The last `capacity` keys added, least recently seen dropped first; safe across the pool's threads."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._keys: OrderedDict[str, None] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def seen(self, digest: str) -> bool:
+        with self._lock:
+            if digest not in self._keys:
+                return False
+            self._keys.move_to_end(digest)
+            return True
+
+    def add(self, digest: str) -> None:
+        with self._lock:
+            self._keys[digest] = None
+            self._keys.move_to_end(digest)
+            while len(self._keys) > self.capacity:
+                self._keys.popitem(last=False)
+
+
 class RequestPreparer:
     """Tokenizes chats and turns image bytes into pixel tensors for one model."""
 
@@ -55,6 +83,7 @@ class RequestPreparer:
         # The processing settings that turn bytes into pixels: part of every image's key, so that cached visual
         # tokens (and KV blocks over them) are reused only for the same bytes processed the same way.
         self.processing = hashlib.blake2b(repr((processor.config, anyres)).encode(), digest_size=8).hexdigest()
+        self._checked = RecentDigests(CHECKED_DIGESTS_KEPT)  # images `deferred` decoded (the Ray ingress)
 
     @property
     def needs_size(self) -> bool:
@@ -191,11 +220,16 @@ class RequestPreparer:
                     text_bytes += len(str(part.get("text") or "").encode("utf-8", errors="replace"))
         return text_bytes // self.tokenizer.max_token_bytes + images * self.num_visual_tokens
 
-    def deferred(self, data: bytes, digest: str, plan: ImagePlan) -> list[ImageInput]:
+    def deferred(self, data: bytes, digest: str, plan: ImagePlan, cache_salt: str = "") -> list[ImageInput]:
         """One image as checked bytes for an engine that prepares images where it runs (`DeferredImage`): decoded
-        here once against the limits (so a bad image is refused where it arrived), no preprocessing. Raises
-        ImageError."""
-        open_image(data, max_pixels=self.limits.max_image_pixels, max_bytes=self.limits.max_image_bytes)
+        here against the limits (so a bad image is refused where it arrived), no preprocessing. Bytes that decoded
+        here lately under the same `cache_salt` are not decoded again (the same bytes, the same limits: the same
+        outcome), so a repeat costs its hash only; salted as the caches are, so that the time saved tells no tenant
+        what another sent. Raises ImageError."""
+        checked = f"{cache_salt}\0{digest}"
+        if not self._checked.seen(checked):
+            open_image(data, max_pixels=self.limits.max_image_pixels, max_bytes=self.limits.max_image_bytes)
+            self._checked.add(checked)
         return [ImageInput(self.image_key(digest, plan, v), None, plan.tokens // plan.views, grid=plan.grid,
                            deferred=DeferredImage(data, digest, plan, v)) for v in range(plan.views)]
 
