@@ -19,6 +19,8 @@ from .metrics_board import MetricsBoard
 from .replica import EngineReplica
 from .router import ImageAffinityRouter, RoundRobinRouter
 
+QUIET = {"enable_access_log": False}  # as one process (uvicorn's access log off): no log line per request
+
 
 def build_app(args: dict[str, Any]) -> Application:
     """`serve run`'s application builder: `args` are settings (YAML `args:` or `key=value` on the command line)."""
@@ -34,6 +36,7 @@ def engine_options(settings: Settings) -> dict[str, Any]:
     router = ImageAffinityRouter if s.replica_routing == "affinity" else RoundRobinRouter
     options: dict[str, Any] = {
         "name": ENGINE_DEPLOYMENT,
+        "logging_config": QUIET,
         "ray_actor_options": {"num_cpus": s.replica_cpus, "num_gpus": s.replica_gpus},
         "max_ongoing_requests": s.max_running + s.max_waiting,  # past it Ray queues; the engine answers 429 first
         "health_check_period_s": s.health_check_period_s,
@@ -66,9 +69,11 @@ def engine_options(settings: Settings) -> dict[str, Any]:
 
 def application(settings: Settings) -> Application:
     given = settings.model_dump()
-    board = serve.deployment(name="MetricsBoard", num_replicas=1, ray_actor_options={"num_cpus": 0})(MetricsBoard)
+    board = serve.deployment(name="MetricsBoard", num_replicas=1, ray_actor_options={"num_cpus": 0},
+                             logging_config=QUIET)(MetricsBoard)
     engine = serve.deployment(**engine_options(settings))(EngineReplica)
     ingress = serve.deployment(name="Ingress", num_replicas=1, ray_actor_options={"num_cpus": settings.ingress_cpus},
-                               max_ongoing_requests=10_000, graceful_shutdown_timeout_s=settings.drain_timeout)(Ingress)
+                               max_ongoing_requests=10_000, graceful_shutdown_timeout_s=settings.drain_timeout,
+                               logging_config=QUIET)(Ingress)
     metrics = board.bind()
     return ingress.bind(given, engine.bind(given, metrics), metrics)
