@@ -129,7 +129,7 @@ async def _watch_engine(state: ServerState) -> None:
 def _routes(app: FastAPI, state: ServerState) -> None:
     settings = state.settings
 
-    def authorize(request: Request) -> None:
+    def check_key(request: Request) -> None:
         if not settings.api_keys:
             return
         header = request.headers.get("authorization", "")
@@ -137,6 +137,9 @@ def _routes(app: FastAPI, state: ServerState) -> None:
         given = token.strip().encode()
         if scheme.lower() != "bearer" or not any(hmac.compare_digest(given, k.encode()) for k in settings.api_keys):
             raise APIError(401, "missing or invalid API key (Authorization: Bearer <key>)", code="invalid_api_key")
+
+    async def authorize(request: Request) -> None:  # async: FastAPI runs a plain `def` dependency in a worker thread
+        check_key(request)
 
     auth = [Depends(authorize)]
 
@@ -148,7 +151,7 @@ def _routes(app: FastAPI, state: ServerState) -> None:
         key = request.headers.get("authorization", "").partition(" ")[2].strip()
         return hashlib.sha256(f"{key}\x00{salt or ''}".encode()).hexdigest()
 
-    install_ollama_routes(app, state, authorize, cache_salt)
+    install_ollama_routes(app, state, check_key, cache_salt)
 
     def check_model(name: str | None) -> None:
         if name and name != state.model_id:
