@@ -234,12 +234,15 @@ async def prepare_images(state: ServerState, items: Sequence[tuple[bytes, str]],
     loop = asyncio.get_running_loop()
 
     def one(data: bytes, param: str, plan: ImagePlan) -> list[ImageInput]:
+        try:
+            return inputs_of(data, plan)
+        except Exception as e:
+            raise APIError.from_exception(e, param=param) from e
+
+    def inputs_of(data: bytes, plan: ImagePlan) -> list[ImageInput]:
         digest = image_hash(data)
         if engine.defers_images:  # the Ray ingress: checked here, prepared (or leased) by the replica
-            try:
-                return preparer.deferred(data, digest, plan, salt)
-            except Exception as e:
-                raise APIError.from_exception(e, param=param) from e
+            return preparer.deferred(data, digest, plan, salt)
         leased = [preparer.leased(digest, engine.lease_image(preparer.image_key(digest, plan, v), salt), plan, v)
                   for v in range(plan.views)]
         if all(lease is not None for lease in leased):
@@ -247,8 +250,6 @@ async def prepare_images(state: ServerState, items: Sequence[tuple[bytes, str]],
         t0 = time.perf_counter()
         try:
             views = preparer.image(data, digest, plan)
-        except Exception as e:
-            raise APIError.from_exception(e, param=param) from e
         finally:
             state.metrics.preprocess.observe(time.perf_counter() - t0)
         return [lease if lease is not None else view for lease, view in zip(leased, views, strict=True)]
