@@ -5,9 +5,9 @@ part. Image positions come from image *parts* only: every special-token string a
 `</s>`, ...) is swapped for a private sentinel before the template is rendered and tokenized as ordinary text
 afterwards, so typed text can never become an image slot or a control token (the trap of vLLM #57740).
 
-The message types are in model/messages.py, the template lookup in model/chat_template.py, the sentinels and the
-message shapes templates read in model/chat_render.py, and the incremental detokenizer (`ChatTokenizer.detokenizer`)
-in model/detokenizer.py.
+The encoded prompt is in model/prompt.py, the message types in model/messages.py, the template lookup in
+model/chat_template.py, the sentinels and the message shapes templates read in model/chat_render.py, and the
+incremental detokenizer (`ChatTokenizer.detokenizer`) in model/detokenizer.py.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import logging
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from jinja2 import TemplateError
@@ -44,6 +43,7 @@ from .chat_template import (
 from .detokenizer import IncrementalDetokenizer
 from .messages import ChatMessage, parse_messages
 from .pan_and_scan import image_text
+from .prompt import EncodedPrompt, ImageSpan, PromptTooLong
 from .token_pieces import TokenPieces
 
 logger = logging.getLogger(__name__)
@@ -51,57 +51,6 @@ logger = logging.getLogger(__name__)
 DEFAULT_IMAGE_TOKEN = "<image>"
 DEFAULT_AUDIO_TOKEN = "<|AUDIO|>"  # Qwen2-Audio's placeholder
 
-
-
-# ----------------------------------------------------------------------------------------------------------- encoding
-
-
-@dataclass(frozen=True)
-class ImageSpan:
-    """`length` consecutive visual-token slots starting at `start` in `EncodedPrompt.input_ids`."""
-
-    start: int
-    length: int
-
-    @property
-    def end(self) -> int:
-        return self.start + self.length
-
-
-@dataclass(frozen=True)
-class EncodedPrompt:
-    """Token ids of a rendered chat with the visual-token slots (id = image_token_id) already in place.
-
-    `image_spans[i]` belongs to the i-th image view of the conversation: each image part's views in order, one per
-    part unless it has several (Gemma 3's pan and scan: the image, then its crops). `prepend_images` says the
-    template had no image placeholder: the slots of all images then sit at the very front, before every text token
-    (BOS included), and the model puts the visual tokens in front of the text embeddings.
-    """
-
-    input_ids: list[int]
-    image_spans: tuple[ImageSpan, ...] = ()
-    prepend_images: bool = False
-    audio_spans: tuple[ImageSpan, ...] = ()  # the i-th audio part's slots (id = audio_token_id)
-    prompt: str = field(default="", repr=False)  # the rendered template (user text as written), for logs and debug
-
-    @property
-    def num_images(self) -> int:
-        return len(self.image_spans)
-
-    @property
-    def num_image_tokens(self) -> int:
-        return sum(s.length for s in self.image_spans)
-
-    def __len__(self) -> int:
-        return len(self.input_ids)
-
-
-class PromptTooLong(ValueError):
-    """The rendered prompt is surely over `limit` tokens: at least `floor` (from its bytes, before tokenizing)."""
-
-    def __init__(self, floor: int, limit: int) -> None:
-        super().__init__(f"the prompt is at least {floor} tokens; the limit is {limit}")
-        self.floor, self.limit = floor, limit
 
 
 class ChatTokenizer:

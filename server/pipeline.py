@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import Depends, Request, params
 
+from vlmserve.model.prompt import PromptTooLong
 from vlmserve.model.sampling import SamplingParams
-from vlmserve.model.tokenizer import PromptTooLong
 
 from .audio_inputs import check_images_supported
 from .engine import EngineError, EngineRequest, Finished, ImageInput
@@ -26,7 +26,7 @@ from .state import ServerState
 from .streaming import EventStream
 
 if TYPE_CHECKING:
-    from vlmserve.model.tokenizer import EncodedPrompt
+    from vlmserve.model.prompt import EncodedPrompt
 
     from .engine.serving import ServingEngine
 

@@ -19,7 +19,8 @@ from transformers import AutoTokenizer, LlavaProcessor, PreTrainedTokenizerFast
 from vlmserve.model.chat_template import LLAVA_15_CHAT_TEMPLATE
 from vlmserve.model.detokenizer import IncrementalDetokenizer
 from vlmserve.model.messages import ChatMessage, ImagePart, TextPart, count_images, parse_messages
-from vlmserve.model.tokenizer import ChatTokenizer, EncodedPrompt, ImageSpan
+from vlmserve.model.prompt import EncodedPrompt, ImageSpan
+from vlmserve.model.tokenizer import ChatTokenizer
 
 N_IMG = 16  # (32 / 8) ** 2 patches, CLS dropped ("default" strategy): what LlavaProcessor expands <image> to
 HYPOTHESIS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

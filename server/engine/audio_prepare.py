@@ -18,7 +18,7 @@ from vlmserve.model.audio_config import AudioEncoderConfig
 from vlmserve.model.audio_decode import AudioError, AudioLimits, decode_audio
 from vlmserve.model.audio_features import AudioFeatureConfig, FeatureExtractor
 from vlmserve.model.audio_weights import AUDIO_DIR
-from vlmserve.model.tokenizer import EncodedPrompt
+from vlmserve.model.prompt import EncodedPrompt
 
 from .requests import ImageInput
 

@@ -17,9 +17,10 @@ import torch
 from vlmserve.model.anyres import Anyres
 from vlmserve.model.image_decode import image_size, open_image
 from vlmserve.model.images import ImageProcessor
+from vlmserve.model.prompt import EncodedPrompt
 from vlmserve.model.qwen2_vision import smart_resize
 from vlmserve.model.sampling import SamplingParams
-from vlmserve.model.tokenizer import ChatTokenizer, EncodedPrompt
+from vlmserve.model.tokenizer import ChatTokenizer
 
 from .audio_prepare import in_prompt_order
 from .config import ImageLimits
