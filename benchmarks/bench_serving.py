@@ -524,7 +524,7 @@ class InProcess:
     preparer: Any
 
     @classmethod
-    def start(cls, ckpt: Path, max_running: int, compile_decode: bool = False, dtype: str = "float32") -> InProcess:
+    def start(cls, ckpt: Path, max_running: int, compile_steps: bool = False, dtype: str = "float32") -> InProcess:
         from vlmserve.model.images import ImageProcessor
         from vlmserve.model.tokenizer import ChatTokenizer
         from vlmserve.model.weights import load_model
@@ -534,7 +534,7 @@ class InProcess:
         model = load_model(ckpt, device=torch.device("cpu"), dtype=getattr(torch, dtype))
         tokenizer = ChatTokenizer.from_pretrained(ckpt)
         preparer = RequestPreparer(tokenizer, ImageProcessor.from_pretrained(ckpt), model.config.num_visual_tokens)
-        config = EngineConfig(max_running=max_running, compile=compile_decode)
+        config = EngineConfig(max_running=max_running, compile=compile_steps)
         engine = Engine(model, tokenizer, config, model_id=ckpt.name).start()
         return cls(engine, preparer)
 

@@ -74,7 +74,7 @@ class EngineCore:
         self.structured = StructuredOutputs(tokenizer, model.language_model.lm_head.out_features)
         self.runner = ModelRunner(model, self.kv, self.vision_cache, max_rows=config.max_running,
                                   max_images_per_encode=config.max_images_per_encode, counters=self.counters,
-                                  observer=self.observer, compile_decode=config.compile, structured=self.structured)
+                                  observer=self.observer, compile_steps=config.compile, structured=self.structured)
         self.output = OutputProcessor(tokenizer, max_model_len=self.max_model_len, counters=self.counters,
                                       observer=self.observer)
         self._by_id: dict[str, Sequence] = {}

@@ -60,7 +60,7 @@ def _consecutive(table: list[int]) -> bool:
 class ModelRunner:
     def __init__(self, model: VisionLanguageModel, cache: PagedKVCache, vision_cache: VisionCache, *,
                  max_rows: int, max_images_per_encode: int, counters: EngineCounters, observer: Observer,
-                 compile_decode: bool = False, structured: StructuredOutputs | None = None) -> None:
+                 compile_steps: bool = False, structured: StructuredOutputs | None = None) -> None:
         self.model, self.cache, self.vision_cache = model, cache, vision_cache
         lm = model.language_model
         param = next(lm.parameters())
@@ -79,11 +79,11 @@ class ModelRunner:
         # between them, ~8 % off a bf16 decode step at batch 1 here (8.8-9.8 against 9.5-10.7 ms per token).
         options: dict[str, str | int | bool | Callable[..., Any]] | None = (
             {"cpp_wrapper": True} if self.device.type == "cpu" else None)
-        self._compiled = torch.compile(lm.forward, options=options) if compile_decode else None
+        self._compiled = torch.compile(lm.forward, options=options) if compile_steps else None
         # On a CPU the compiled step calls C++ ops for its matmuls and attention (model/csrc/step_ops.cpp) where
         # they build: no Python, and no wait for the GIL, between its kernels.
         self._native: Any | None = None
-        if compile_decode and self.device.type == "cpu" and (ops := step_ops()) is not None:
+        if compile_steps and self.device.type == "cpu" and (ops := step_ops()) is not None:
             use_native_ops(lm, ops)
             self._pools = next(_pool_ids)
             ops.register_pools(self._pools, cache.k, cache.v)
@@ -91,12 +91,12 @@ class ModelRunner:
             self._native = ops
         self._step_attention = StepAttention(native=self._native is not None)
         self._prefill_attention = StepAttention()  # steps with chunks: the Python op (the C++ one only decodes)
-        self._compile_prefill = compile_decode
+        self._compile_prefill = compile_steps
         # The vision tower (LLaVA's: one image size) compiled for two and more images at once (a dynamic batch; one
         # image stays eager rather than compile a graph of its own): its layer norms, quick GELU and residual adds
         # fused, ~0.2 s less of the 16-stream load's ~1.1 s of encoding here.
         self._compiled_encode = (torch.compile(model.encode_images, options=options)
-                                 if compile_decode and model.config.spec.compile_encoder else None)
+                                 if compile_steps and model.config.spec.compile_encoder else None)
         self.mrope = lm.rotary.rope.mrope_section is not None  # Qwen2-VL: (t, row, column) positions for images
         self.merge = model.qwen2_vision.spatial_merge_size if model.qwen2_vision is not None else 1
         if self.device.type == "cpu":
