@@ -36,7 +36,7 @@ def image_hash(data: bytes) -> str:
     return hashlib.blake2b(data, digest_size=20).hexdigest()
 
 
-CHECKED_DIGESTS_KEPT = 4096  # (salt, digest) keys of images the Ray ingress decoded: ~0.5 MB
+CHECKED_DIGESTS_KEPT = 4096  # (salt, digest) keys of images the Ray ingress decoded: ~1 MB
 
 
 class RecentDigests:
@@ -47,17 +47,17 @@ class RecentDigests:
         self._keys: OrderedDict[str, None] = OrderedDict()
         self._lock = threading.Lock()
 
-    def seen(self, digest: str) -> bool:
+    def seen(self, key: str) -> bool:
         with self._lock:
-            if digest not in self._keys:
+            if key not in self._keys:
                 return False
-            self._keys.move_to_end(digest)
+            self._keys.move_to_end(key)
             return True
 
-    def add(self, digest: str) -> None:
+    def add(self, key: str) -> None:
         with self._lock:
-            self._keys[digest] = None
-            self._keys.move_to_end(digest)
+            self._keys[key] = None
+            self._keys.move_to_end(key)
             while len(self._keys) > self.capacity:
                 self._keys.popitem(last=False)
 
